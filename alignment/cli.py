@@ -1,0 +1,154 @@
+"""The ``align`` command: one subcommand per stage.
+
+Every stage takes ``--config FILE`` (YAML: the stage's fields, or a file with a section per stage),
+``--preset NAME`` and trailing ``key=value`` overrides (``align data seed=3 column_map.prompt=question``).
+Precedence: defaults < preset < config file < key=value < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+import time
+
+from alignment import __version__
+from alignment.config import ConfigError, build_config
+
+log = logging.getLogger("alignment")
+
+EPILOG = textwrap.dedent("""\
+    stages:
+      data    load preference data (hub id or local file), binarise raw ratings, map ratings to
+              10-bin distributions, split train/validation by prompt; writes parquet + manifest.json
+      model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
+              ask it a question; warms the offline SmolLM2 cache
+
+    Run `align <stage> --help` for a stage's options. Configs are YAML; any field can be set
+    with key=value after the options.
+""")
+
+
+def _add_common(p: argparse.ArgumentParser, presets: list[str] | None = None) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (the stage's fields, or a mapping with a section per stage)")
+    if presets:
+        p.add_argument("--preset", choices=presets, help="start from a named preset")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field (YAML values)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from alignment.data import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="align", description="RLHF alignment pipeline: data, reward models, REINFORCE, evaluation.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"align {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+
+    data = sub.add_parser(
+        "data", help="build train/validation preference pairs",
+        description="Load preference data, binarise raw per-attribute ratings, map ratings to 10-bin "
+        "distributions and write a seeded, prompt-grouped train/validation split (parquet) with manifest.json.",
+        epilog="examples:\n  align data                                   # embedded demo set\n"
+        "  align data --source ../shared/data/helpsteer2/validation.jsonl --out runs/hs2\n"
+        "  align data --preset helpsteer2               # esfrankel17/HelpSteer2_binarized from the hub\n"
+        "  align data --source my.csv column_map.prompt=question --on-bad-rows skip",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument("--source", help="'demo', a .jsonl/.json/.parquet/.csv file, or a hub dataset id")
+    data.add_argument("--format", choices=["auto", "raw", "pairs", "hh"], help="input shape (default: detect)")
+    data.add_argument("--split", help="hub split (default: the dataset's usual one)")
+    data.add_argument("--on-bad-rows", choices=["error", "skip"], help="stop on bad rows (default) or drop them")
+    data.add_argument("--out", metavar="DIR", help="output folder (default: runs/data/<source>-<hash>)")
+    data.add_argument("--overwrite", action="store_true", help="rebuild even if --out is up to date, replacing what it holds")
+    _add_common(data, sorted(PRESETS))
+
+    model = sub.add_parser(
+        "model", help="resolve a model and say where it comes from",
+        description="Resolve a model spec (hub id, local folder or .gguf file) to a local folder, converting "
+        "the offline SmolLM2 GGUF once if the hub is unreachable, and optionally ask it a question.",
+    )
+    model.add_argument("spec", nargs="?", default=None, help="hub id, folder or .gguf (default: SmolLM2-135M-Instruct)")
+    model.add_argument("--ask", metavar="QUESTION", help="generate a greedy answer to this chat question")
+    model.add_argument("--max-new-tokens", type=int, default=64)
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from alignment.data import PRESETS, DataConfig, run_data_stage
+
+    config = build_config(
+        DataConfig,
+        base=PRESETS[args.preset] if args.preset else None,
+        config_file=args.config,
+        overrides=args.overrides,
+        explicit={"source": args.source, "format": args.format, "split": args.split, "on_bad_rows": args.on_bad_rows},
+    )
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    result = run_data_stage(config, args.out, overwrite=args.overwrite,
+                            runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    m = result.manifest
+    status = "reused" if result.reused else "written"
+    print(f"data {status}: {result.out_dir}")
+    print(f"  source {m['source']} ({m['format']}): {m['n_rows_read']} rows read, {m['n_rows_rejected']} rejected")
+    print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped)")
+    print(f"  train {m['n_train']} pairs / validation {m['n_validation']} pairs; ratings: {m['has_ratings']}")
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from alignment.models import DEFAULT_MODEL, load_causal_lm, resolve_model
+
+    start = time.perf_counter()
+    resolved = resolve_model(args.spec or DEFAULT_MODEL)
+    print(f"model: {resolved.spec}\n  source: {resolved.source}\n  {resolved.detail}\n  folder: {resolved.path}")
+    if args.ask:
+        import torch
+
+        model, tokenizer = load_causal_lm(resolved)
+        batch = tokenizer.apply_chat_template([{"role": "user", "content": args.ask}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answer = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"  Q: {args.ask}\n  A: {answer.strip()}")
+    print(f"  ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from alignment.data import DataError
+    from alignment.models import ModelSourceError
+
+    handlers = {"data": _cmd_data, "model": _cmd_model}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelSourceError) as exc:
+        if args.debug:
+            raise
+        print(f"align {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"align {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

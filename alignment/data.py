@@ -1,0 +1,859 @@
+"""Data stage: load preference data, binarise raw ratings, map ratings to distributions, split.
+
+Three input shapes are understood (detected from the columns, or forced with ``format``):
+
+* ``raw``   -- one row per response with five HelpSteer2 attribute scores 0-4
+  (``prompt, response, helpfulness, correctness, coherence, complexity, verbosity``); responses of
+  the same prompt are *binarised* into chosen/rejected pairs.
+* ``pairs`` -- ``prompt, chosen, rejected`` as strings or chat message lists, optionally with
+  ``chosen_rating, rejected_rating`` (e.g. ``esfrankel17/HelpSteer2_binarized``, UltraFeedback).
+* ``hh``    -- Anthropic hh-rlhf transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is
+  everything before the last Assistant turn.
+
+Every pair is written with its prompt as chat messages, so later stages apply the model's own chat
+template. A rating x in [rating_min, rating_max] (default [0, 4]) maps to f(x) = 1 + 9 (x - min) /
+(max - min) in [1, 10] (= 2.25 x + 1 on HelpSteer2's scale) and then to a 10-bin distribution split
+between the two neighbouring integers.
+
+Departures from the esfrankel17/HelpSteer2_binarized recipe: prompts with more than two responses
+are paired best-vs-worst by default (``pairing="all_pairs"`` keeps every non-tied pair), and
+message contents are stripped of surrounding whitespace.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import io
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator, model_validator
+
+from alignment import __version__
+from alignment.config import StageConfig
+from alignment.hub import hub_status, looks_like_repo_id, offline_requested
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+N_BINS = 10
+ROLES = frozenset({"system", "user", "assistant"})
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "chosen_rating", "rejected_rating", "response", *ATTRIBUTES)
+BUILTIN_SOURCES = {"demo": "demo_helpsteer.jsonl"}
+# Splits a hub dataset is read from when the config names none.
+DEFAULT_HUB_SPLITS = {"esfrankel17/HelpSteer2_binarized": "average_rating_split", "nvidia/HelpSteer2": "train"}
+# Lone surrogates mark bytes that were not valid UTF-8 (decoded with errors="surrogateescape").
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+SCHEMA_VERSION = 1  # bump when the output files change shape or meaning: invalidates reuse
+Message = dict[str, str]
+Format = Literal["raw", "pairs", "hh"]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+class DataConfig(StageConfig):
+    """Where the preference data comes from and how it becomes train/validation pairs."""
+
+    section: str = "data"
+    source: str = Field(
+        "demo",
+        description="'demo' (the embedded set), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
+        "dataset id such as esfrankel17/HelpSteer2_binarized or nvidia/HelpSteer2.",
+    )
+    format: Literal["auto", "raw", "pairs", "hh"] = Field(
+        "auto", description="Input shape; 'auto' detects it from the columns."
+    )
+    split: str | None = Field(None, description="Hub split to read (default: the dataset's usual one).")
+    column_map: dict[str, str] = Field(
+        default_factory=dict, description="Rename source columns: {canonical_name: name_in_source}."
+    )
+    score: Literal["average", "helpfulness", "weighted"] = Field(
+        "average", description="How raw responses are scored for binarisation."
+    )
+    score_weights: dict[str, float] = Field(
+        default_factory=dict, description="Attribute weights for score='weighted' (normalised to sum 1)."
+    )
+    pairing: Literal["best_worst", "all_pairs"] = Field(
+        "best_worst", description="Raw form: one best-vs-worst pair per prompt, or every non-tied pair."
+    )
+    rating_min: float = Field(0.0, description="Lowest rating on the source scale.")
+    rating_max: float = Field(4.0, description="Highest rating on the source scale.")
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of prompts held out.")
+    seed: int = Field(0, description="Seed of the train/validation split and of max_pairs sampling.")
+    max_pairs: int | None = Field(None, ge=2, description="Keep a seeded random subset of this many pairs.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="'error' stops at bad input naming file, row and field; 'skip' drops and counts."
+    )
+
+    @field_validator("column_map")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(CANONICAL_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown canonical column(s) {unknown}; expected some of {list(CANONICAL_COLUMNS)}")
+        return value
+
+    @field_validator("score_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(ATTRIBUTES))
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {unknown}; expected some of {list(ATTRIBUTES)}")
+        if any(w < 0 or not math.isfinite(w) for w in value.values()):
+            raise ValueError("weights must be finite and >= 0 (the score must stay on the rating scale)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.rating_max <= self.rating_min:
+            raise ValueError("rating_max must be greater than rating_min")
+        if self.score == "weighted" and sum(self.score_weights.values()) <= 0:
+            raise ValueError("score='weighted' needs score_weights with a positive sum")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"source": "demo"},
+    "helpsteer2": {"source": "esfrankel17/HelpSteer2_binarized", "split": "average_rating_split"},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """The input cannot be used at all (missing file or columns, empty file, unreachable hub)."""
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    file: str
+    row: int  # 1-based record number in the source (the line number for .jsonl)
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}, row {self.row}" + (f", field '{self.field}'" if self.field else "")
+        return f"{where}: {self.message}"
+
+
+class BadRowsError(DataError):
+    """Some rows are invalid and ``on_bad_rows`` is 'error'. ``issues`` lists every one."""
+
+    def __init__(self, issues: list[RowIssue], shown: int = 20):
+        self.issues = issues
+        lines = [str(i) for i in issues[:shown]]
+        if len(issues) > shown:
+            lines.append(f"... and {len(issues) - shown} more")
+        super().__init__(
+            f"{len(issues)} bad row(s):\n  " + "\n  ".join(lines)
+            + "\nFix them, or pass on_bad_rows=skip (--on-bad-rows skip) to drop and count them."
+        )
+
+
+class _Bad(Exception):
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Rating -> distribution
+# --------------------------------------------------------------------------------------------
+def rating_to_scale10(x: float, rating_min: float = 0.0, rating_max: float = 4.0) -> float:
+    """f(x) = 1 + 9 (x - min) / (max - min); on [0, 4] this is 2.25 x + 1."""
+    if not (rating_min <= x <= rating_max):
+        raise ValueError(f"rating {x} outside [{rating_min}, {rating_max}]")
+    # Rounded so that e.g. 2.25 * 2.2 + 1 = 5.95 does not become 5.9499999 and move mass by 1e-16.
+    return round(1.0 + 9.0 * (x - rating_min) / (rating_max - rating_min), 9)
+
+
+def rating_to_distribution(x: float, rating_min: float = 0.0, rating_max: float = 4.0) -> np.ndarray:
+    """A rating as 10 probabilities over the integers 1..10 (index i <-> rating i + 1).
+
+    The mass is split between the two integers around f(x): f = 5.5 -> 0.5 on 5 and 0.5 on 6;
+    f = 10 -> 1.0 on 10. The mean of the distribution is exactly f(x).
+    """
+    f = rating_to_scale10(x, rating_min, rating_max)
+    lo = math.floor(f)
+    frac = round(f - lo, 12)
+    dist = np.zeros(N_BINS, dtype=np.float64)
+    dist[lo - 1] = 1.0 - frac
+    if frac > 0:
+        dist[lo] = frac
+    return dist
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing helpers (each raises _Bad(field, message) on invalid input)
+# --------------------------------------------------------------------------------------------
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(value: Any, field: str) -> str:
+    if _is_missing(value):
+        raise _Bad(field, "missing value")
+    if not isinstance(value, str):
+        raise _Bad(field, f"expected text, got {type(value).__name__}")
+    if _UNDECODABLE.search(value):
+        raise _Bad(field, "undecodable bytes (the text is not valid UTF-8)")
+    if not value.strip():
+        raise _Bad(field, "empty text")
+    return value.strip()
+
+
+def prompt_to_messages(text: str, field: str = "prompt") -> list[Message]:
+    """A prompt string as chat messages; HelpSteer2's ``<extra_id_1>User/Assistant`` markers become turns."""
+    text = _text(text, field)
+    if "<extra_id_1>" not in text:
+        return [{"role": "user", "content": text}]
+    parts = _HS2_TURN.split(text)
+    messages: list[Message] = []
+    if parts[0].strip():
+        messages.append({"role": "user", "content": parts[0].strip()})
+    for role, content in zip(parts[1::2], parts[2::2], strict=True):
+        if not content.strip():
+            raise _Bad(field, f"empty {role} turn")
+        messages.append({"role": role.lower(), "content": content.strip()})
+    return messages
+
+
+def _messages(value: Any, field: str) -> list[Message]:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str):
+        return prompt_to_messages(value, field)
+    if _is_missing(value):
+        raise _Bad(field, "missing value")
+    if not isinstance(value, (list, tuple)):
+        raise _Bad(field, f"expected text or a list of chat messages, got {type(value).__name__}")
+    if not value:
+        raise _Bad(field, "empty message list")
+    messages = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise _Bad(field, f"message {i} must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise _Bad(field, f"message {i} has role {msg['role']!r}; expected one of {sorted(ROLES)}")
+        messages.append({"role": msg["role"], "content": _text(msg["content"], f"{field}[{i}].content")})
+    return messages
+
+
+def _check_prompt(messages: list[Message], field: str = "prompt") -> list[Message]:
+    if not messages:
+        raise _Bad(field, "empty prompt")
+    if messages[-1]["role"] != "user":
+        raise _Bad(field, f"the prompt must end with a user turn, not {messages[-1]['role']!r}")
+    return messages
+
+
+def _response(value: Any, field: str) -> tuple[str, list[Message] | None]:
+    """A response given as text, or as a conversation whose last turn is the assistant's answer."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        messages = _messages(value, field)
+        if messages[-1]["role"] != "assistant":
+            raise _Bad(field, "the last message must be the assistant's response")
+        return messages[-1]["content"], messages[:-1]
+    return _text(value, field), None
+
+
+def _rating(value: Any, field: str, config: DataConfig, coerce_text: bool) -> float:
+    if _is_missing(value):
+        raise _Bad(field, "missing or NaN rating")
+    if isinstance(value, str) and coerce_text:  # CSV has no types
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Bad(field, f"rating {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _Bad(field, f"rating must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise _Bad(field, "rating is NaN")
+    if not (config.rating_min <= value <= config.rating_max):
+        raise _Bad(field, f"rating {value:g} outside [{config.rating_min:g}, {config.rating_max:g}]")
+    return value
+
+
+def parse_hh_transcript(text: Any, field: str) -> tuple[list[Message], str]:
+    """Split an hh-rlhf transcript into (prompt messages, final assistant response)."""
+    text = _text(text, field)
+    parts = _HH_TURN.split("\n\n" + text if not text.startswith("\n\n") else text)
+    turns = [(role, content.strip()) for role, content in zip(parts[1::2], parts[2::2], strict=True)]
+    if not turns or turns[-1][0] != "Assistant":
+        raise _Bad(field, "transcript must end with an '\\n\\nAssistant:' turn")
+    if not turns[-1][1]:
+        raise _Bad(field, "empty text (the last Assistant turn is empty)")
+    prompt = [{"role": "user" if r == "Human" else "assistant", "content": c} for r, c in turns[:-1]]
+    for i, msg in enumerate(prompt):
+        if not msg["content"]:
+            raise _Bad(field, f"turn {i} is empty")
+    if prompt and prompt[-1]["role"] == "assistant":
+        raise _Bad(field, "two Assistant turns in a row before the response (a malformed 'Human:' marker?)")
+    return _check_prompt(prompt, field), turns[-1][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Typed rows
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    chosen_rating: float | None = None
+    rejected_rating: float | None = None
+    source_rows: tuple[int, ...] = ()
+
+    @property
+    def prompt_key(self) -> str:
+        return sha256_text(json.dumps(self.prompt, sort_keys=True, ensure_ascii=False))
+
+    @property
+    def pair_key(self) -> str:
+        return sha256_text(json.dumps([self.prompt, self.chosen, self.rejected], sort_keys=True, ensure_ascii=False))
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    prompt: list[Message]
+    response: str
+    score: float
+    row: int
+
+
+@dataclass
+class BinariseStats:
+    n_prompts: int = 0
+    n_pairs: int = 0
+    n_ties_dropped: int = 0
+    n_prompts_unpaired: int = 0  # prompts with a single response
+
+
+@dataclass
+class SourceData:
+    """Records read from a source, with the 1-based row number of each."""
+
+    name: str  # how errors refer to the source (a path or hub id)
+    kind: Literal["builtin", "file", "hub"]
+    records: list[dict[str, Any]]
+    rows: list[int]
+    sha256: str
+    split: str | None = None
+    unreadable: list[RowIssue] = field(default_factory=list)  # rows that could not even be decoded
+    typed: bool = True  # False for CSV, whose ratings arrive as text
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------------
+def _builtin_path(name: str) -> Path:
+    return Path(str(resources.files("alignment.resources").joinpath(BUILTIN_SOURCES[name])))
+
+
+def _read_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    return data
+
+
+def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict], list[int], list[RowIssue]]:
+    records, rows, issues = [], [], []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            issues.append(RowIssue(str(path), lineno, None, f"undecodable bytes at byte {exc.start} of the line (not UTF-8)"))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            issues.append(RowIssue(str(path), lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            issues.append(RowIssue(str(path), lineno, None, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        records.append(obj)
+        rows.append(lineno)
+    return records, rows, issues
+
+
+def _read_file(path: Path) -> SourceData:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    name = str(path)
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    ext = suffixes[-1] if suffixes else ""
+    data = _read_bytes(path)
+    if not data.strip():
+        raise DataError(f"{name}: the file is empty")
+    sha = sha256_file(path)
+    typed = True
+    issues: list[RowIssue] = []
+    if ext == ".jsonl":
+        records, rows, issues = _read_jsonl(path, data)
+    elif ext == ".json":
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise DataError(f"{name}: undecodable bytes (not UTF-8) on line {line}, byte {exc.start}") from None
+        except json.JSONDecodeError:
+            records, rows, issues = _read_jsonl(path, data)  # JSON Lines saved as .json
+        else:
+            if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+                obj = obj["data"]
+            if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+                raise DataError(f"{name}: expected a JSON array of objects (or JSON Lines)")
+            records, rows = obj, list(range(1, len(obj) + 1))
+    elif ext == ".parquet":
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{name}: not a readable parquet file ({exc})") from None
+        records, rows = table.to_pylist(), list(range(1, table.num_rows + 1))
+    elif ext in (".csv", ".tsv"):
+        # The stdlib reader, not pandas: bytes that are not UTF-8 survive as lone surrogates
+        # (surrogateescape) and are then reported per row and field instead of failing the file.
+        text = data.decode("utf-8", errors="surrogateescape")
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+            records = [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader]
+        except csv.Error as exc:
+            raise DataError(f"{name}: not a readable {ext[1:]} file ({exc})") from None
+        rows, typed = list(range(1, len(records) + 1)), False
+    else:
+        raise DataError(f"{name}: unsupported file type {ext or '(none)'}; use .jsonl, .json, .parquet or .csv")
+    if not records and not issues:
+        raise DataError(f"{name}: the file holds no rows")
+    return SourceData(name, "file", records, rows, sha, unreadable=issues, typed=typed)
+
+
+def _read_hub(repo_id: str, split: str | None) -> SourceData:
+    split = split or DEFAULT_HUB_SPLITS.get(repo_id, "train")
+    reachable, reason = hub_status()
+    if not reachable and not offline_requested():
+        raise DataError(
+            f"cannot reach the Hugging Face hub to load dataset {repo_id!r} ({reason}). "
+            "Pass a local file with --source (e.g. ../shared/data/helpsteer2/validation.jsonl), "
+            "or set HF_HUB_OFFLINE=1 to use a copy already in the local datasets cache."
+        )
+    import datasets
+
+    log.info("loading %s (split %s) from the Hugging Face hub", repo_id, split)
+    try:
+        ds = datasets.load_dataset(repo_id, split=split)
+    except Exception as exc:  # datasets raises many types: name the dataset and split, keep the cause
+        raise DataError(f"could not load {repo_id!r} split {split!r} from the hub: {exc}") from exc
+    records = ds.to_list()
+    return SourceData(f"{repo_id}[{split}]", "hub", records, list(range(1, len(records) + 1)),
+                      sha256_text(f"{repo_id}:{split}:{ds._fingerprint}"), split=split)
+
+
+def read_source(config: DataConfig) -> SourceData:
+    spec = config.source
+    if spec in BUILTIN_SOURCES:
+        data = _read_file(_builtin_path(spec))
+        data.name, data.kind = f"builtin:{spec}", "builtin"
+        return data
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _read_file(path)
+    if looks_like_repo_id(spec) and not spec.startswith((".", "/")):
+        return _read_hub(spec, config.split)
+    raise DataError(f"source {spec!r} is neither an existing file, 'demo', nor a Hugging Face dataset id")
+
+
+# --------------------------------------------------------------------------------------------
+# Columns and format
+# --------------------------------------------------------------------------------------------
+def _apply_column_map(source: SourceData, column_map: dict[str, str]) -> None:
+    if not column_map:
+        return
+    columns = _columns(source.records)
+    for canonical, original in column_map.items():
+        if original not in columns:
+            raise DataError(f"{source.name}: column_map.{canonical} names column {original!r}, which does not "
+                            f"exist (columns: {sorted(columns)})")
+    for rec in source.records:
+        for canonical, original in column_map.items():
+            rec[canonical] = rec.pop(original, None)
+
+
+def _columns(records: Iterable[dict]) -> set[str]:
+    cols: set[str] = set()
+    for rec in records:
+        cols.update(rec)
+    return cols
+
+
+def _missing_columns_error(name: str, missing: list[str], columns: set[str], fmt: str) -> DataError:
+    hints = []
+    for col in missing:
+        close = difflib.get_close_matches(col, sorted(columns), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"column {close[0]!r} looks like {col!r}: pass column_map.{col}={close[0]}")
+    msg = f"{name}: missing column(s) {missing} for the {fmt} format (columns found: {sorted(columns)})"
+    return DataError(msg + ("\n  " + "\n  ".join(hints) if hints else ""))
+
+
+def detect_format(source: SourceData) -> Format:
+    cols = _columns(source.records)
+    if "response" in cols and cols & set(ATTRIBUTES):
+        return "raw"
+    if {"chosen", "rejected"} <= cols:
+        if "prompt" in cols:
+            return "pairs"
+        first = next((r["chosen"] for r in source.records if isinstance(r.get("chosen"), str)), None)
+        if first is not None and "Assistant:" in first:
+            return "hh"
+        return "pairs"
+    raise DataError(
+        f"{source.name}: cannot tell the format from the columns {sorted(cols)}. Expected "
+        "prompt/chosen/rejected (pairs), chosen/rejected hh-rlhf transcripts (hh), or "
+        f"prompt/response/{'/'.join(ATTRIBUTES)} (raw). Rename columns with column_map or set format."
+    )
+
+
+def _required_columns(fmt: Format, config: DataConfig, cols: set[str]) -> list[str]:
+    if fmt == "raw":
+        return ["prompt", "response", *_score_weights(config)]
+    if fmt == "hh":
+        return ["chosen", "rejected"]
+    need = ["chosen", "rejected"]
+    if "chosen_rating" in cols or "rejected_rating" in cols:
+        need += ["chosen_rating", "rejected_rating"]
+    return need
+
+
+def _score_weights(config: DataConfig) -> dict[str, float]:
+    """Attribute weights of the score (not normalised: the score divides by their sum)."""
+    if config.score == "average":
+        return dict.fromkeys(ATTRIBUTES, 1.0)
+    if config.score == "helpfulness":
+        return {"helpfulness": 1.0}
+    return {a: w for a, w in config.score_weights.items() if w > 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Rows -> pairs
+# --------------------------------------------------------------------------------------------
+def _parse_pair(rec: dict, fmt: Format, config: DataConfig, with_ratings: bool, typed: bool) -> PreferencePair:
+    if fmt == "hh":
+        prompt, chosen = parse_hh_transcript(rec.get("chosen"), "chosen")
+        rejected_prompt, rejected = parse_hh_transcript(rec.get("rejected"), "rejected")
+        if rejected_prompt != prompt:
+            raise _Bad("rejected", "the transcript's conversation before the last Assistant turn differs from chosen's")
+        ratings: tuple[float | None, float | None] = (None, None)
+    else:
+        chosen, chosen_prefix = _response(rec.get("chosen"), "chosen")
+        rejected, rejected_prefix = _response(rec.get("rejected"), "rejected")
+        if "prompt" in rec and not _is_missing(rec["prompt"]):
+            prompt = _messages(rec["prompt"], "prompt")
+        elif chosen_prefix:
+            if rejected_prefix is not None and rejected_prefix != chosen_prefix:
+                raise _Bad("rejected", "the conversation before the response differs from chosen's")
+            prompt = chosen_prefix
+        else:
+            raise _Bad("prompt", "missing value (and chosen carries no conversation to take it from)")
+        prompt = _check_prompt(prompt)
+        ratings = (None, None)
+        if with_ratings:
+            ratings = (_rating(rec.get("chosen_rating"), "chosen_rating", config, not typed),
+                       _rating(rec.get("rejected_rating"), "rejected_rating", config, not typed))
+    if chosen == rejected:
+        raise _Bad("rejected", "chosen and rejected are the same text")
+    return PreferencePair(prompt, chosen, rejected, *ratings)
+
+
+def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: bool, row: int) -> RawResponse:
+    prompt = _check_prompt(_messages(rec.get("prompt"), "prompt"))
+    response = _text(rec.get("response"), "response")
+    # sum / total rather than a sum of pre-divided weights: a mean of 0-4 integers stays exact (17/5 = 3.4).
+    score = sum(w * _rating(rec.get(a), a, config, not typed) for a, w in weights.items()) / sum(weights.values())
+    return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row)
+
+
+def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: float = 1e-9
+             ) -> tuple[list[PreferencePair], BinariseStats]:
+    """Group responses by prompt and pair them: chosen = higher score; equal scores are ties, dropped.
+
+    ``best_worst``: the best and the worst response of each prompt (earliest row wins among equals);
+    a prompt whose best and worst tie counts one tie. ``all_pairs``: every pair of responses, each
+    equal-score pair counting one tie.
+    """
+    groups: dict[str, list[RawResponse]] = {}
+    for resp in responses:
+        groups.setdefault(json.dumps(resp.prompt, sort_keys=True, ensure_ascii=False), []).append(resp)
+    stats = BinariseStats(n_prompts=len(groups))
+    pairs: list[PreferencePair] = []
+
+    def make(a: RawResponse, b: RawResponse) -> PreferencePair:
+        hi, lo = (a, b) if a.score > b.score else (b, a)
+        return PreferencePair(hi.prompt, hi.response, lo.response, hi.score, lo.score, (hi.row, lo.row))
+
+    for group in groups.values():
+        if len(group) < 2:
+            stats.n_prompts_unpaired += 1
+            continue
+        if pairing == "best_worst":
+            best = max(group, key=lambda r: (r.score, -r.row))
+            worst = min(group, key=lambda r: (r.score, r.row))
+            if best.score - worst.score <= tol:
+                stats.n_ties_dropped += 1
+            else:
+                pairs.append(make(best, worst))
+        else:
+            for i in range(len(group)):
+                for j in range(i + 1, len(group)):
+                    if abs(group[i].score - group[j].score) <= tol:
+                        stats.n_ties_dropped += 1
+                    else:
+                        pairs.append(make(group[i], group[j]))
+    stats.n_pairs = len(pairs)
+    return pairs, stats
+
+
+@dataclass
+class ParsedData:
+    pairs: list[PreferencePair]
+    stats: BinariseStats
+    format: Format
+    issues: list[RowIssue]
+    n_rows_read: int
+
+
+def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
+    """Validate every row, turn rows into pairs (binarising the raw form) and drop duplicates."""
+    _apply_column_map(source, config.column_map)
+    fmt: Format = detect_format(source) if config.format == "auto" else config.format
+    cols = _columns(source.records)
+    missing = [c for c in _required_columns(fmt, config, cols) if c not in cols]
+    if missing:
+        raise _missing_columns_error(source.name, missing, cols, fmt)
+    issues = list(source.unreadable)
+    weights = _score_weights(config)
+    with_ratings = fmt == "pairs" and "chosen_rating" in cols
+    seen: dict[str, int] = {}
+    items: list[Any] = []
+    for rec, row in zip(source.records, source.rows, strict=True):
+        try:
+            if fmt == "raw":
+                item = _parse_raw(rec, config, weights, source.typed, row)
+                key = sha256_text(json.dumps([item.prompt, item.response], sort_keys=True))
+            else:
+                item = _parse_pair(rec, fmt, config, with_ratings, source.typed)
+                item = PreferencePair(item.prompt, item.chosen, item.rejected, item.chosen_rating,
+                                      item.rejected_rating, (row,))
+                key = item.pair_key
+            if key in seen:
+                what = "response to the same prompt" if fmt == "raw" else "pair"
+                raise _Bad(None, f"duplicate {what} (first seen at row {seen[key]})")
+            seen[key] = row
+            items.append(item)
+        except _Bad as bad:
+            issues.append(RowIssue(source.name, row, bad.field, bad.message))
+    issues.sort(key=lambda i: i.row)
+    if fmt == "raw":
+        pairs, stats = binarise(items, config.pairing)
+    else:
+        pairs = items
+        stats = BinariseStats(n_prompts=len({p.prompt_key for p in pairs}), n_pairs=len(pairs))
+    return ParsedData(pairs, stats, fmt, issues, len(source.records) + len(source.unreadable))
+
+
+# --------------------------------------------------------------------------------------------
+# Split and write
+# --------------------------------------------------------------------------------------------
+def split_by_prompt(pairs: list[PreferencePair], validation_fraction: float, seed: int
+                    ) -> tuple[list[int], list[int]]:
+    """Seeded split of pair indices, grouped by prompt so no prompt lands in both halves."""
+    keys = sorted({p.prompt_key for p in pairs})
+    if len(keys) < 2:
+        raise DataError(f"need at least 2 distinct prompts to split into train and validation, got {len(keys)}")
+    n_val = min(max(1, round(len(keys) * validation_fraction)), len(keys) - 1)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    val_keys = {keys[i] for i in order[:n_val]}
+    train = [i for i, p in enumerate(pairs) if p.prompt_key not in val_keys]
+    val = [i for i, p in enumerate(pairs) if p.prompt_key in val_keys]
+    return train, val
+
+
+PAIR_SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("chosen_rating", pa.float64()),
+    ("rejected_rating", pa.float64()),
+    ("chosen_dist", pa.list_(pa.float64())),
+    ("rejected_dist", pa.list_(pa.float64())),
+    ("source_rows", pa.list_(pa.int64())),
+])
+
+
+def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
+    def dist(x: float | None) -> list[float] | None:
+        return None if x is None else rating_to_distribution(x, config.rating_min, config.rating_max).tolist()
+
+    columns = {
+        "pair_id": [p.pair_key[:16] for p in pairs],
+        "prompt_id": [p.prompt_key[:16] for p in pairs],
+        "prompt": [p.prompt for p in pairs],
+        "chosen": [p.chosen for p in pairs],
+        "rejected": [p.rejected for p in pairs],
+        "chosen_rating": [p.chosen_rating for p in pairs],
+        "rejected_rating": [p.rejected_rating for p in pairs],
+        "chosen_dist": [dist(p.chosen_rating) for p in pairs],
+        "rejected_dist": [dist(p.rejected_rating) for p in pairs],
+        "source_rows": [list(p.source_rows) for p in pairs],
+    }
+    return pa.table(columns, schema=PAIR_SCHEMA)
+
+
+def read_pairs(path: str | Path) -> pa.Table:
+    """Read a split written by the data stage."""
+    return pq.read_table(path)
+
+
+@dataclass
+class DataResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    reused: bool = False
+
+
+def default_out_dir(config: DataConfig, source: SourceData, root: str | Path = "runs") -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name.split("[")[0]).stem if source.kind == "file"
+                  else source.name.split(":")[-1].split("[")[0]).strip("-").lower()[:40]
+    return Path(root) / "data" / f"{slug}-{stage_key(config, source)[:12]}"
+
+
+def stage_key(config: DataConfig, source: SourceData) -> str:
+    """What the output depends on: the config values, the input's content hash and the output schema."""
+    return sha256_text(f"{config.digest()}{source.sha256}schema={SCHEMA_VERSION};code={__version__}")
+
+
+def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
+                   runs_root: str | Path = "runs") -> DataResult:
+    """Build ``train.parquet``, ``validation.parquet`` and ``manifest.json`` in ``out_dir``.
+
+    An existing complete output for the same config, input and code version is reused. With
+    ``overwrite`` the stage always rebuilds and replaces whatever ``out_dir`` holds. The folder appears atomically, complete or not at all.
+    """
+    source = read_source(config)
+    key = stage_key(config, source)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(config, source, runs_root)
+    existing = read_manifest(out)
+    if not overwrite and existing is not None and existing.get("stage_key") == key and _files_intact(out, existing):
+        log.info("data stage already complete in %s (same config and input): reusing it", out)
+        return DataResult(out, existing, reused=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        what = "a different data stage output" if existing else "files that are not a data stage output"
+        raise DataError(f"{out} already holds {what}; choose another --out or pass --overwrite")
+
+    parsed = parse_source(source, config)
+    if parsed.issues and config.on_bad_rows == "error":
+        raise BadRowsError(parsed.issues)
+    for issue in parsed.issues[:5]:
+        log.warning("skipped %s", issue)
+    if len(parsed.issues) > 5:
+        log.warning("... skipped %d bad rows in all (listed in rejected_rows.jsonl)", len(parsed.issues))
+
+    pairs = parsed.pairs
+    n_before_limit = len(pairs)
+    if config.max_pairs is not None and len(pairs) > config.max_pairs:
+        keep = np.sort(np.random.default_rng(config.seed).choice(len(pairs), config.max_pairs, replace=False))
+        pairs = [pairs[i] for i in keep]
+    if not pairs:
+        raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
+                        f"{len(parsed.issues)}, ties dropped: {parsed.stats.n_ties_dropped})")
+    train_idx, val_idx = split_by_prompt(pairs, config.validation_fraction, config.seed)
+    splits = {"train": [pairs[i] for i in train_idx], "validation": [pairs[i] for i in val_idx]}
+
+    with atomic_directory(out) as tmp:
+        files = {}
+        for name, subset in splits.items():
+            fname = f"{name}.parquet"
+            pq.write_table(pairs_to_table(subset, config), tmp / fname)
+            files[fname] = {"sha256": sha256_file(tmp / fname), "rows": len(subset)}
+        if parsed.issues:
+            with open(tmp / "rejected_rows.jsonl", "w", encoding="utf-8") as fh:
+                for issue in parsed.issues:
+                    fh.write(json.dumps({"row": issue.row, "field": issue.field, "reason": issue.message}) + "\n")
+        manifest = {
+            "stage": "data",
+            "schema_version": SCHEMA_VERSION,
+            "source": source.name,
+            "source_kind": source.kind,
+            "source_split": source.split,
+            "source_sha256": source.sha256,
+            "format": parsed.format,
+            "config": config.model_dump(mode="json"),
+            "config_digest": config.digest(),
+            "stage_key": key,
+            "n_rows_read": parsed.n_rows_read,
+            "n_rows_rejected": len(parsed.issues),
+            "rejected_by_reason": dict(Counter(_reason_class(i) for i in parsed.issues)),
+            "n_prompts": parsed.stats.n_prompts,
+            "n_prompts_unpaired": parsed.stats.n_prompts_unpaired,
+            "n_ties_dropped": parsed.stats.n_ties_dropped,
+            "n_pairs_before_limit": n_before_limit,
+            "n_pairs": len(pairs),
+            "n_train": len(train_idx),
+            "n_validation": len(val_idx),
+            "n_train_prompts": len({p.prompt_key for p in splits["train"]}),
+            "n_validation_prompts": len({p.prompt_key for p in splits["validation"]}),
+            "has_ratings": pairs[0].chosen_rating is not None,
+            "files": files,
+            "created_by": f"alignment {__version__}",
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        write_json(tmp / MANIFEST, manifest)  # last: a folder with a manifest is complete
+    log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows %s) -> %d train / %d validation in %s",
+             manifest["n_prompts"], manifest["n_pairs"], manifest["n_ties_dropped"], manifest["n_rows_rejected"],
+             "skipped" if parsed.issues else "", manifest["n_train"], manifest["n_validation"], out)
+    return DataResult(out, manifest)
+
+
+def _reason_class(issue: RowIssue) -> str:
+    msg = issue.message
+    for needle, label in (("duplicate", "duplicate"), ("undecodable", "undecodable"), ("invalid JSON", "invalid_json"),
+                          ("empty", "empty_text"), ("missing", "missing_value"), ("outside", "out_of_range"),
+                          ("NaN", "nan"), ("same text", "chosen_equals_rejected")):
+        if needle in msg:
+            return label
+    return "invalid_type" if ("expected" in msg or "must be" in msg) else "other"
+
+
+def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
+    files = manifest.get("files", {})
+    return bool(files) and all((folder / f).is_file() and sha256_file(folder / f) == meta.get("sha256")
+                               for f, meta in files.items())

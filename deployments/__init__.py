@@ -1,0 +1,1 @@
+"""Prefect deployments serving the flows (manual ``demo`` and scheduled ``retrain``)."""
