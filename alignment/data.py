@@ -837,9 +837,9 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(tmp / MANIFEST, manifest)  # last: a folder with a manifest is complete
-    log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows %s) -> %d train / %d validation in %s",
+    log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows skipped) -> %d train / %d validation in %s",
              manifest["n_prompts"], manifest["n_pairs"], manifest["n_ties_dropped"], manifest["n_rows_rejected"],
-             "skipped" if parsed.issues else "", manifest["n_train"], manifest["n_validation"], out)
+             manifest["n_train"], manifest["n_validation"], out)
     return DataResult(out, manifest)
 
 
