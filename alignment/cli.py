@@ -24,6 +24,9 @@ EPILOG = textwrap.dedent("""\
     stages:
       data    load preference data (hub id or local file), binarise raw ratings, map ratings to
               10-bin distributions, split train/validation by prompt; writes parquet + manifest.json
+      rm      train a reward model (scalar Bradley-Terry or distributional over ratings 1-10)
+              with TRL; evaluate on validation; save model, metrics.json and a plot
+      rm-eval evaluate a saved reward model on a data stage's pairs
       model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
               ask it a question; warms the offline SmolLM2 cache
 
@@ -71,6 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--overwrite", action="store_true", help="rebuild even if --out is up to date, replacing what it holds")
     _add_common(data, sorted(PRESETS))
 
+    from alignment.reward import PRESETS as RM_PRESETS
+
+    rm = sub.add_parser(
+        "rm", help="train a reward model (scalar or distributional)",
+        description="Train a reward model on a data stage's train split with TRL's RewardTrainer (scalar: "
+        "Bradley-Terry; distributional: 10 bins over ratings 1-10, KL and/or -log P(w > l)), evaluate it on the "
+        "validation split and save a transformers folder with metrics.json and a plot.",
+        epilog="examples:\n  align rm --kind scalar --data runs/data/demo-<hash>\n"
+        "  align rm --kind distributional loss=pairwise lora=true\n"
+        "  align rm --data runs/uf max_length=256 max_train_pairs=400 --out runs/rm/uf-scalar",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rm.add_argument("--kind", choices=["scalar", "distributional"], help="reward model kind (default scalar)")
+    rm.add_argument("--data", metavar="DIR", help="folder written by `align data` (default: the demo data)")
+    rm.add_argument("--model", help="base model: hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
+    rm.add_argument("--out", metavar="DIR", help="output folder (default: runs/rm/<kind>-<hash>)")
+    rm.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
+    _add_common(rm, sorted(RM_PRESETS))
+
+    rm_eval = sub.add_parser(
+        "rm-eval", help="evaluate a trained reward model on a data stage's pairs",
+        description="Pairwise accuracy, margin and (distributional) P(w > l) accuracy, KL/NLL and calibration "
+        "of a saved reward model on the train, validation or all pairs of a data stage output.",
+    )
+    rm_eval.add_argument("model_dir", help="folder written by `align rm`")
+    rm_eval.add_argument("--data", metavar="DIR", required=True, help="folder written by `align data`")
+    rm_eval.add_argument("--split", choices=["train", "validation", "all"], default="validation")
+    rm_eval.add_argument("--max-length", type=int, default=1024)
+    rm_eval.add_argument("--batch-size", type=int, default=32)
+    rm_eval.add_argument("--json", metavar="PATH", help="also write the metrics to this file")
+
     model = sub.add_parser(
         "model", help="resolve a model and say where it comes from",
         description="Resolve a model spec (hub id, local folder or .gguf file) to a local folder, converting "
@@ -106,6 +140,52 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rm(args: argparse.Namespace) -> int:
+    from alignment.reward import PRESETS as RM_PRESETS
+    from alignment.reward import RewardModelConfig, run_reward_stage
+
+    config = build_config(
+        RewardModelConfig,
+        base=RM_PRESETS[args.preset] if args.preset else None,
+        config_file=args.config,
+        overrides=args.overrides,
+        explicit={"kind": args.kind, "data": args.data, "model": args.model},
+    )
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    result = run_reward_stage(config, args.out, overwrite=args.overwrite,
+                              runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    m = result.metrics
+    print(f"reward model {'reused' if result.reused else 'trained'}: {result.out_dir}")
+    print(f"  validation: {m['n_pairs']} pairs, accuracy {m['accuracy']:.3f}, mean margin {m['mean_margin']:.3f}")
+    if "accuracy_prob" in m:
+        print(f"  P(w > l) > 0.5: {m['accuracy_prob']:.3f}, ECE {m['ece']:.3f}"
+              + (f", KL to ratings {m['kl_to_ratings']:.3f}" if "kl_to_ratings" in m else ""))
+    t = m["train"]
+    print(f"  train: {t['pairs']} pairs x {t['epochs']} epochs in {t['seconds']} s ({t['pairs_per_second']} pairs/s), "
+          f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}")
+    return 0
+
+
+def _cmd_rm_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alignment.reward import PairData, RewardScorer, evaluate_reward_model
+
+    scorer = RewardScorer.from_pretrained(args.model_dir, batch_size=args.batch_size, max_length=args.max_length)
+    splits = ["train", "validation"] if args.split == "all" else [args.split]
+    parts = [PairData.load(Path(args.data) / f"{s}.parquet") for s in splits]
+    pairs = PairData(*(sum((getattr(p, f) for p in parts), []) for f in PairData.__dataclass_fields__))
+    metrics = evaluate_reward_model(scorer, pairs)
+    metrics.pop("reliability", None)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from alignment.models import DEFAULT_MODEL, load_causal_lm, resolve_model
 
@@ -135,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from alignment.data import DataError
+    from alignment.hardware import DeviceError
     from alignment.models import ModelSourceError
+    from alignment.reward import RewardModelError
 
-    handlers = {"data": _cmd_data, "model": _cmd_model}
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "model": _cmd_model}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelSourceError) as exc:
+    except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

@@ -43,3 +43,11 @@ def raw_row(prompt: str, response: str, *scores: int) -> dict:
 
     assert len(scores) == 5
     return {"prompt": prompt, "response": response, **dict(zip(ATTRIBUTES, scores, strict=True))}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A folder with a random 2-layer, 64-dim Llama and a SmolLM2-shaped tokenizer."""
+    from tests.tiny import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")

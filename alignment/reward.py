@@ -1,0 +1,617 @@
+"""Reward models: a scalar Bradley-Terry model and a distributional one (10 bins over ratings 1..10).
+
+Both are SmolLM2-135M-Instruct (or any causal LM) with a sequence-classification head read on the
+last real token of ``chat_template(prompt + [assistant: response])``, cut after the response's EOS
+(``<|im_end|>``), so the reward sits on the token that ends the answer. The scalar model trains with
+TRL's ``RewardTrainer``; the distributional one with a subclass whose ``compute_loss`` is ours.
+
+Departures from the textbook: prompts longer than ``max_length`` are cut from the left (the
+response is kept whole when it fits; TRL would drop such pairs), and the scalar loss carries TRL's
+reward-centring term 0.01 * E[(r_w + r_l)^2] (Eisenstein et al. 2023) so rewards stay near zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from alignment.config import StageConfig
+from alignment.data import N_BINS, DataConfig, Message, read_pairs, run_data_stage
+from alignment.hardware import DeviceError, bf16_enabled, resolve_device
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+from alignment.models import DEFAULT_MODEL, ModelSourceError, configure_padding, load_sequence_classifier
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["scalar", "distributional"]
+RATINGS = torch.arange(1, N_BINS + 1, dtype=torch.float32)  # the support of the distributional head
+
+
+class RewardModelError(ValueError):
+    """A reward model folder, kind, tokenizer or data set cannot be used (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Losses (each cites its equation; shapes in the docstrings)
+# --------------------------------------------------------------------------------------------
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coef: float | None = None) -> torch.Tensor:
+    """L = -log sigmoid(r_w - r_l - m) [+ c * (r_w + r_l)^2], averaged over the batch.
+
+    Bradley-Terry (Ouyang et al. 2022, eq. 1); margin m (Touvron et al. 2023, eq. 2); centring c
+    (Eisenstein et al. 2023), as TRL's RewardTrainer computes it. r_chosen, r_rejected, margin: (B,).
+    """
+    diff = r_chosen - r_rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * torch.mean((r_chosen + r_rejected) ** 2)
+    return loss
+
+
+def distribution_kl_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) = sum_i t_i (log t_i - log p_i), averaged over the batch.
+
+    logits: (B, 10); target: (B, 10), rows summing to 1 (the data stage's rating distributions).
+    Zero-probability target bins contribute 0 (xlogy).
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return (torch.xlogy(target, target) - target * log_p).sum(-1).mean()
+
+
+def log_preference_probability(logits_w: torch.Tensor, logits_l: torch.Tensor) -> torch.Tensor:
+    """log P(w > l) with P(w > l) = sum_{i > j} p_w(i) p_l(j), computed in log space.
+
+    logits_w, logits_l: (B, 10) -> (B,). Ties (i == j) count for neither side.
+    """
+    log_pw = F.log_softmax(logits_w.float(), dim=-1)
+    log_pl = F.log_softmax(logits_l.float(), dim=-1)
+    joint = log_pw[:, :, None] + log_pl[:, None, :]  # (B, i, j)
+    n = joint.shape[-1]
+    above = torch.ones(n, n, dtype=torch.bool, device=joint.device).tril(diagonal=-1)  # i > j
+    return torch.logsumexp(joint.masked_fill(~above, float("-inf")), dim=(1, 2))
+
+
+def pairwise_distribution_loss(logits_w: torch.Tensor, logits_l: torch.Tensor) -> torch.Tensor:
+    """L = -log P(w > l), averaged over the batch. logits: (B, 10)."""
+    return -log_preference_probability(logits_w, logits_l).mean()
+
+
+def distribution_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E[r], Var[r], p) of the rating distribution over 1..10. logits: (B, 10) -> (B,), (B,), (B, 10)."""
+    p = F.softmax(logits.float(), dim=-1)
+    ratings = RATINGS.to(p.device)
+    mean = (p * ratings).sum(-1)
+    var = (p * ratings**2).sum(-1) - mean**2
+    return mean, var.clamp_min(0.0), p
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+class RewardModelConfig(StageConfig):
+    """Reward-model training: model, data, loss and the options real runs need."""
+
+    section: str = "rm"
+    kind: Kind = Field("scalar", description="'scalar' (Bradley-Terry) or 'distributional' (10 bins, ratings 1-10).")
+    model: str = Field(DEFAULT_MODEL, description="Base model: hub id, local folder or .gguf file.")
+    data: str | None = Field(None, description="Folder written by `align data` (default: build the demo data).")
+    loss: Literal["kl", "pairwise", "both"] = Field(
+        "both", description="Distributional loss: KL to the rating distributions, -log P(w > l), or both.")
+    kl_weight: float = Field(1.0, ge=0.0, description="Weight of the KL term for loss='both'.")
+    pairwise_weight: float = Field(1.0, ge=0.0, description="Weight of the -log P(w > l) term for loss='both'.")
+    center_rewards_coefficient: float | None = Field(0.01, ge=0.0, description="Scalar: reward centring coefficient.")
+    margin: Literal["none", "rating_diff"] = Field("none", description="Scalar: margin from the rating difference.")
+    margin_scale: float = Field(1.0, ge=0.0, description="Margin = scale * (chosen_rating - rejected_rating).")
+    max_length: int = Field(512, ge=32, description="Tokens per sequence; prompts are cut from the left.")
+    max_train_pairs: int | None = Field(None, ge=1, description="Train on a seeded subset of this many pairs.")
+    max_eval_pairs: int | None = Field(None, ge=1, description="Evaluate on the first N validation pairs.")
+    epochs: float = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="Pairs per device step.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(3e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 0
+    bf16: bool | None = Field(None, description="bf16 autocast (default: on GPUs and CPUs with bf16 instructions).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (off by default on CPU).")
+    lora: bool = Field(False, description="Train LoRA adapters (merged into the saved model).")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_batch_size: int = Field(32, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardModelConfig:
+        if self.kind == "distributional" and self.loss == "both" and self.kl_weight + self.pairwise_weight <= 0:
+            raise ValueError("loss='both' needs kl_weight + pairwise_weight > 0")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "scalar" else N_BINS
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {"max_length": 256, "epochs": 2.0, "batch_size": 8, "learning_rate": 5e-5},
+    "helpsteer2": {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5,
+                   "gradient_checkpointing": True, "device": "cuda"},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation: prompt (chat template) + response, ending at the response's EOS
+# --------------------------------------------------------------------------------------------
+def render_conversation(tokenizer, prompt: Sequence[Message], response: str) -> tuple[str, int]:
+    """(text, prompt_chars): the chat-templated conversation ending at the response's EOS."""
+    prompt_text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(prompt_text):
+        raise RewardModelError("the chat template does not render the prompt as a prefix of the conversation")
+    eos = tokenizer.eos_token
+    end = full.rfind(eos) if eos else -1
+    # ChatML appends "\n" after the final <|im_end|>: cut it so the last token is the EOS itself.
+    full = full[: end + len(eos)] if end >= len(prompt_text) else full.rstrip()
+    return full, len(prompt_text)
+
+
+def encode_conversations(tokenizer, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
+                         max_length: int) -> list[list[int]]:
+    """Token ids of each conversation, at most ``max_length``: the prompt is cut from the left.
+
+    A response longer than ``max_length - 16`` is itself cut on the right and re-terminated with EOS,
+    so the reward is always read on an end-of-turn token.
+    """
+    if len(prompts) != len(responses):
+        raise RewardModelError(f"{len(prompts)} prompts but {len(responses)} responses")
+    rendered = [render_conversation(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    eos_id = tokenizer.eos_token_id
+    out = []
+    for ids, offsets, (_, prompt_chars) in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True):
+        n_prompt = sum(1 for start, _ in offsets if start < prompt_chars)
+        prompt_ids, resp_ids = ids[:n_prompt], ids[n_prompt:]
+        room = max_length - 16
+        if len(resp_ids) > room:
+            resp_ids = resp_ids[: room - 1] + [eos_id]
+        keep = max_length - len(resp_ids)
+        out.append(prompt_ids[-keep:] + resp_ids if keep > 0 else resp_ids)
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return sha256_text(json.dumps(sorted(tokenizer.get_vocab().items())))[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# The scorer every later stage uses
+# --------------------------------------------------------------------------------------------
+class RewardScores(NamedTuple):
+    mean: torch.Tensor  # (N,) the reward (scalar model) or E[r] over ratings 1..10
+    var: torch.Tensor  # (N,) Var[r]; zeros for the scalar model
+    dist: torch.Tensor | None = None  # (N, 10) rating distribution (distributional model only)
+
+
+class RewardScorer:
+    """Batched, no-grad reward scoring: ``score(prompts, completions) -> RewardScores``.
+
+    Texts are tokenised together, sorted by length so each batch pads only to its own longest
+    sequence, run under bf16 autocast (CPU and GPU) and returned in the caller's order.
+    """
+
+    def __init__(self, model, tokenizer, *, kind: Kind, batch_size: int = 32, max_length: int = 1024,
+                 bf16: bool | None = None):
+        self.model = model.eval()
+        self.tokenizer = configure_padding(tokenizer, "right")
+        self.kind = kind
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = next(model.parameters()).device
+        self.bf16 = bf16_enabled(bf16, self.device)
+        n = model.config.num_labels
+        if (kind == "scalar") != (n == 1) or (kind == "distributional" and n != N_BINS):
+            raise RewardModelError(f"a {kind} reward model needs {1 if kind == 'scalar' else N_BINS} labels, "
+                                   f"this model has {n}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, expect_kind: Kind | None = None, tokenizer=None,
+                        device: str = "auto", **kwargs) -> RewardScorer:
+        """Load a folder written by the reward-model stage; checks its kind and tokenizer."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise RewardModelError(f"{path} is not a saved reward model (no config.json)")
+        config = json.loads((path / "config.json").read_text())
+        kind = config.get("alignment_reward_kind")
+        if kind not in ("scalar", "distributional"):
+            raise RewardModelError(f"{path} is not a reward model written by this project (no alignment_reward_kind)")
+        if expect_kind is not None and kind != expect_kind:
+            raise RewardModelError(f"{path} holds a {kind} reward model, but a {expect_kind} one was asked for")
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        model.to(resolve_device(device))
+        tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        expected = config.get("alignment_tokenizer_sha")
+        if expected and tokenizer_fingerprint(tok) != expected:
+            raise RewardModelError(f"the tokenizer does not match the one {path} was trained with "
+                                   f"(vocabulary fingerprint {tokenizer_fingerprint(tok)} != {expected})")
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            raise RewardModelError(f"tokenizer has {len(tok)} tokens, the model's embedding only "
+                                   f"{model.get_input_embeddings().weight.shape[0]}")
+        model.config.pad_token_id = configure_padding(tok).pad_token_id
+        return cls(model, tok, kind=kind, **kwargs)
+
+    @torch.no_grad()
+    def logits(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str], progress: bool = False
+               ) -> torch.Tensor:
+        """Head outputs (N, num_labels) in the input order."""
+        ids = encode_conversations(self.tokenizer, prompts, completions, self.max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        out = torch.empty(len(ids), self.model.config.num_labels)
+        pad = self.tokenizer.pad_token_id
+        batches = range(0, len(order), self.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="scoring", unit="batch")
+        for start in batches:
+            idx = order[start:start + self.batch_size]
+            width = len(ids[idx[0]])
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            out[idx] = logits.float().cpu()
+        return out
+
+    def score(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str], progress: bool = False
+              ) -> RewardScores:
+        logits = self.logits(prompts, completions, progress)
+        if self.kind == "scalar":
+            mean = logits.squeeze(-1)
+            return RewardScores(mean, torch.zeros_like(mean))
+        return RewardScores(*distribution_moments(logits))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+def _distributional_trainer_cls():
+    """Built lazily: importing trl takes seconds, and scoring does not need it."""
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class DistributionCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            if "chosen_dist" in examples[0]:
+                dists = [e["chosen_dist"] for e in examples] + [e["rejected_dist"] for e in examples]
+                batch["target_dist"] = torch.tensor(dists, dtype=torch.float32)
+            return batch
+
+    class DistributionalRewardTrainer(RewardTrainer):
+        """TRL's RewardTrainer with a 10-bin head: loss = KL to rating distributions and/or -log P(w > l)."""
+
+        def __init__(self, *args, loss: str = "both", kl_weight: float = 1.0, pairwise_weight: float = 1.0, **kw):
+            self.dist_loss, self.kl_weight, self.pairwise_weight = loss, kl_weight, pairwise_weight
+            # RewardTrainer insists on num_labels == 1 (its loss is scalar). Ours is not: present 1 label
+            # for the check only. The score layer keeps its 10 outputs either way.
+            config = kw["model"].config
+            id2label = config.id2label
+            config.num_labels = 1
+            try:
+                super().__init__(*args, **kw)
+            finally:
+                config.id2label = id2label  # num_labels is derived from id2label
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "chosen_dist", "rejected_dist"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            target = inputs.pop("target_dist", None)
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            logits_w, logits_l = torch.chunk(outputs.logits, 2)
+            terms = {}
+            if self.dist_loss in ("kl", "both"):
+                terms["kl"] = distribution_kl_loss(outputs.logits, target.to(outputs.logits.device))
+            if self.dist_loss in ("pairwise", "both"):
+                terms["pairwise"] = pairwise_distribution_loss(logits_w, logits_l)
+            weights = {"kl": self.kl_weight, "pairwise": self.pairwise_weight} if self.dist_loss == "both" else {}
+            loss = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+            with torch.no_grad():
+                mean_w, _, _ = distribution_moments(logits_w)
+                mean_l, _, _ = distribution_moments(logits_l)
+                self._metrics[mode]["accuracy"].append((mean_w > mean_l).float().mean().item())
+                self._metrics[mode]["margin"].append((mean_w - mean_l).mean().item())
+                for k, v in terms.items():
+                    self._metrics[mode][f"loss_{k}"].append(v.item())
+            return (loss, outputs) if return_outputs else loss
+
+    return DistributionalRewardTrainer, DistributionCollator
+
+
+@dataclass
+class PairData:
+    prompts: list[list[Message]]
+    chosen: list[str]
+    rejected: list[str]
+    chosen_rating: list[float | None]
+    rejected_rating: list[float | None]
+    chosen_dist: list[list[float] | None]
+    rejected_dist: list[list[float] | None]
+
+    @classmethod
+    def load(cls, path: str | Path, limit: int | None = None, seed: int = 0) -> PairData:
+        rows = read_pairs(path).to_pylist()
+        if limit is not None and len(rows) > limit:
+            keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+            rows = [rows[i] for i in keep]
+        return cls(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "chosen_rating",
+                                                      "rejected_rating", "chosen_dist", "rejected_dist")))
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def has_ratings(self) -> bool:
+        return len(self) > 0 and all(d is not None for d in self.chosen_dist)
+
+
+def _training_dataset(config: RewardModelConfig, tokenizer, pairs: PairData):
+    from datasets import Dataset
+
+    columns: dict[str, Any] = {
+        "chosen_ids": encode_conversations(tokenizer, pairs.prompts, pairs.chosen, config.max_length),
+        "rejected_ids": encode_conversations(tokenizer, pairs.prompts, pairs.rejected, config.max_length),
+    }
+    if config.kind == "scalar" and config.margin == "rating_diff":
+        if not pairs.has_ratings:
+            raise RewardModelError("margin='rating_diff' needs ratings, and this data set has none")
+        columns["margin"] = [config.margin_scale * (c - r) for c, r in
+                             zip(pairs.chosen_rating, pairs.rejected_rating, strict=True)]
+    if config.kind == "distributional":
+        if config.loss in ("kl", "both") and not pairs.has_ratings:
+            raise RewardModelError(f"loss='{config.loss}' needs rating distributions, and this data set has no "
+                                   "ratings: use loss=pairwise")
+        if pairs.has_ratings:
+            columns["chosen_dist"], columns["rejected_dist"] = pairs.chosen_dist, pairs.rejected_dist
+        else:
+            columns["chosen_dist"] = columns["rejected_dist"] = [[0.0] * N_BINS] * len(pairs)
+    return Dataset.from_dict(columns)
+
+
+@dataclass
+class RewardResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+    reused: bool = False
+
+
+def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
+    if config.data is None:
+        return run_data_stage(DataConfig(), runs_root=runs_root).out_dir
+    folder = Path(config.data)
+    if read_manifest(folder) is None:
+        raise RewardModelError(f"{folder} is not a completed data stage output (no manifest.json); run `align data`")
+    return folder
+
+
+def reward_stage_key(config: RewardModelConfig, data_dir: Path) -> str:
+    data_manifest = read_manifest(data_dir) or {}
+    files = json.dumps(data_manifest.get("files", {}), sort_keys=True)
+    cfg = config.model_dump(mode="json", exclude={"data"})
+    return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=1")
+
+
+def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
+                     runs_root: str | Path = "runs") -> RewardResult:
+    """Train a reward model on a data stage's train split, evaluate it on validation, save it all.
+
+    Writes a ``save_pretrained`` folder (model + tokenizer) with ``metrics.json``, ``train_log.jsonl``,
+    plots and ``manifest.json`` (last). Reuses an existing complete output with the same key.
+    """
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    data_dir = _resolve_data(config, runs_root)
+    key = reward_stage_key(config, data_dir)
+    out = Path(out_dir) if out_dir is not None else Path(runs_root) / "rm" / f"{config.kind}-{key[:12]}"
+    existing = read_manifest(out)
+    if not overwrite and existing is not None and existing.get("stage_key") == key:
+        log.info("reward model already trained in %s (same config and data): reusing it", out)
+        return RewardResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RewardModelError(f"{out} already holds a different output; choose another --out or pass --overwrite")
+
+    # 1. Data: the data stage's splits (optionally a seeded subset of train).
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    train = PairData.load(data_dir / "train.parquet", config.max_train_pairs, config.seed)
+    val = PairData.load(data_dir / "validation.parquet")
+    if config.max_eval_pairs is not None:
+        val = PairData(*(getattr(val, f)[: config.max_eval_pairs] for f in PairData.__dataclass_fields__))
+    if len(train) == 0:
+        raise RewardModelError(f"{data_dir}/train.parquet holds no pairs")
+
+    # 2. Model: sequence classifier with 1 or 10 labels, pad token distinct from EOS.
+    try:
+        model, tokenizer = load_sequence_classifier(config.model, config.num_labels)
+    except (ModelSourceError, DeviceError) as exc:
+        raise RewardModelError(str(exc)) from exc
+    model.config.alignment_reward_kind = config.kind
+    model.config.alignment_tokenizer_sha = tokenizer_fingerprint(tokenizer)
+
+    # 3. Tokenise once (prompt cut from the left at max_length, response kept).
+    train_ds = _training_dataset(config, tokenizer, train)
+
+    # 4. Train with TRL (RewardTrainer, or its distributional subclass).
+    bf16 = bf16_enabled(config.bf16, device)
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig, TaskType
+
+        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+                                 lora_dropout=config.lora_dropout, target_modules="all-linear")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out) as tmp:
+        args = RewardConfig(
+            output_dir=str(tmp / "_trainer"), num_train_epochs=config.epochs,
+            per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
+            learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,  # < 1: a ratio
+            lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=bf16,
+            gradient_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
+            center_rewards_coefficient=config.center_rewards_coefficient if config.kind == "scalar" else None,
+            logging_steps=config.logging_steps, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+            dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
+        )
+        common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                      peft_config=peft_config)
+        if config.kind == "scalar":
+            trainer = RewardTrainer(**common)
+        else:
+            trainer_cls, collator_cls = _distributional_trainer_cls()
+            trainer = trainer_cls(**common, loss=config.loss, kl_weight=config.kl_weight,
+                                  pairwise_weight=config.pairwise_weight,
+                                  data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+        start = time.perf_counter()
+        train_out = trainer.train()
+        train_seconds = time.perf_counter() - start
+        history = [h for h in trainer.state.log_history if "loss" in h]
+
+        # 5. Save a plain transformers folder (LoRA merged), tagged with kind and tokenizer.
+        final = trainer.model
+        if config.lora:
+            final = final.merge_and_unload()
+        final.config.alignment_reward_kind = config.kind
+        final.config.alignment_tokenizer_sha = tokenizer_fingerprint(tokenizer)
+        final.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+
+        # 6. Evaluate on the validation split with the same scorer later stages use.
+        scorer = RewardScorer(final.eval(), tokenizer, kind=config.kind, batch_size=config.eval_batch_size,
+                              max_length=config.max_length, bf16=bf16)
+        metrics = evaluate_reward_model(scorer, val, plot_dir=tmp)
+        n_steps = train_out.global_step
+        metrics["train"] = {
+            "pairs": len(train), "epochs": config.epochs, "steps": n_steps, "seconds": round(train_seconds, 1),
+            "pairs_per_second": round(len(train) * config.epochs / train_seconds, 3),
+            "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
+            "train_loss": train_out.training_loss, "bf16": bf16, "lora": config.lora, "device": str(device),
+        }
+        write_json(tmp / "metrics.json", metrics)
+        with open(tmp / "train_log.jsonl", "w") as fh:
+            for h in trainer.state.log_history:
+                fh.write(json.dumps(h) + "\n")
+        write_json(tmp / MANIFEST, {
+            "stage": "reward_model", "kind": config.kind, "stage_key": key, "config": config.model_dump(mode="json"),
+            "data": str(data_dir), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))},
+        })
+    log.info("reward model (%s) saved to %s: validation accuracy %.3f", config.kind, out, metrics["accuracy"])
+    return RewardResult(out, metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def expected_calibration_error(confidence: np.ndarray, outcome: np.ndarray, n_bins: int = 10
+                               ) -> tuple[float, list[dict[str, float]]]:
+    """ECE = sum_b (n_b / N) |mean(outcome_b) - mean(confidence_b)| over equal-width bins of [0, 1]."""
+    bins = np.clip((confidence * n_bins).astype(int), 0, n_bins - 1)
+    ece, table = 0.0, []
+    for b in range(n_bins):
+        sel = bins == b
+        if not sel.any():
+            continue
+        conf, acc = float(confidence[sel].mean()), float(outcome[sel].mean())
+        ece += sel.mean() * abs(acc - conf)
+        table.append({"bin": b, "n": int(sel.sum()), "confidence": conf, "frequency": acc})
+    return float(ece), table
+
+
+def evaluate_reward_model(scorer: RewardScorer, pairs: PairData, plot_dir: str | Path | None = None
+                          ) -> dict[str, Any]:
+    """Pairwise accuracy, margin and (distributional) P(w > l) accuracy, KL/NLL and calibration."""
+    if len(pairs) == 0:
+        raise RewardModelError("no validation pairs to evaluate on")
+    lw = scorer.logits(pairs.prompts, pairs.chosen)
+    ll = scorer.logits(pairs.prompts, pairs.rejected)
+    metrics: dict[str, Any] = {"kind": scorer.kind, "n_pairs": len(pairs)}
+    if scorer.kind == "scalar":
+        rw, rl = lw.squeeze(-1), ll.squeeze(-1)
+    else:
+        rw, _, pw = distribution_moments(lw)
+        rl, _, pl = distribution_moments(ll)
+        p_win = log_preference_probability(lw, ll).exp()
+        p_lose = log_preference_probability(ll, lw).exp()
+        metrics["accuracy_prob"] = float((p_win > 0.5).float().mean())
+        metrics["mean_p_win"] = float(p_win.mean())
+        # Calibration over both orientations: (P(w > l), 1) and (P(l > w), 0).
+        conf = torch.cat([p_win, p_lose]).numpy()
+        outcome = np.concatenate([np.ones(len(pairs)), np.zeros(len(pairs))])
+        metrics["ece"], metrics["reliability"] = expected_calibration_error(conf, outcome)
+        if pairs.has_ratings:
+            target = torch.tensor(pairs.chosen_dist + pairs.rejected_dist, dtype=torch.float32)
+            logits = torch.cat([lw, ll])
+            metrics["kl_to_ratings"] = float(distribution_kl_loss(logits, target))
+            # NLL of the data's rating under the prediction, with the target's mass spread over bins.
+            metrics["nll_ratings"] = float(-(target * F.log_softmax(logits, -1)).sum(-1).mean())
+            true_mean = (target * RATINGS).sum(-1)
+            metrics["mean_abs_error_rating"] = float((torch.cat([rw, rl]) - true_mean).abs().mean())
+    diff = rw - rl
+    metrics["accuracy"] = float((diff > 0).float().mean())
+    metrics["mean_margin"] = float(diff.mean())
+    metrics["mean_reward_chosen"] = float(rw.mean())
+    metrics["mean_reward_rejected"] = float(rl.mean())
+    if plot_dir is not None:
+        _plot(rw.numpy(), rl.numpy(), metrics, Path(plot_dir))
+    return metrics
+
+
+def _plot(rw: np.ndarray, rl: np.ndarray, metrics: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if metrics["kind"] == "distributional" else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    bins = np.linspace(min(rw.min(), rl.min()), max(rw.max(), rl.max()) + 1e-6, 30)
+    ax.hist(rw, bins=bins, alpha=0.6, label="chosen")
+    ax.hist(rl, bins=bins, alpha=0.6, label="rejected")
+    ax.set_xlabel("reward" if metrics["kind"] == "scalar" else "E[rating]")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{metrics['kind']} RM, validation accuracy {metrics['accuracy']:.3f}")
+    ax.legend()
+    if panels == 2:
+        ax = axes[0, 1]
+        table = metrics["reliability"]
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+        ax.plot([t["confidence"] for t in table], [t["frequency"] for t in table], "o-", label="model")
+        ax.set_xlabel("predicted P(first preferred)")
+        ax.set_ylabel("observed frequency")
+        ax.set_title(f"reliability, ECE {metrics['ece']:.3f}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "reward_eval.png", dpi=110)
+    plt.close(fig)
+
