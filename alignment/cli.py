@@ -116,18 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_config(args: argparse.Namespace, cls, presets: dict, explicit: dict):
+    """The stage's config from preset, --config, key=value and flags; None after --print-config."""
+    config = build_config(cls, base=presets[args.preset] if args.preset else None, config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return None
+    return config
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from alignment.data import PRESETS, DataConfig, run_data_stage
 
-    config = build_config(
-        DataConfig,
-        base=PRESETS[args.preset] if args.preset else None,
-        config_file=args.config,
-        overrides=args.overrides,
-        explicit={"source": args.source, "format": args.format, "split": args.split, "on_bad_rows": args.on_bad_rows},
-    )
-    if args.print_config:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    config = _stage_config(args, DataConfig, PRESETS, {"source": args.source, "format": args.format,
+                                                      "split": args.split, "on_bad_rows": args.on_bad_rows})
+    if config is None:
         return 0
     result = run_data_stage(config, args.out, overwrite=args.overwrite,
                             runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
@@ -144,15 +148,9 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     from alignment.reward import PRESETS as RM_PRESETS
     from alignment.reward import RewardModelConfig, run_reward_stage
 
-    config = build_config(
-        RewardModelConfig,
-        base=RM_PRESETS[args.preset] if args.preset else None,
-        config_file=args.config,
-        overrides=args.overrides,
-        explicit={"kind": args.kind, "data": args.data, "model": args.model},
-    )
-    if args.print_config:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    config = _stage_config(args, RewardModelConfig, RM_PRESETS,
+                           {"kind": args.kind, "data": args.data, "model": args.model})
+    if config is None:
         return 0
     result = run_reward_stage(config, args.out, overwrite=args.overwrite,
                               runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
@@ -163,8 +161,8 @@ def _cmd_rm(args: argparse.Namespace) -> int:
         print(f"  P(w > l) > 0.5: {m['accuracy_prob']:.3f}, ECE {m['ece']:.3f}"
               + (f", KL to ratings {m['kl_to_ratings']:.3f}" if "kl_to_ratings" in m else ""))
     t = m["train"]
-    print(f"  train: {t['pairs']} pairs x {t['epochs']} epochs in {t['seconds']} s ({t['pairs_per_second']} pairs/s), "
-          f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}")
+    print(f"  train: {t['pairs']} pairs x {t['epochs']} epochs in {t['seconds']} s ({t['pairs_per_second']} pairs/s)"
+          + (f", loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}" if t["first_loss"] is not None else ""))
     return 0
 
 

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 from alignment import __version__
 from alignment.config import StageConfig
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
-from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+from alignment.io import MANIFEST, atomic_directory, reusable_output, sha256_file, sha256_text, write_json
 
 log = logging.getLogger(__name__)
 
@@ -771,13 +771,10 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     source = read_source(config)
     key = stage_key(config, source)
     out = Path(out_dir) if out_dir is not None else default_out_dir(config, source, runs_root)
-    existing = read_manifest(out)
-    if not overwrite and existing is not None and existing.get("stage_key") == key and _files_intact(out, existing):
+    existing = reusable_output(out, key, overwrite, DataError)
+    if existing is not None:
         log.info("data stage already complete in %s (same config and input): reusing it", out)
         return DataResult(out, existing, reused=True)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        what = "a different data stage output" if existing else "files that are not a data stage output"
-        raise DataError(f"{out} already holds {what}; choose another --out or pass --overwrite")
 
     parsed = parse_source(source, config)
     if parsed.issues and config.on_bad_rows == "error":
@@ -852,8 +849,3 @@ def _reason_class(issue: RowIssue) -> str:
             return label
     return "invalid_type" if ("expected" in msg or "must be" in msg) else "other"
 
-
-def _files_intact(folder: Path, manifest: dict[str, Any]) -> bool:
-    files = manifest.get("files", {})
-    return bool(files) and all((folder / f).is_file() and sha256_file(folder / f) == meta.get("sha256")
-                               for f, meta in files.items())

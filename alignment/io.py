@@ -42,6 +42,32 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def files_intact(folder: str | Path, manifest: dict[str, Any]) -> bool:
+    """Every file the manifest lists exists with its recorded SHA-256."""
+    files = manifest.get("files", {})
+    return bool(files) and all(
+        (Path(folder) / name).is_file() and sha256_file(Path(folder) / name) == meta.get("sha256")
+        for name, meta in files.items())
+
+
+def reusable_output(folder: str | Path, stage_key: str, overwrite: bool, error: type[Exception]) -> dict | None:
+    """The manifest of a complete, intact output for ``stage_key`` in ``folder`` (reuse it), else None.
+
+    Raises ``error`` when ``folder`` holds something else and ``overwrite`` is off, so a run never
+    silently replaces another run's results.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if overwrite:
+        return None
+    if manifest is not None and manifest.get("stage_key") == stage_key and files_intact(folder, manifest):
+        return manifest
+    if folder.exists() and any(folder.iterdir()):
+        what = "a different output of this stage" if manifest else "files that are not a complete stage output"
+        raise error(f"{folder} already holds {what}; choose another --out or pass --overwrite")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.

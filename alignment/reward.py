@@ -29,7 +29,15 @@ from pydantic import Field, model_validator
 from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, read_pairs, run_data_stage
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
-from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+from alignment.io import (
+    MANIFEST,
+    atomic_directory,
+    read_manifest,
+    reusable_output,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
 from alignment.models import DEFAULT_MODEL, ModelSourceError, configure_padding, load_sequence_classifier
 
 log = logging.getLogger(__name__)
@@ -433,12 +441,9 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     data_dir = _resolve_data(config, runs_root)
     key = reward_stage_key(config, data_dir)
     out = Path(out_dir) if out_dir is not None else Path(runs_root) / "rm" / f"{config.kind}-{key[:12]}"
-    existing = read_manifest(out)
-    if not overwrite and existing is not None and existing.get("stage_key") == key:
+    if reusable_output(out, key, overwrite, RewardModelError) is not None:
         log.info("reward model already trained in %s (same config and data): reusing it", out)
         return RewardResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RewardModelError(f"{out} already holds a different output; choose another --out or pass --overwrite")
 
     # 1. Data: the data stage's splits (optionally a seeded subset of train).
     set_seed(config.seed)
@@ -469,6 +474,9 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
 
         peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
                                  lora_dropout=config.lora_dropout, target_modules="all-linear")
+    # Log often enough that even a short run records how its loss moved (first and last logged values).
+    steps = max(1, int(len(train) / (config.batch_size * config.gradient_accumulation_steps) * config.epochs))
+    logging_steps = max(1, min(config.logging_steps, steps // 4))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out) as tmp:
         args = RewardConfig(
@@ -478,7 +486,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=bf16,
             gradient_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
             center_rewards_coefficient=config.center_rewards_coefficient if config.kind == "scalar" else None,
-            logging_steps=config.logging_steps, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+            logging_steps=logging_steps, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
             dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
@@ -523,7 +531,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         write_json(tmp / MANIFEST, {
             "stage": "reward_model", "kind": config.kind, "stage_key": key, "config": config.model_dump(mode="json"),
             "data": str(data_dir), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
-            "files": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))},
+            "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))},
         })
     log.info("reward model (%s) saved to %s: validation accuracy %.3f", config.kind, out, metrics["accuracy"])
     return RewardResult(out, metrics)

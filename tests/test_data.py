@@ -218,7 +218,7 @@ def test_same_input_same_bytes_and_reuse(tmp_path):
     assert a.manifest["files"] == b.manifest["files"]
     again = run_data_stage(DataConfig(source=str(src)), tmp_path / "a")
     assert again.reused
-    with pytest.raises(DataError, match="already holds a different data stage output"):
+    with pytest.raises(DataError, match="already holds a different output of this stage"):
         run_data_stage(DataConfig(source=str(src), seed=5), tmp_path / "a")
     replaced = run_data_stage(DataConfig(source=str(src), seed=5), tmp_path / "a", overwrite=True)
     assert not replaced.reused and replaced.manifest["config"]["seed"] == 5

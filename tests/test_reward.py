@@ -230,3 +230,27 @@ def test_lora_training_merges_into_a_plain_model(tmp_path, tiny_model):
     assert not any("lora" in k for k in load_file(result.out_dir / "model.safetensors"))
     scorer = RewardScorer.from_pretrained(result.out_dir, expect_kind="scalar")
     assert scorer.score([USER], ["It is 4."]).mean.shape == (1,)
+
+
+def test_cli_rm_and_rm_eval(tmp_path, tiny_model, capsys):
+    from alignment.cli import main
+
+    data = _toy_data(tmp_path)
+    out = tmp_path / "rm"
+    assert main(["-q", "rm", "--kind", "distributional", "--data", str(data), "--model", str(tiny_model),
+                 "--out", str(out), "max_length=96", "epochs=1", "learning_rate=1e-3", "loss=pairwise"]) == 0
+    text = capsys.readouterr().out
+    assert f"reward model trained: {out}" in text and "P(w > l) > 0.5" in text
+    assert main(["rm-eval", str(out), "--data", str(data), "--split", "all", "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["kind"] == "distributional" and metrics["n_pairs"] == 40
+
+
+def test_cli_rm_rejects_unknown_kind(capsys):
+    from alignment.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["rm", "--kind", "ordinal"])
+    assert "invalid choice: 'ordinal'" in capsys.readouterr().err
+    assert main(["rm", "kind=ordinal"]) == 2
+    assert "rm.kind: Input should be 'scalar' or 'distributional'" in capsys.readouterr().err
