@@ -1,0 +1,602 @@
+"""REINFORCE with a baseline (Ahmadian et al. 2024, "Back to Basics", sec. 2.2).
+
+    grad J = E_{x, y ~ pi}[(R(x, y) - b) * grad log pi(y | x)]
+
+The whole completion is one action: log pi(y | x) = sum_t log pi(y_t | x, y_<t) over the completion
+tokens only (prompt and padding masked, the EOS included). Prompts go through the chat template.
+
+Departures from the paper, stated once:
+* ``moving_average`` (the paper's baseline, the mean of all rewards seen so far) has no history at
+  the first step; there the batch's own mean is used.
+* The KL penalty to the frozen starting policy is folded into the reward with the k1 estimator
+  sum_t (log pi - log pi_ref) (Ziegler et al. 2019); the paper trains without it. beta=0 turns it off.
+* Optional shaping common in practice: a penalty for completions without EOS, reward clipping,
+  advantage whitening, and (distributional RM) R = E[r] - lambda Var[r] with an optional
+  variance-weighted advantage A / sqrt(Var[r] + eps).
+* A collapse guard stops the run when the completions degenerate (distinct-2 falls or the
+  repetition rate rises past limits for ``guard_patience`` steps): the known failure on this task is
+  a policy emitting one symbol until the length limit while the reward model's score climbs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from alignment.config import StageConfig
+from alignment.data import Message
+from alignment.hardware import bf16_enabled, resolve_device
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_text, write_json
+from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.reward import PairData, RewardScorer
+
+log = logging.getLogger(__name__)
+
+
+class ReinforceError(ValueError):
+    """The REINFORCE stage cannot run as configured (the message says why)."""
+
+
+class CollapseDetected(RuntimeError):
+    """The collapse guard stopped the run; the last healthy checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+class ReinforceConfig(StageConfig):
+    """REINFORCE fine-tuning of the policy against a trained reward model."""
+
+    section: str = "reinforce"
+    policy: str = Field(DEFAULT_MODEL, description="Starting policy: hub id, local folder or .gguf file.")
+    reward_model: str = Field(..., description="Folder written by `align rm` (scalar or distributional).")
+    data: str = Field(..., description="Folder written by `align data`: prompts from train, held-out from validation.")
+    steps: int = Field(40, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Prompts per step.")
+    samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (k; rloo needs >= 2).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    learning_rate: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    baseline: Literal["moving_average", "ema", "rloo", "none"] = "moving_average"
+    ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
+    reward_var_lambda: float = Field(0.1, ge=0.0, description="Distributional RM: R = E[r] - lambda Var[r].")
+    variance_weighted_advantage: bool = Field(False, description="Distributional RM: A / sqrt(Var[r] + eps).")
+    kl_beta: float = Field(0.02, ge=0.0, description="KL penalty to the starting policy (k1, in the reward).")
+    missing_eos_penalty: float = Field(1.0, ge=0.0, description="Subtracted from R when a completion has no EOS.")
+    reward_clip: float | None = Field(10.0, gt=0.0, description="Clip R to [-c, c] (after shaping).")
+    whiten_advantages: bool = False
+    guard_min_distinct2: float = Field(0.2, ge=0.0, le=1.0, description="Collapse if distinct-2 stays below.")
+    guard_max_repetition: float = Field(0.6, ge=0.0, le=1.0, description="Collapse if repetition stays above.")
+    guard_patience: int = Field(3, ge=1, description="Consecutive unhealthy steps that stop the run.")
+    checkpoint_every: int = Field(10, ge=1)
+    eval_prompts: int = Field(32, ge=0, description="Held-out validation prompts scored before and after (greedy).")
+    seed: int = 0
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ReinforceConfig:
+        if self.baseline == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("baseline='rloo' needs samples_per_prompt >= 2 (leave-one-out over k samples)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces with equations (shapes in the docstrings)
+# --------------------------------------------------------------------------------------------
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS, 0 after it.
+
+    completion_ids: (B, T) generated tokens (everything after the prompt) -> (B, T) float.
+    A row without EOS keeps all T tokens.
+    """
+    is_eos = completion_ids == eos_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).float()
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... counted over real tokens only, as generate() uses them with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t log pi(y_t | x, y_<t), mean token entropy) over the masked completion tokens.
+
+    input_ids, attention_mask: (B, P + T) with the prompt left-padded to width P; mask: (B, T).
+    Returns (B,) summed log-probs and (B,) mean entropy of the masked positions.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    logits = out.logits[:, prompt_width - 1:-1].float()  # position t predicts token t + 1
+    targets = input_ids[:, prompt_width:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+        mean_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    return (token_logp * mask).sum(-1), mean_entropy
+
+
+def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """L = -mean_i(A_i * log pi(y_i | x_i)); A is a constant (no gradient). Both (B,)."""
+    return -(advantages.detach() * logprobs).mean()
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = r_i - mean_{j != i} r_j over the k samples of the same prompt (Kool et al. 2019).
+
+    rewards: (B * k,) grouped prompt-major (the k samples of prompt 0 first) -> (B * k,).
+    """
+    grouped = rewards.view(-1, k)
+    loo_mean = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - loo_mean).reshape(-1)
+
+
+@dataclass
+class MovingAverageBaseline:
+    """b = mean of every reward seen in earlier steps (the paper's moving average)."""
+
+    total: float = 0.0
+    count: int = 0
+
+    def value(self, rewards: torch.Tensor) -> float:
+        return self.total / self.count if self.count else float(rewards.mean())
+
+    def update(self, rewards: torch.Tensor) -> None:
+        self.total += float(rewards.sum())
+        self.count += rewards.numel()
+
+
+@dataclass
+class EMABaseline:
+    """b_t = d * b_{t-1} + (1 - d) * mean(r_{t-1}); the first step uses the batch mean."""
+
+    decay: float = 0.9
+    mean: float | None = None
+
+    def value(self, rewards: torch.Tensor) -> float:
+        return float(rewards.mean()) if self.mean is None else self.mean
+
+    def update(self, rewards: torch.Tensor) -> None:
+        batch = float(rewards.mean())
+        self.mean = batch if self.mean is None else self.decay * self.mean + (1 - self.decay) * batch
+
+
+def compute_advantages(rewards: torch.Tensor, config: ReinforceConfig, baseline_state: Any,
+                       reward_var: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """(advantages (N,), baseline value) for rewards (N,); updates a running baseline afterwards."""
+    if config.baseline == "rloo":
+        adv, b = rloo_advantages(rewards, config.samples_per_prompt), float(rewards.mean())
+    elif config.baseline == "none":
+        adv, b = rewards.clone(), 0.0
+    else:
+        b = baseline_state.value(rewards)
+        adv = rewards - b
+        baseline_state.update(rewards)
+    if config.variance_weighted_advantage and reward_var is not None:
+        adv = adv / torch.sqrt(reward_var + 1e-4)
+    if config.whiten_advantages and adv.numel() > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    return adv, b
+
+
+# --------------------------------------------------------------------------------------------
+# Collapse metrics
+# --------------------------------------------------------------------------------------------
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def text_health(completions: Sequence[Sequence[int]]) -> dict[str, float]:
+    """distinct-1/2 over the batch (unique n-grams / all n-grams) and the repetition rate:
+    the mean, over completions, of the share of 3-grams that already occurred earlier in the same one."""
+    stats = {}
+    for n in (1, 2):
+        grams = [g for c in completions for g in ngrams(c, n)]
+        stats[f"distinct{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    reps = []
+    for c in completions:
+        grams = ngrams(c, 3)
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    stats["repetition"] = float(np.mean(reps)) if reps else 0.0
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+def unique_prompts(pairs: PairData) -> list[list[Message]]:
+    seen, prompts = set(), []
+    for p in pairs.prompts:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(p)
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]], max_length: int) -> dict[str, torch.Tensor]:
+    """Chat-templated prompts, cut from the left to ``max_length``, left-padded. (B, P) tensors."""
+    ids = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True, return_dict=False)
+           for p in prompts]
+    ids = [x[-max_length:] for x in ids]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], config: ReinforceConfig, *,
+             greedy: bool = False, bf16: bool = False) -> torch.Tensor:
+    """Completions (B, T) after the prompt; the KV cache is on (generate's default)."""
+    device = next(policy.parameters()).device
+    kwargs: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    if greedy:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+    was_training = policy.training
+    policy.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = policy.generate(input_ids=prompt_batch["input_ids"].to(device),
+                              attention_mask=prompt_batch["attention_mask"].to(device), **kwargs)
+    policy.train(was_training)
+    completion = out[:, prompt_batch["input_ids"].shape[1]:].cpu()
+    if completion.shape[1] == 0:
+        completion = torch.full((out.shape[0], 1), tokenizer.eos_token_id)
+    return completion
+
+
+def completion_texts(tokenizer, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(completion, mask, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation (greedy)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PolicyEval:
+    mean_reward: float
+    reward_std: float
+    eos_rate: float
+    mean_length: float
+    distinct2: float
+    repetition: float
+    n: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[Sequence[Message]],
+                    config: ReinforceConfig, bf16: bool = False, batch_size: int = 8) -> PolicyEval:
+    rewards, lengths, eos, token_lists, samples = [], [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        batch = encode_prompts(tokenizer, chunk, config.max_prompt_length)
+        comp = generate(policy, tokenizer, batch, config, greedy=True, bf16=bf16)
+        mask = completion_mask(comp, tokenizer.eos_token_id)
+        texts = completion_texts(tokenizer, comp, mask)
+        scores = scorer.score(chunk, texts)
+        rewards += (scores.mean - config.reward_var_lambda * scores.var).tolist()
+        lengths += mask.sum(-1).tolist()
+        eos += (comp == tokenizer.eos_token_id).any(-1).float().tolist()
+        token_lists += [row[: int(m.sum())].tolist() for row, m in zip(comp, mask, strict=True)]
+        samples += [{"prompt": p[-1]["content"], "completion": t} for p, t in zip(chunk, texts, strict=True)]
+    health = text_health(token_lists)
+    return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
+                      health["distinct2"], health["repetition"], len(rewards), samples[:8])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+CKPT_DIR = "checkpoints"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (written atomically, so complete means present)."""
+    folder = out_dir / CKPT_DIR
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str, Any], keep: int = 2) -> Path:
+    """Policy weights, optimizer, RNG states and trainer state, in one atomic folder rename."""
+    from safetensors.torch import save_model
+
+    target = out_dir / CKPT_DIR / f"step-{step:06d}"
+    with atomic_directory(target) as tmp:
+        save_model(policy, str(tmp / "policy.safetensors"))  # handles tied embeddings
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        write_json(tmp / "state.json", {"step": step, **state})  # last: marks the checkpoint complete
+    for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
+        if old.name != target.name and old.name not in state.get("protected", []):
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(ckpt: Path, policy, optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_model
+
+    load_model(policy, str(ckpt / "policy.safetensors"))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ReinforceResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    reused: bool = False
+
+
+def reinforce_stage_key(config: ReinforceConfig) -> str:
+    rm = read_manifest(config.reward_model) or {}
+    data = read_manifest(config.data) or {}
+    cfg = config.model_dump(mode="json", exclude={"reward_model", "data"})
+    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), "reinforce-schema=1"],
+                                  sort_keys=True))
+
+
+def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after: int | None = None
+                    ) -> ReinforceResult:
+    """Run (or resume) REINFORCE; writes the final policy folder, metrics.jsonl, curves and summary.
+
+    Re-running the same call continues from the last complete checkpoint. ``stop_after`` ends the
+    call after that many steps of this call (a controlled interruption, for tests).
+    """
+    out = Path(out_dir)
+    key = reinforce_stage_key(config)
+    done = read_manifest(out / "final")
+    if done is not None and done.get("stage_key") == key:
+        return ReinforceResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "run.json"
+    if state_file.is_file() and json.loads(state_file.read_text()).get("stage_key") != key:
+        raise ReinforceError(f"{out} holds a REINFORCE run with a different config; use another --out")
+    write_json(state_file, {"stage_key": key, "config": config.model_dump(mode="json")})
+
+    # 0. Models, data, optimizer; resume if a checkpoint exists.
+    device = resolve_device(config.device)
+    bf16 = bf16_enabled(config.bf16, device)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    policy, tokenizer = load_causal_lm(config.policy, device=device, padding_side="left")
+    if config.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.config.use_cache = True
+    reference = None
+    if config.kl_beta > 0:
+        reference, _ = load_causal_lm(config.policy, device=device, padding_side="left")
+        reference.eval().requires_grad_(False)
+    scorer = RewardScorer.from_pretrained(config.reward_model, device=str(device), batch_size=32, bf16=bf16)
+    data_dir = Path(config.data)
+    train_prompts = unique_prompts(PairData.load(data_dir / "train.parquet"))
+    eval_prompts = unique_prompts(PairData.load(data_dir / "validation.parquet"))[: config.eval_prompts]
+    if len(train_prompts) < config.batch_size:
+        raise ReinforceError(f"{data_dir}: {len(train_prompts)} train prompts, fewer than batch_size={config.batch_size}")
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    baseline: Any = EMABaseline(config.ema_decay) if config.baseline == "ema" else MovingAverageBaseline()
+    state: dict[str, Any] = {"epoch": 0, "position": 0, "unhealthy_streak": 0, "last_healthy": None}
+    start_step = 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, policy, optimizer)
+        start_step = state["step"]
+        for k, v in state.pop("baseline").items():
+            setattr(baseline, k, v)
+        log.info("resuming from %s (step %d)", ckpt, start_step)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start_step)
+    before = state.get("eval_before")
+    if before is None and eval_prompts:
+        before = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16))
+        state["eval_before"] = before
+        log.info("held-out mean reward before training: %.4f", before["mean_reward"])
+
+    k = config.samples_per_prompt
+    policy.train()
+    for step in range(start_step, config.steps):
+        t0 = time.perf_counter()
+        # 1. Sample a batch of prompts (a seeded permutation per epoch; position is checkpointed).
+        order = np.random.default_rng(config.seed + state["epoch"]).permutation(len(train_prompts))
+        if state["position"] + config.batch_size > len(order):
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            order = np.random.default_rng(config.seed + state["epoch"]).permutation(len(train_prompts))
+        idx = order[state["position"]:state["position"] + config.batch_size]
+        state["position"] += config.batch_size
+        prompts = [train_prompts[i] for i in idx for _ in range(k)]  # prompt-major: k samples each
+
+        # 2. Chat template, left padding, batched sampling with the KV cache.
+        batch = encode_prompts(tokenizer, prompts, config.max_prompt_length)
+        completion = generate(policy, tokenizer, batch, config, bf16=bf16)
+        t_gen = time.perf_counter()
+
+        # 3. Completion mask: up to and including the first EOS.
+        mask = completion_mask(completion, tokenizer.eos_token_id)
+        has_eos = (completion == tokenizer.eos_token_id).any(-1)
+        texts = completion_texts(tokenizer, completion, mask)
+
+        # 4. Rewards from the reward-model stage's scorer.
+        scores = scorer.score(prompts, texts)
+        t_rew = time.perf_counter()
+
+        # 5. Shaping: R = E[r] - lambda Var[r] - beta KL - eos penalty, clipped.
+        input_ids = torch.cat([batch["input_ids"], completion], dim=1)
+        attn = torch.cat([batch["attention_mask"], mask.long()], dim=1)
+        width = batch["input_ids"].shape[1]
+        rm_reward = scores.mean - config.reward_var_lambda * scores.var
+        kl = torch.zeros(len(prompts))
+        if reference is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                ref_logp = _batched_logprobs(reference, input_ids, attn, width, mask, config.micro_batch_size, device)
+        reward = rm_reward.clone()
+        reward -= config.missing_eos_penalty * (~has_eos).float()
+
+        # 6-8. Policy forward/backward in micro-batches (the loss is a mean over the batch), step.
+        optimizer.zero_grad(set_to_none=True)
+        logps, entropies = torch.zeros(len(prompts)), torch.zeros(len(prompts))
+        # The k1 KL needs log pi of this batch before the update: compute it in the same pass as the
+        # gradient (pi's log-probs do not change until optimizer.step), so no extra no-grad pass.
+        micro = list(range(0, len(prompts), config.micro_batch_size))
+        graph_inputs = []
+        for s in micro:
+            sl = slice(s, s + config.micro_batch_size)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                lp, ent = completion_logprobs(policy, input_ids[sl].to(device), attn[sl].to(device), width,
+                                              mask[sl].to(device))
+            logps[sl], entropies[sl] = lp.detach().cpu(), ent.cpu()
+            graph_inputs.append((sl, lp))
+        if reference is not None:
+            kl = logps - ref_logp
+            reward -= config.kl_beta * kl
+        if config.reward_clip is not None:
+            reward = reward.clamp(-config.reward_clip, config.reward_clip)
+        advantages, b = compute_advantages(reward, config, baseline, scores.var)
+        total_loss = 0.0
+        for sl, lp in graph_inputs:
+            # Each micro-batch contributes its share of the batch mean.
+            loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
+            loss.backward()
+            total_loss += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
+        optimizer.step()
+        t_pol = time.perf_counter()
+
+        # 9. Metrics and the collapse guard.
+        token_lists = [row[: int(m.sum())].tolist() for row, m in zip(completion, mask, strict=True)]
+        health = text_health(token_lists)
+        record = {
+            "step": step + 1, "loss": total_loss, "reward": float(reward.mean()), "reward_std": float(reward.std()),
+            "rm_reward": float(rm_reward.mean()), "rm_var": float(scores.var.mean()), "baseline": b,
+            "advantage": float(advantages.mean()), "advantage_abs": float(advantages.abs().mean()),
+            "kl": float(kl.mean()), "entropy": float(entropies.mean()), "length": float(mask.sum(-1).mean()),
+            "eos_rate": float(has_eos.float().mean()), **health, "grad_norm": grad_norm,
+            "seconds": {"generate": t_gen - t0, "reward": t_rew - t_gen, "policy": t_pol - t_rew},
+            "sample": texts[0][:200],
+        }
+        healthy = health["distinct2"] >= config.guard_min_distinct2 and health["repetition"] <= config.guard_max_repetition
+        state["unhealthy_streak"] = 0 if healthy else state["unhealthy_streak"] + 1
+        record["healthy"] = healthy
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log.info("step %d/%d loss %.4f reward %.3f kl %.3f len %.1f eos %.2f distinct2 %.2f rep %.2f",
+                 step + 1, config.steps, total_loss, record["reward"], record["kl"], record["length"],
+                 record["eos_rate"], health["distinct2"], health["repetition"])
+        if state["unhealthy_streak"] >= config.guard_patience:
+            raise CollapseDetected(
+                f"collapse guard: distinct-2 {health['distinct2']:.2f} (min {config.guard_min_distinct2}) / repetition "
+                f"{health['repetition']:.2f} (max {config.guard_max_repetition}) unhealthy for "
+                f"{state['unhealthy_streak']} steps at step {step + 1}; last healthy checkpoint: "
+                f"{state['last_healthy'] or 'none (the starting policy)'}. Sample: {texts[0][:120]!r}")
+
+        # 10. Checkpoint (atomic) every N steps and at the end.
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            ckpt_state = {**state, "baseline": asdict(baseline)}
+            if healthy:
+                ckpt_state["last_healthy"] = f"step-{step + 1:06d}"
+                state["last_healthy"] = ckpt_state["last_healthy"]
+            ckpt_state["protected"] = [state["last_healthy"]] if state["last_healthy"] else []
+            save_checkpoint(out, step + 1, policy, optimizer, ckpt_state)
+        if stop_after is not None and step + 1 - start_step >= stop_after:
+            return ReinforceResult(out, {"stopped_at": step + 1}, reused=False)
+
+    # Final: held-out evaluation, save_pretrained folder, curves.
+    after = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16)) if eval_prompts else None
+    summary = {"steps": config.steps, "eval_before": before, "eval_after": after,
+               "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None}
+    with atomic_directory(out / "final") as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(metrics_path, tmp / "metrics.jsonl")
+        write_json(tmp / "summary.json", summary)
+        plot_curves(tmp / "metrics.jsonl", tmp / "curves.png")
+        write_json(tmp / MANIFEST, {"stage": "reinforce", "stage_key": key, "config": config.model_dump(mode="json")})
+    return ReinforceResult(out, summary)
+
+
+def _batched_logprobs(model, input_ids, attn, width, mask, micro, device) -> torch.Tensor:
+    out = []
+    for s in range(0, input_ids.shape[0], micro):
+        sl = slice(s, s + micro)
+        lp, _ = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width, mask[sl].to(device))
+        out.append(lp.float().cpu())
+    return torch.cat(out)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    keys = ["reward", "rm_reward", "kl", "length", "eos_rate", "distinct2", "repetition", "entropy"]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 6))
+    steps = [r["step"] for r in rows]
+    for ax, key in zip(axes.flat, keys, strict=True):
+        ax.plot(steps, [r[key] for r in rows], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+

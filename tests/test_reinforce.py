@@ -1,0 +1,205 @@
+"""REINFORCE: masks, log-probs, baselines and losses against hand values; the loop on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.reinforce import (
+    CollapseDetected,
+    EMABaseline,
+    MovingAverageBaseline,
+    ReinforceConfig,
+    completion_logprobs,
+    completion_mask,
+    compute_advantages,
+    reinforce_loss,
+    rloo_advantages,
+    text_health,
+    train_reinforce,
+)
+
+
+def test_completion_mask_includes_first_eos_only():
+    eos = 2
+    comp = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 7, 2, 0], [5, 6, 7, 8, 9]])
+    assert completion_mask(comp, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_completion_logprobs_cover_completion_tokens_only(tiny_model):
+    from alignment.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_model))
+    prompt, comp = [7, 8, 9], [10, 11, tok.eos_token_id]
+    pad = tok.pad_token_id
+    # Row 0: prompt left-padded by 2, completion then 2 junk tokens after EOS. Row 1: no padding.
+    input_ids = torch.tensor([[pad, pad, *prompt, *comp, 12, 13], [5, 6, *prompt, *comp, 14, 15]])
+    attn = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0], [1] * 8 + [0, 0]])
+    mask = completion_mask(input_ids[:, 5:], tok.eos_token_id)
+    assert mask.tolist() == [[1, 1, 1, 0, 0]] * 2
+    logp, entropy = completion_logprobs(model, input_ids, attn, 5, mask)
+    # By hand for row 0: the unpadded sequence prompt + completion, summing log p of the 3 completion tokens.
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + comp])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    manual = sum(lp[2 + i, comp[i]] for i in range(3))
+    assert logp[0].item() == pytest.approx(manual.item(), abs=1e-4)
+    assert entropy.shape == (2,) and (entropy > 0).all()
+
+
+def test_reinforce_loss_hand_value():
+    logp = torch.tensor([-2.0, -1.0, -4.0], requires_grad=True)
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    loss = reinforce_loss(logp, adv)
+    assert loss.item() == pytest.approx(-(1.0 * -2 + -0.5 * -1 + 0.25 * -4) / 3)  # = 2.5 / 3
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-1 / 3, 0.5 / 3, -0.25 / 3])
+
+
+def test_baselines_hand_values():
+    ma = MovingAverageBaseline()
+    cfg = ReinforceConfig(reward_model="x", data="y", baseline="moving_average")
+    adv, b = compute_advantages(torch.tensor([1.0, 3.0]), cfg, ma)  # no history: the batch mean
+    assert b == 2.0 and adv.tolist() == [-1.0, 1.0]
+    adv, b = compute_advantages(torch.tensor([5.0, 7.0]), cfg, ma)  # mean of all earlier rewards = 2
+    assert b == 2.0 and adv.tolist() == [3.0, 5.0]
+    _, b = compute_advantages(torch.tensor([0.0, 0.0]), cfg, ma)  # (1 + 3 + 5 + 7) / 4
+    assert b == 4.0
+
+    ema = EMABaseline(decay=0.5)
+    cfg = ReinforceConfig(reward_model="x", data="y", baseline="ema", ema_decay=0.5)
+    _, b = compute_advantages(torch.tensor([2.0]), cfg, ema)
+    _, b2 = compute_advantages(torch.tensor([4.0]), cfg, ema)
+    _, b3 = compute_advantages(torch.tensor([0.0]), cfg, ema)
+    assert (b, b2, b3) == (2.0, 2.0, 3.0)  # 0.5 * 2 + 0.5 * 4
+
+    # RLOO, k = 3: A_i = r_i - mean of the other two
+    assert rloo_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3).tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    cfg = ReinforceConfig(reward_model="x", data="y", baseline="none")
+    assert compute_advantages(torch.tensor([1.0, -1.0]), cfg, None)[0].tolist() == [1.0, -1.0]
+    with pytest.raises(ValueError, match="rloo"):
+        ReinforceConfig(reward_model="x", data="y", baseline="rloo", samples_per_prompt=1)
+
+
+def test_variance_weighted_and_whitened_advantages():
+    cfg = ReinforceConfig(reward_model="x", data="y", baseline="none", variance_weighted_advantage=True)
+    adv, _ = compute_advantages(torch.tensor([1.0, 2.0]), cfg, None, reward_var=torch.tensor([4.0 - 1e-4, 1.0 - 1e-4]))
+    assert adv.tolist() == pytest.approx([0.5, 2.0])
+    cfg = ReinforceConfig(reward_model="x", data="y", baseline="none", whiten_advantages=True)
+    adv, _ = compute_advantages(torch.tensor([1.0, 2.0, 3.0]), cfg, None)
+    assert adv.mean().item() == pytest.approx(0.0, abs=1e-6) and adv.std().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_text_health_hand_values():
+    healthy = text_health([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert healthy == {"distinct1": 1.0, "distinct2": 1.0, "repetition": 0.0}
+    collapsed = text_health([[9] * 10, [9] * 10])
+    # 20 tokens, 1 unique -> 0.05; 18 bigrams, 1 unique; 8 trigrams per text, 1 unique -> 7/8 repeated
+    assert collapsed["distinct1"] == pytest.approx(0.05)
+    assert collapsed["distinct2"] == pytest.approx(1 / 18)
+    assert collapsed["repetition"] == pytest.approx(7 / 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on the tiny model
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_stack(tmp_path_factory, tiny_model):
+    """Tiny policy + a tiny scalar RM trained on the demo data, and the demo data folder."""
+    from alignment.data import DataConfig, run_data_stage
+    from alignment.reward import RewardModelConfig, run_reward_stage
+
+    tmp = tmp_path_factory.mktemp("rl")
+    data = run_data_stage(DataConfig(), tmp / "data").out_dir
+    rm = run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(data), max_length=128, epochs=1,
+                                            learning_rate=1e-3, max_eval_pairs=8), tmp / "rm").out_dir
+    return tiny_model, rm, data
+
+
+def _config(stack, **kw):
+    policy, rm, data = stack
+    base = dict(policy=str(policy), reward_model=str(rm), data=str(data), steps=4, batch_size=4, max_new_tokens=12,
+                learning_rate=1e-3, checkpoint_every=2, eval_prompts=4, seed=0, guard_min_distinct2=0.0,
+                guard_max_repetition=1.0)
+    base.update(kw)
+    return ReinforceConfig(**base)
+
+
+def test_training_updates_parameters_and_writes_everything(tmp_path, tiny_stack):
+    config = _config(tiny_stack)
+    result = train_reinforce(config, tmp_path / "run")
+    final = tmp_path / "run" / "final"
+    rows = [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward", "baseline", "advantage", "kl", "entropy", "length", "eos_rate", "distinct1", "distinct2",
+                "repetition", "loss"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts equal to the reference
+    assert any(abs(r["kl"]) > 1e-4 for r in rows[1:])  # and moves away from it
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(final / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    assert (final / "curves.png").stat().st_size > 1000 and (final / "config.json").is_file()
+    assert result.summary["eval_before"]["n"] == 4 and result.summary["eval_after"] is not None
+    assert train_reinforce(config, tmp_path / "run").reused
+
+
+def test_resume_after_interruption_gives_the_same_next_step(tmp_path, tiny_stack):
+    config = _config(tiny_stack)
+    train_reinforce(config, tmp_path / "straight")
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+    first = train_reinforce(config, tmp_path / "resumed", stop_after=3)  # checkpoint at 2, crash after 3
+    assert first.summary == {"stopped_at": 3}
+    train_reinforce(config, tmp_path / "resumed")  # restarts from step 2, redoes 3 and 4
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a["sample"] == b["sample"]
+
+
+def test_collapse_guard_stops_and_keeps_healthy_checkpoint(tmp_path, tiny_stack, monkeypatch):
+    import alignment.reinforce as R
+
+    real = R.text_health
+    calls = []
+
+    def degrade(completions):  # healthy for 2 steps, then one repeated symbol
+        calls.append(1)
+        stats = real(completions)
+        return stats if len(calls) <= 2 else {"distinct1": 0.05, "distinct2": 0.05, "repetition": 0.9}
+
+    monkeypatch.setattr(R, "text_health", degrade)
+    config = _config(tiny_stack, guard_min_distinct2=0.2, guard_max_repetition=0.6, guard_patience=2, steps=8,
+                     eval_prompts=0)
+    with pytest.raises(CollapseDetected, match=r"unhealthy for 2 steps at step 4; last healthy checkpoint: step-000002"):
+        train_reinforce(config, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_rloo_runs_with_k_samples(tmp_path, tiny_stack):
+    config = _config(tiny_stack, baseline="rloo", samples_per_prompt=2, batch_size=2, steps=2, kl_beta=0.0,
+                     eval_prompts=0)
+    train_reinforce(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["advantage"] == pytest.approx(0.0, abs=1e-5) for r in rows)
+
+
+def test_cli_reinforce_runs_and_resumes(tmp_path, tiny_stack, capsys):
+    from alignment.cli import main
+
+    policy, rm, data = tiny_stack
+    argv = ["-q", "reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out",
+            str(tmp_path / "run"), "steps=2", "batch_size=2", "max_new_tokens=8", "eval_prompts=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "policy trained" in out and "held-out mean reward" in out
+    assert main(argv) == 0 and "policy reused" in capsys.readouterr().out
+    assert main([*argv[:-1], "eval_prompts=3"]) == 2  # same folder, different config: refused
+    assert "different config" in capsys.readouterr().err
