@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -339,6 +340,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     folder = out_dir / CKPT_DIR
     if not folder.is_dir():
         return None
+    for partial in folder.glob(".step-*.tmp-*"):  # left by a kill during a checkpoint write
+        shutil.rmtree(partial, ignore_errors=True)
     done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
     return done[-1] if done else None
 
@@ -578,8 +581,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def plot_curves(metrics_path: Path, png: Path) -> None:
