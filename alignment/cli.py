@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm_eval.add_argument("--data", metavar="DIR", required=True, help="folder written by `align data`")
     rm_eval.add_argument("--split", choices=["train", "validation", "all"], default="validation")
     rm_eval.add_argument("--max-length", type=int, default=1024)
-    rm_eval.add_argument("--batch-size", type=int, default=32)
+    rm_eval.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
     rm_eval.add_argument("--json", metavar="PATH", help="also write the metrics to this file")
 
     rl = sub.add_parser(

@@ -421,7 +421,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     if config.kl_beta > 0:
         reference, _ = load_causal_lm(config.policy, device=device, padding_side="left")
         reference.eval().requires_grad_(False)
-    scorer = RewardScorer.from_pretrained(config.reward_model, device=str(device), batch_size=32, bf16=bf16)
+    scorer = RewardScorer.from_pretrained(config.reward_model, device=str(device), bf16=bf16)
     data_dir = Path(config.data)
     train_prompts = unique_prompts(PairData.load(data_dir / "train.parquet"))
     eval_prompts = unique_prompts(PairData.load(data_dir / "validation.parquet"))[: config.eval_prompts]

@@ -51,9 +51,10 @@ def seed_loop(model, tokenizer, prompts, completions, max_length=256) -> tuple[t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model (a fresh 1-label head is added)")
+    parser.add_argument("--rm", help="a trained scalar RM folder from `align rm` (used instead of --model)")
     parser.add_argument("--data", default="demo", help="preference data source (as for `align data`)")
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="scorer batch (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--max-length", type=int, default=256, help="same cut for both scorers")
     parser.add_argument("--train-pairs", type=int, default=32, help="pairs for the training-throughput run (0: skip)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
@@ -68,10 +69,15 @@ def main() -> int:
     completions = pairs.chosen + pairs.rejected
     n_pairs = len(pairs)
 
-    resolved = resolve_model(args.model)
-    model, tokenizer = load_sequence_classifier(resolved, 1)
-    model.eval()
     device = resolve_device("auto")
+    if args.rm:
+        loaded = RewardScorer.from_pretrained(args.rm, expect_kind="scalar", device=str(device))
+        model, tokenizer, model_name = loaded.model, loaded.tokenizer, f"trained RM {args.rm}"
+    else:
+        resolved = resolve_model(args.model)
+        model, tokenizer = load_sequence_classifier(resolved, 1)
+        model_name = resolved.describe()
+    model.eval()
     model.to(device)
     bf16 = bf16_enabled(None, device)
 
@@ -98,8 +104,8 @@ def main() -> int:
 
     figures = {
         "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "bf16": bf16, "model": resolved.describe(), "data": args.data, "pairs": n_pairs,
-        "max_length": args.max_length, "batch_size": args.batch_size, "mean_tokens_per_text": round(tokens / len(prompts), 1),
+        "bf16": bf16, "model": model_name, "data": args.data, "pairs": n_pairs,
+        "max_length": args.max_length, "batch_size": scorer.batch_size, "mean_tokens_per_text": round(tokens / len(prompts), 1),
         "scorer_pairs_per_s": round(n_pairs / t_fast, 3), "seed_loop_pairs_per_s": round(n_pairs / t_seed, 3),
         "speedup": round(t_seed / t_fast, 2), "pairwise_order_agreement": round(agree, 3),
         "rm_train_pairs_per_s": train_pps, "command": " ".join(["python", *sys.argv]),
