@@ -4,7 +4,7 @@ Each trial starts `align reinforce` in a subprocess, kills it with SIGKILL after
 and re-runs the same command (killing again, up to ``--kills`` times) until it finishes. A trial
 passes when the final folder exists and metrics.jsonl holds steps 1..N exactly once each, in order.
 
-    python bench/kill_resume.py                      # 5 trials on a tiny random model (about 2 minutes)
+    python bench/kill_resume.py                      # 5 trials on a tiny random model (a few minutes)
     python bench/kill_resume.py --policy DIR --rm DIR --data DIR --steps 20 --trials 5
 """
 
@@ -43,9 +43,9 @@ def main() -> int:
     parser.add_argument("--rm")
     parser.add_argument("--data")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per trial before letting it finish")
-    parser.add_argument("--max-delay", type=float, default=8.0, help="seconds; each kill waits U(1, max-delay)")
+    parser.add_argument("--max-delay", type=float, default=15.0, help="seconds; each kill waits U(1, max-delay)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -58,7 +58,7 @@ def main() -> int:
         cmd = [align, "-q", "reinforce", "--policy", policy, "--rm", rm, "--data", data, "--out", str(out),
                f"steps={args.steps}", "batch_size=4", "max_new_tokens=12", "checkpoint_every=2", "eval_prompts=2",
                "learning_rate=1e-4", "guard_min_distinct2=0", "guard_max_repetition=1"]
-        kills, runs = 0, 0
+        kills, runs, killed_at = 0, 0, []
         start = time.perf_counter()
         while True:
             runs += 1
@@ -71,6 +71,8 @@ def main() -> int:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     kills += 1
+                    metrics = out / "metrics.jsonl"  # how far the killed run had logged
+                    killed_at.append(len(metrics.read_text().splitlines()) if metrics.is_file() else 0)
                     continue
             else:
                 proc.wait()
@@ -82,7 +84,7 @@ def main() -> int:
         if len(results) == trial:  # not already failed
             steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
             ok = steps == list(range(1, args.steps + 1)) and (out / "final" / "model.safetensors").is_file()
-            results.append({"trial": trial, "ok": ok, "kills": kills, "runs": runs,
+            results.append({"trial": trial, "ok": ok, "kills": kills, "killed_after_steps": killed_at, "runs": runs,
                             "seconds": round(time.perf_counter() - start, 1),
                             **({} if ok else {"why": f"metrics steps {steps}"})})
         print(json.dumps(results[-1]), flush=True)
