@@ -91,6 +91,10 @@ class ReinforceConfig(StageConfig):
     seed: int = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    lora: bool = Field(False, description="Train LoRA adapters (peft); the KL reference is the adapter-free model.")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -416,9 +420,16 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     policy, tokenizer = load_causal_lm(config.policy, device=device, padding_side="left")
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+        policy.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input (LoRA too)
     policy.config.use_cache = True
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                   lora_dropout=config.lora_dropout, target_modules="all-linear"))
+    # The KL reference: with LoRA the same model with its adapters switched off, else a frozen copy.
     reference = None
-    if config.kl_beta > 0:
+    if config.kl_beta > 0 and not config.lora:
         reference, _ = load_causal_lm(config.policy, device=device, padding_side="left")
         reference.eval().requires_grad_(False)
     scorer = RewardScorer.from_pretrained(config.reward_model, device=str(device), bf16=bf16)
@@ -480,9 +491,16 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         width = batch["input_ids"].shape[1]
         rm_reward = scores.mean - config.reward_var_lambda * scores.var
         kl = torch.zeros(len(prompts))
-        if reference is not None:
+        use_kl = config.kl_beta > 0
+        if use_kl:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                ref_logp = _batched_logprobs(reference, input_ids, attn, width, mask, config.micro_batch_size, device)
+                if reference is not None:
+                    ref_logp = _batched_logprobs(reference, input_ids, attn, width, mask, config.micro_batch_size,
+                                                 device)
+                else:
+                    with policy.disable_adapter():
+                        ref_logp = _batched_logprobs(policy, input_ids, attn, width, mask, config.micro_batch_size,
+                                                     device)
         reward = rm_reward.clone()
         reward -= config.missing_eos_penalty * (~has_eos).float()
 
@@ -500,7 +518,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
                                               mask[sl].to(device))
             logps[sl], entropies[sl] = lp.detach().cpu(), ent.cpu()
             graph_inputs.append((sl, lp))
-        if reference is not None:
+        if use_kl:
             kl = logps - ref_logp
             reward -= config.kl_beta * kl
         if config.reward_clip is not None:
@@ -558,6 +576,8 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     after = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16)) if eval_prompts else None
     summary = {"steps": config.steps, "eval_before": before, "eval_after": after,
                "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None}
+    if config.lora:
+        policy = policy.merge_and_unload()  # the final folder is a plain transformers model
     with atomic_directory(out / "final") as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -148,8 +148,9 @@ def test_training_updates_parameters_and_writes_everything(tmp_path, tiny_stack)
     assert train_reinforce(config, tmp_path / "run").reused
 
 
-def test_resume_after_interruption_gives_the_same_next_step(tmp_path, tiny_stack):
-    config = _config(tiny_stack)
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_after_interruption_gives_the_same_next_step(tmp_path, tiny_stack, lora):
+    config = _config(tiny_stack, lora=lora, lora_r=4, lora_alpha=8)
     train_reinforce(config, tmp_path / "straight")
     straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
 
@@ -203,3 +204,25 @@ def test_cli_reinforce_runs_and_resumes(tmp_path, tiny_stack, capsys):
     assert main(argv) == 0 and "policy reused" in capsys.readouterr().out
     assert main([*argv[:-1], "eval_prompts=3"]) == 2  # same folder, different config: refused
     assert "different config" in capsys.readouterr().err
+
+
+def test_lora_policy_uses_adapter_free_reference_and_saves_a_plain_model(tmp_path, tiny_stack):
+    config = _config(tiny_stack, lora=True, lora_r=4, lora_alpha=8, steps=3, eval_prompts=2, learning_rate=5e-3)
+    train_reinforce(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and any(abs(r["kl"]) > 1e-5 for r in rows[1:])
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert not any("lora" in k for k in weights)
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    assert any(not torch.equal(before[k], weights[k]) for k in before if k in weights)
+
+
+def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
+    plain = _config(tiny_stack, steps=1, eval_prompts=0)
+    checkpointed = _config(tiny_stack, steps=1, eval_prompts=0, gradient_checkpointing=True)
+    train_reinforce(plain, tmp_path / "a")
+    train_reinforce(checkpointed, tmp_path / "b")
+    a = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.jsonl").read_text())
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["sample"] == b["sample"]
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
