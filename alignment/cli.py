@@ -191,8 +191,7 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
     scorer = RewardScorer.from_pretrained(args.model_dir, batch_size=args.batch_size, max_length=args.max_length)
     splits = ["train", "validation"] if args.split == "all" else [args.split]
-    parts = [PairData.load(Path(args.data) / f"{s}.parquet") for s in splits]
-    pairs = PairData(*(sum((getattr(p, f) for p in parts), []) for f in PairData.__dataclass_fields__))
+    pairs = PairData.concat([PairData.load(Path(args.data) / f"{s}.parquet") for s in splits])
     metrics = evaluate_reward_model(scorer, pairs)
     metrics.pop("reliability", None)
     text = json.dumps(metrics, indent=2)

@@ -279,8 +279,13 @@ def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], config: R
     return completion
 
 
-def completion_texts(tokenizer, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row[: int(m.sum())], skip_special_tokens=True) for row, m in zip(completion, mask, strict=True)]
+def completion_tokens(completion: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each completion's tokens up to and including its first EOS. completion, mask: (B, T)."""
+    return [row[: int(m.sum())].tolist() for row, m in zip(completion, mask, strict=True)]
+
+
+def decode_completions(tokenizer, tokens: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,12 +311,13 @@ def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[S
         batch = encode_prompts(tokenizer, chunk, config.max_prompt_length)
         comp = generate(policy, tokenizer, batch, config, greedy=True, bf16=bf16)
         mask = completion_mask(comp, tokenizer.eos_token_id)
-        texts = completion_texts(tokenizer, comp, mask)
+        tokens = completion_tokens(comp, mask)
+        texts = decode_completions(tokenizer, tokens)
         scores = scorer.score(chunk, texts)
         rewards += (scores.mean - config.reward_var_lambda * scores.var).tolist()
         lengths += mask.sum(-1).tolist()
         eos += (comp == tokenizer.eos_token_id).any(-1).float().tolist()
-        token_lists += [row[: int(m.sum())].tolist() for row, m in zip(comp, mask, strict=True)]
+        token_lists += tokens
         samples += [{"prompt": p[-1]["content"], "completion": t} for p, t in zip(chunk, texts, strict=True)]
     health = text_health(token_lists)
     return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
@@ -479,7 +485,8 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         # 3. Completion mask: up to and including the first EOS.
         mask = completion_mask(completion, tokenizer.eos_token_id)
         has_eos = (completion == tokenizer.eos_token_id).any(-1)
-        texts = completion_texts(tokenizer, completion, mask)
+        token_lists = completion_tokens(completion, mask)
+        texts = decode_completions(tokenizer, token_lists)
 
         # 4. Rewards from the reward-model stage's scorer.
         scores = scorer.score(prompts, texts)
@@ -535,7 +542,6 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         t_pol = time.perf_counter()
 
         # 9. Metrics and the collapse guard.
-        token_lists = [row[: int(m.sum())].tolist() for row, m in zip(completion, mask, strict=True)]
         health = text_health(token_lists)
         record = {
             "step": step + 1, "loss": total_loss, "reward": float(reward.mean()), "reward_std": float(reward.std()),

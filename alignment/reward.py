@@ -223,6 +223,8 @@ class RewardScorer:
                  bf16: bool | None = None):
         self.model = model.eval()
         self.tokenizer = configure_padding(tokenizer, "right")
+        # The head reads the last non-pad token: it must know the (distinct) pad id, however the model came.
+        model.config.pad_token_id = self.tokenizer.pad_token_id
         self.kind = kind
         self.device = next(model.parameters()).device
         # A CPU runs a fixed number of tokens per second whatever the batch shape (measured: 430-540
@@ -260,7 +262,6 @@ class RewardScorer:
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             raise RewardModelError(f"tokenizer has {len(tok)} tokens, the model's embedding only "
                                    f"{model.get_input_embeddings().weight.shape[0]}")
-        model.config.pad_token_id = configure_padding(tok).pad_token_id
         return cls(model, tok, kind=kind, **kwargs)
 
     @torch.no_grad()
@@ -376,6 +377,13 @@ class PairData:
         return cls(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "chosen_rating",
                                                       "rejected_rating", "chosen_dist", "rejected_dist")))
 
+    @classmethod
+    def concat(cls, parts: Sequence[PairData]) -> PairData:
+        return cls(*(sum((getattr(p, f) for p in parts), []) for f in cls.__dataclass_fields__))
+
+    def head(self, n: int) -> PairData:
+        return PairData(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+
     def __len__(self) -> int:
         return len(self.chosen)
 
@@ -453,7 +461,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     train = PairData.load(data_dir / "train.parquet", config.max_train_pairs, config.seed)
     val = PairData.load(data_dir / "validation.parquet")
     if config.max_eval_pairs is not None:
-        val = PairData(*(getattr(val, f)[: config.max_eval_pairs] for f in PairData.__dataclass_fields__))
+        val = val.head(config.max_eval_pairs)
     if len(train) == 0:
         raise RewardModelError(f"{data_dir}/train.parquet holds no pairs")
 
