@@ -29,6 +29,10 @@ EPILOG = textwrap.dedent("""\
       rm-eval evaluate a saved reward model on a data stage's pairs
       reinforce  fine-tune the policy with REINFORCE (moving-average baseline) against a reward
               model, with a collapse guard and exact resume from checkpoints
+      score   answer fixed validation prompts with each model (default: starting and tuned) and
+              score them with the reward model(s): mean reward with CI, paired difference, KL
+      judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
+              answers in both orders: wins/ties/losses, win rate with CI, report
       model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
               ask it a question; warms the offline SmolLM2 cache
 
@@ -121,6 +125,40 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
     rl.add_argument("--out", metavar="DIR", help="run folder (default: runs/reinforce/<hash>)")
     _add_common(rl)
+
+    score = sub.add_parser(
+        "score", help="answer validation prompts with each model and score them with the reward model(s)",
+        description="Generate answers to a fixed, seeded set of validation prompts with each model (default: the "
+        "starting model), score them with each reward model and write a table: mean reward with a 95%% CI, paired "
+        "difference to the first model, length, EOS rate, distinct-2, repetition and KL to the first model. "
+        "Generations are saved for the judge.",
+        epilog="examples:\n  align score --data runs/data/demo-<hash> --rm runs/rm/scalar-<hash> \\\n"
+        "      --model base=HuggingFaceTB/SmolLM2-135M-Instruct --model tuned=runs/reinforce/<hash>/final\n"
+        "  align score --data DATA --rm scalar=RM1 --rm dist=RM2 --model base=... --model tuned=... n_prompts=64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("--data", metavar="DIR", help="folder written by `align data` (validation prompts)")
+    score.add_argument("--model", action="append", metavar="NAME=SPEC",
+                       help="a model to evaluate (repeatable; the first is the reference)")
+    score.add_argument("--rm", action="append", metavar="[NAME=]DIR", help="a reward model folder (repeatable)")
+    score.add_argument("--out", metavar="DIR", help="output folder (default: runs/score/<hash>)")
+    score.add_argument("--overwrite", action="store_true", help="recompute even if --out is up to date")
+    _add_common(score)
+
+    judge = sub.add_parser(
+        "judge", help="pairwise LLM judge of two models' answers (Gemini or a local model)",
+        description="Judge model A's answers against model B's (from `align score`), each pair in both orders; a "
+        "verdict that flips with the order is a tie. Writes judgments.csv, summary.json (wins/ties/losses, "
+        "tie-adjusted win rate with 95%% CI, flip rate, split by length), judge.png and report.md/html. "
+        "Resumable: re-running continues where a crash or an exhausted quota stopped it.",
+        epilog="examples:\n  align judge --scores runs/score/<hash> --backend local\n"
+        "  GEMINI_API_KEY=... align judge --scores runs/score/<hash> gemini_model=gemini-flash-latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    judge.add_argument("--scores", metavar="DIR", help="folder written by `align score`")
+    judge.add_argument("--backend", choices=["gemini", "local"], help="gemini (API key in GEMINI_API_KEY) or local")
+    judge.add_argument("--out", metavar="DIR", help="output folder (default: runs/judge/<backend>-<hash>)")
+    _add_common(judge)
 
     model = sub.add_parser(
         "model", help="resolve a model and say where it comes from",
@@ -227,6 +265,62 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named(items: list[str] | None, what: str, default_name=None) -> dict[str, str] | None:
+    """``["a=x", "y"]`` -> ``{"a": "x", default_name("y"): "y"}``; None when no item was given."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            if default_name is None:
+                raise ConfigError(f"--{what} {item!r} is not of the form NAME=SPEC")
+            name, value = default_name(item), item
+        if name in out:
+            raise ConfigError(f"--{what}: the name {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+def _rm_name(folder: str) -> str:
+    from alignment.io import read_manifest
+
+    return (read_manifest(folder) or {}).get("kind") or os.path.basename(os.path.normpath(folder))
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from alignment.evaluate import ScoreConfig, run_score_stage
+
+    config = _stage_config(args, ScoreConfig, {}, {"data": args.data, "models": _named(args.model, "model"),
+                                                   "reward_models": _named(args.rm, "rm", _rm_name)})
+    if config is None:
+        return 0
+    result = run_score_stage(config, args.out, overwrite=args.overwrite,
+                             runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    print(f"scores {'reused' if result.reused else 'written'}: {result.out_dir}")
+    print((result.out_dir / "scores.md").read_text())
+    return 0
+
+
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from alignment.judge import JudgeConfig, run_judge_stage
+
+    config = _stage_config(args, JudgeConfig, {}, {"scores": args.scores, "backend": args.backend})
+    if config is None:
+        return 0
+    result = run_judge_stage(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    s = result.summary
+    lo, hi = s["win_rate_ci95_wilson"]
+    print(f"judgments {'reused' if result.reused else 'written'}: {result.out_dir}")
+    print(f"  {s['model_a']} vs {s['model_b']} ({s['backend']} judge, {s['n']} pairs): {s['wins']} wins, "
+          f"{s['ties']} ties, {s['losses']} losses; win rate {s['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], "
+          f"flip rate {s['flip_rate']:.3f}")
+    if s.get("note"):
+        print(f"  note: {s['note']}")
+    print(f"  report: {result.out_dir / 'report.md'}")
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from alignment.models import DEFAULT_MODEL, load_causal_lm, resolve_model
 
@@ -256,16 +350,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from alignment.data import DataError
+    from alignment.evaluate import EvaluationError
     from alignment.hardware import DeviceError
+    from alignment.judge import JudgeError
     from alignment.models import ModelSourceError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
 
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce,
-                "model": _cmd_model}
+                "score": _cmd_score, "judge": _cmd_judge, "model": _cmd_model}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError) as exc:
+    except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
+            EvaluationError, JudgeError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

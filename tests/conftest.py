@@ -51,3 +51,24 @@ def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def eval_stack(tmp_path_factory, tiny_model) -> dict[str, Path]:
+    """Demo data (half held out, ~110 validation prompts), a tiny scalar RM, two different tiny policies
+    and the scoring stage's output for them (base vs tuned, 56 prompts, 12 new tokens)."""
+    from alignment.data import DataConfig, run_data_stage
+    from alignment.evaluate import ScoreConfig, run_score_stage
+    from alignment.reward import RewardModelConfig, run_reward_stage
+    from tests.tiny import tiny_model_dir
+
+    tmp = tmp_path_factory.mktemp("eval")
+    data = run_data_stage(DataConfig(validation_fraction=0.5), tmp / "data").out_dir
+    rm = run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(data), max_length=128, epochs=1,
+                                            learning_rate=1e-3, max_train_pairs=32, max_eval_pairs=8),
+                          tmp / "rm").out_dir
+    tuned = tiny_model_dir(tmp / "tuned", seed=1)
+    scores = run_score_stage(ScoreConfig(models={"base": str(tiny_model), "tuned": str(tuned)},
+                                         reward_models={"scalar": str(rm)}, data=str(data), n_prompts=56,
+                                         max_new_tokens=12, bootstrap=500), tmp / "scores").out_dir
+    return {"data": data, "rm": rm, "base": tiny_model, "tuned": tuned, "scores": scores}

@@ -1,0 +1,383 @@
+"""Validation mean-reward scoring: the same prompts, the same reward model(s), before and after.
+
+For each model (by default the starting policy and the tuned one) answer a fixed, seeded set of
+held-out validation prompts, score every answer with every reward model, and report per model:
+mean reward with a 95% bootstrap CI, the paired difference to the reference model (the first one)
+with its CI, completion length, EOS rate, distinct-2, repetition rate and the KL to the reference.
+
+Generations are saved (``generations/<model>.jsonl``) and reused by the judge stage, so nothing is
+generated twice.
+
+Departures, stated once: the "KL to the starting model" is the k1 estimate
+mean_i sum_t (log pi(y_t) - log pi_ref(y_t)) over the *evaluated* completions; with greedy decoding
+these are not samples of pi, so it measures how far the tuned model's own answers moved in
+likelihood, not the exact KL(pi || pi_ref).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from alignment.config import StageConfig
+from alignment.data import Message
+from alignment.hardware import bf16_enabled, resolve_device
+from alignment.io import (
+    MANIFEST,
+    atomic_directory,
+    read_manifest,
+    reusable_output,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
+from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
+from alignment.reinforce import (
+    completion_logprobs,
+    completion_mask,
+    completion_tokens,
+    decode_completions,
+    encode_prompts,
+    generate,
+    text_health,
+    unique_prompts,
+)
+from alignment.reward import PairData, RewardModelError, RewardScorer
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+GENERATIONS = "generations"
+
+
+class EvaluationError(ValueError):
+    """The scoring stage cannot run as configured (the message says why)."""
+
+
+class ScoreConfig(StageConfig):
+    """Answer fixed validation prompts with each model and score the answers with each reward model."""
+
+    section: str = "score"
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"base": DEFAULT_MODEL},
+        description="name -> model (hub id, folder or .gguf). The first is the reference for paired "
+                    "differences and KL (the starting model).")
+    reward_models: dict[str, str] = Field(
+        default_factory=dict, description="name -> folder written by `align rm`; every answer is scored by each.")
+    data: str = Field(..., description="Folder written by `align data`; prompts come from its validation split.")
+    n_prompts: int = Field(32, ge=1, description="Validation prompts (a seeded subset when there are more).")
+    max_prompt_length: int = Field(512, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
+    max_new_tokens: int = Field(128, ge=1)
+    greedy: bool = Field(True, description="Greedy decoding; false samples with temperature/top_p/top_k and seed.")
+    temperature: float = Field(0.7, gt=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    kl: bool = Field(True, description="Also compute the k1 KL of each model's answers to the first model.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+    bf16: bool | None = None
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one model is needed (the first is the reference)")
+        for name in value:
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"model name {name!r}: use letters, digits, '-', '_' or '.'")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean: resample the n values with replacement ``n_resamples`` times."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts, generation, scoring
+# --------------------------------------------------------------------------------------------
+def select_prompts(data_dir: str | Path, n: int, seed: int) -> list[list[Message]]:
+    """A fixed, seeded subset of the unique validation prompts, in file order."""
+    path = Path(data_dir) / "validation.parquet"
+    if not path.is_file():
+        raise EvaluationError(f"{data_dir} is not a data stage output (no validation.parquet)")
+    prompts = unique_prompts(PairData.load(path))
+    if not prompts:
+        raise EvaluationError(f"{path} holds no prompts")
+    if len(prompts) > n:
+        keep = np.sort(np.random.default_rng(seed).choice(len(prompts), n, replace=False))
+        prompts = [prompts[i] for i in keep]
+    return prompts
+
+
+def model_fingerprint(spec: str) -> str:
+    """What identifies a model's weights: a stage's key, the weight files' hashes, or the hub id."""
+    path = Path(spec)
+    if path.is_dir():
+        manifest = read_manifest(path)
+        if manifest and manifest.get("stage_key"):
+            return f"stage:{manifest['stage_key']}"
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        return "files:" + sha256_text(json.dumps([sha256_file(f) for f in files]))
+    if path.is_file():
+        return f"file:{sha256_file(path)}"
+    return f"hub:{spec}"
+
+
+def score_stage_key(config: ScoreConfig) -> str:
+    data = read_manifest(config.data) or {}
+    cfg = config.model_dump(mode="json", exclude={"models", "reward_models", "data"})
+    models = {k: model_fingerprint(v) for k, v in config.models.items()}
+    rms = {k: model_fingerprint(v) for k, v in config.reward_models.items()}
+    return sha256_text(json.dumps([cfg, models, rms, data.get("stage_key"), f"score-schema={SCHEMA_VERSION}"],
+                                  sort_keys=True))
+
+
+@dataclass
+class _Sampling:
+    """The generation settings ``alignment.reinforce.generate`` reads."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclass
+class Generations:
+    """One model's answers: completion token lists, texts, and whether each ended with EOS."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    eos: list[bool]
+    seconds: float
+
+
+def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], config: ScoreConfig, bf16: bool
+                     ) -> Generations:
+    sampling = _Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
+    torch.manual_seed(config.seed)  # the same sampling noise for every model when greedy=False
+    tokens, eos = [], []
+    start = time.perf_counter()
+    for s in range(0, len(prompts), config.batch_size):
+        batch = encode_prompts(tokenizer, prompts[s:s + config.batch_size], config.max_prompt_length)
+        comp = generate(model, tokenizer, batch, sampling, greedy=config.greedy, bf16=bf16)
+        mask = completion_mask(comp, tokenizer.eos_token_id)
+        tokens += completion_tokens(comp, mask)
+        eos += (comp == tokenizer.eos_token_id).any(-1).tolist()
+        log.info("generated %d/%d answers", min(s + config.batch_size, len(prompts)), len(prompts))
+    return Generations(tokens, decode_completions(tokenizer, tokens), eos, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], tokens: Sequence[Sequence[int]],
+                    config: ScoreConfig, bf16: bool) -> list[float]:
+    """sum_t log pi(y_t | x, y_<t) of given completions under ``model``. Returns one float per prompt."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for s in range(0, len(prompts), config.batch_size):
+        batch = encode_prompts(tokenizer, prompts[s:s + config.batch_size], config.max_prompt_length)
+        chunk = tokens[s:s + config.batch_size]
+        width = max(1, max(len(t) for t in chunk))
+        comp = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width))
+        for i, t in enumerate(chunk):
+            comp[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[i, :len(t)] = 1
+        ids = torch.cat([batch["input_ids"], comp], 1).to(device)
+        attn = torch.cat([batch["attention_mask"], mask.long()], 1).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logp, _ = completion_logprobs(model, ids, attn, batch["input_ids"].shape[1], mask.to(device))
+        out += logp.float().cpu().tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ScoreResult:
+    out_dir: Path
+    summary: dict[str, Any]
+    reused: bool = False
+
+
+def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
+    path = Path(folder) / GENERATIONS / f"{name}.jsonl"
+    if not path.is_file():
+        raise EvaluationError(f"{folder} has no generations for model {name!r} ({path} missing)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
+                    runs_root: str | Path = "runs") -> ScoreResult:
+    """Generate, score and summarise; writes generations/*.jsonl, scores.json, scores.md, rewards.png."""
+    if not config.reward_models:
+        raise EvaluationError("score: no reward model given (reward_models: name -> folder written by `align rm`)")
+    for name, folder in config.reward_models.items():
+        if not (Path(folder) / "config.json").is_file():
+            raise EvaluationError(f"score: reward model {name!r}: {folder} is not a saved reward model")
+    key = score_stage_key(config)
+    out = Path(out_dir) if out_dir is not None else Path(runs_root) / "score" / key[:12]
+    if reusable_output(out, key, overwrite, EvaluationError) is not None:
+        log.info("scores already computed in %s (same models, reward models and prompts): reusing them", out)
+        return ScoreResult(out, json.loads((out / "scores.json").read_text()), reused=True)
+
+    # 1. The fixed prompt set.
+    prompts = select_prompts(config.data, config.n_prompts, config.seed)
+    device = resolve_device(config.device)
+    bf16 = bf16_enabled(config.bf16, device)
+    names = list(config.models)
+    reference = names[0]
+
+    # 2. Each model answers (one model in memory at a time, plus the reference for KL).
+    gens: dict[str, Generations] = {}
+    kl: dict[str, list[float]] = {}
+    ref_model = None
+    for name in names:
+        try:
+            model, tokenizer = load_causal_lm(config.models[name], device=device, padding_side="left")
+        except (ModelSourceError, OSError, ValueError) as exc:
+            raise EvaluationError(f"score: model {name!r} ({config.models[name]}): {exc}") from exc
+        model.eval()
+        log.info("model %s: answering %d prompts", name, len(prompts))
+        gens[name] = generate_answers(model, tokenizer, prompts, config, bf16)
+        if config.kl:
+            if name == reference:
+                ref_model, ref_tok = model, tokenizer
+                kl[name] = [0.0] * len(prompts)
+            else:
+                mine = answer_logprobs(model, tokenizer, prompts, gens[name].tokens, config, bf16)
+                ref = answer_logprobs(ref_model, ref_tok, prompts, gens[name].tokens, config, bf16)
+                kl[name] = [a - b for a, b in zip(mine, ref, strict=True)]
+        if name != reference:
+            del model
+    del ref_model
+
+    # 3. Score every answer with every reward model.
+    rewards: dict[str, dict[str, tuple[list[float], list[float]]]] = {n: {} for n in names}
+    for rm_name, folder in config.reward_models.items():
+        try:
+            scorer = RewardScorer.from_pretrained(folder, device=str(device), bf16=bf16)
+        except RewardModelError as exc:
+            raise EvaluationError(f"score: reward model {rm_name!r}: {exc}") from exc
+        for name in names:
+            s = scorer.score(prompts, gens[name].texts)
+            rewards[name][rm_name] = (s.mean.tolist(), s.var.tolist())
+        del scorer
+
+    # 4. Summaries: per model, per reward model; paired differences against the reference.
+    summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
+                               "max_new_tokens": config.max_new_tokens, "models": {}}
+    for name in names:
+        g = gens[name]
+        health = text_health(g.tokens)
+        entry: dict[str, Any] = {
+            "model": config.models[name], "mean_length": float(np.mean([len(t) for t in g.tokens])),
+            "eos_rate": float(np.mean(g.eos)), "distinct2": health["distinct2"], "repetition": health["repetition"],
+            "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
+            "generation_seconds": round(g.seconds, 1), "rewards": {},
+        }
+        for rm_name, (mean, var) in rewards[name].items():
+            r = entry["rewards"][rm_name] = {
+                "mean": float(np.mean(mean)), "ci95": bootstrap_ci(mean, config.bootstrap, config.seed),
+                "std": float(np.std(mean)), "mean_var": float(np.mean(var)),
+            }
+            if name != reference:
+                diff = np.asarray(mean) - np.asarray(rewards[reference][rm_name][0])
+                r["paired_diff"] = float(diff.mean())
+                r["paired_diff_ci95"] = bootstrap_ci(diff, config.bootstrap, config.seed)
+                r["win_rate_vs_reference"] = float((diff > 0).mean())
+        summary["models"][name] = entry
+
+    # 5. Write everything atomically (manifest last).
+    with atomic_directory(out) as tmp:
+        (tmp / GENERATIONS).mkdir()
+        (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+        for name in names:
+            g = gens[name]
+            with open(tmp / GENERATIONS / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+                for i, p in enumerate(prompts):
+                    row = {"id": i, "prompt": p, "completion": g.texts[i], "n_tokens": len(g.tokens[i]),
+                           "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
+                           "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
+                                       for rm in config.reward_models}}
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_json(tmp / "scores.json", summary)
+        (tmp / "scores.md").write_text(scores_markdown(summary), encoding="utf-8")
+        plot_rewards(rewards, tmp / "rewards.png")
+        files = [tmp / "scores.json", tmp / "prompts.jsonl", *sorted((tmp / GENERATIONS).glob("*.jsonl"))]
+        write_json(tmp / MANIFEST, {
+            "stage": "score", "stage_key": key, "config": config.model_dump(mode="json"),
+            "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f)} for f in files},
+        })
+    log.info("scores written to %s", out)
+    return ScoreResult(out, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Report pieces
+# --------------------------------------------------------------------------------------------
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def scores_markdown(summary: dict[str, Any]) -> str:
+    """The scores table in markdown, one row per (model, reward model)."""
+    lines = [f"Validation prompts: {summary['n_prompts']} ({'greedy' if summary['greedy'] else 'sampled'}, "
+             f"up to {summary['max_new_tokens']} new tokens); reference model: `{summary['reference']}`.", "",
+             "| model | reward model | mean reward (95% CI) | paired diff vs reference (95% CI) | length | EOS rate "
+             "| distinct-2 | repetition | KL to reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        for rm, r in m["rewards"].items():
+            diff = (f"{r['paired_diff']:+.3f} {_fmt_ci(r['paired_diff_ci95'])}" if "paired_diff" in r else "—")
+            kl = "—" if m["kl_to_reference"] is None else f"{m['kl_to_reference']:.3f}"
+            lines.append(f"| {name} | {rm} | {r['mean']:.3f} {_fmt_ci(r['ci95'])} | {diff} | {m['mean_length']:.1f} "
+                         f"| {m['eos_rate']:.2f} | {m['distinct2']:.3f} | {m['repetition']:.3f} | {kl} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rewards(rewards: dict[str, dict[str, tuple[list[float], list[float]]]], png: Path) -> None:
+    """Histogram of each model's rewards, one panel per reward model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rms = list(next(iter(rewards.values())))
+    fig, axes = plt.subplots(1, len(rms), figsize=(5.5 * len(rms), 4), squeeze=False)
+    for ax, rm in zip(axes[0], rms, strict=True):
+        allv = np.concatenate([rewards[m][rm][0] for m in rewards])
+        bins = np.linspace(allv.min(), allv.max() + 1e-6, 25)
+        for model in rewards:
+            vals = rewards[model][rm][0]
+            ax.hist(vals, bins=bins, alpha=0.55, label=f"{model} (mean {np.mean(vals):.2f})")
+        ax.set_title(f"reward model: {rm}")
+        ax.set_xlabel("reward")
+        ax.set_ylabel("answers")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

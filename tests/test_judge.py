@@ -1,0 +1,236 @@
+"""The pairwise judge: CI math by hand, the protocol, and the real google-genai client against a local
+fake Gemini server (faults, resume after a kill, budget, errors, secrecy of the key)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from alignment.judge import (
+    Budget,
+    GeminiJudge,
+    JudgeBudgetExhausted,
+    JudgeConfig,
+    JudgeError,
+    JudgeFatalError,
+    final_verdict,
+    run_judge_stage,
+    summarise,
+    wilson_interval,
+)
+from tests.fake_gemini import FakeGemini
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "AIzaSECRET-do-not-log-42"
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics by hand
+# ---------------------------------------------------------------------------------------------
+def test_wilson_interval_hand_values():
+    # 10/10 (all wins): center (1 + 1.96^2/20) / (1 + 1.96^2/10) = 0.8613, half 0.1388 -> [0.7225, 1].
+    lo, hi = wilson_interval(10, 10)
+    assert lo == pytest.approx(0.7225, abs=1e-4) and hi == pytest.approx(1.0)
+    # All ties count as 5/10: center 0.5, half 1.96 sqrt(0.025 + 0.0096) / 1.3842 = 0.2634.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 6 wins, 2 ties, 2 losses -> 7/10: the textbook Wilson interval for 7/10 is [0.3968, 0.8922].
+    assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+def test_final_verdict_counts_order_flips_as_ties():
+    # (verdict with A shown first, verdict with B shown first) -> outcome for model A
+    assert final_verdict("A", "B") == "win"  # A preferred in both orders
+    assert final_verdict("B", "A") == "loss"
+    assert final_verdict("A", "A") == "tie"  # always the first position: a flip
+    assert final_verdict("B", "B") == "tie"
+    assert final_verdict("tie", "B") == "tie" and final_verdict("tie", "tie") == "tie"
+
+
+def _row(ab, ba, la=10, lb=5):
+    return {"verdict_ab": ab, "verdict_ba": ba, "final": final_verdict(ab, ba), "len_a": la, "len_b": lb}
+
+
+def test_summarise_hand_cases():
+    all_wins = summarise([_row("A", "B")] * 10)
+    assert (all_wins["wins"], all_wins["ties"], all_wins["losses"]) == (10, 0, 0)
+    assert all_wins["win_rate"] == 1.0 and all_wins["win_rate_ci95_wilson"][0] == pytest.approx(0.7225, abs=1e-4)
+    assert all_wins["win_rate_ci95_bootstrap"] == (1.0, 1.0)
+    all_ties = summarise([_row("tie", "tie")] * 10)
+    assert all_ties["win_rate"] == 0.5 and all_ties["flip_rate"] == 0.0
+    assert all_ties["win_rate_ci95_wilson"] == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 6 wins (A longer), 2 flips (A always first; B longer), 2 losses (B longer).
+    mixed = summarise([_row("A", "B")] * 6 + [_row("A", "A", 3, 9)] * 2 + [_row("B", "A", 3, 9)] * 2)
+    assert (mixed["wins"], mixed["ties"], mixed["losses"]) == (6, 2, 2)
+    assert mixed["win_rate"] == pytest.approx(0.7)
+    assert mixed["win_rate_ci95_wilson"] == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert mixed["flip_rate"] == pytest.approx(2 / 10)
+    assert mixed["first_position_rate"] == pytest.approx((6 + 4 + 0 + 2) / 20)
+    assert mixed["by_length"]["a_longer"] == {"n": 6, "win_rate": 1.0}
+    assert mixed["by_length"]["b_longer"] == {"n": 4, "win_rate": pytest.approx(0.25)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The real google-genai client against the fake server
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def gemini_env(monkeypatch):
+    def use(fake: FakeGemini) -> None:
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", fake.url)
+        monkeypatch.setenv("GEMINI_API_KEY", KEY)
+        monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    return use
+
+
+def _config(scores, **kw) -> JudgeConfig:
+    base = dict(scores=str(scores), backend="gemini", gemini_model="gemini-test-flash", initial_backoff_s=0.01,
+                max_backoff_s=0.05, timeout_s=0.5, concurrency=8)
+    base.update(kw)
+    return JudgeConfig(**base)
+
+
+def _answers(scores: Path, name: str) -> list[str]:
+    return [json.loads(line)["completion"] for line in (scores / "generations" / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_request_shape_and_both_orders(eval_stack, gemini_env, tmp_path):
+    scores = eval_stack["scores"]
+    with FakeGemini() as fake:
+        gemini_env(fake)
+        result = run_judge_stage(_config(scores, max_pairs=5), tmp_path / "j")
+    assert len(fake.requests) == 10
+    req = fake.requests[0]
+    assert req["model"] == "gemini-test-flash" and req["path"].endswith("/models/gemini-test-flash:generateContent")
+    assert req["key"] == KEY  # sent in the header, and nowhere we write (checked below)
+    gen = req["body"]["generationConfig"]
+    assert gen["responseMimeType"] == "application/json" and gen["temperature"] == 0.0
+    assert set(gen["responseSchema"]["properties"]) == {"winner", "explanation"}
+    assert "impartial judge" in req["body"]["systemInstruction"]["parts"][0]["text"]
+    # Both orders of every pair were asked: (tuned, base) and (base, tuned).
+    tuned, base = _answers(scores, "tuned")[:5], _answers(scores, "base")[:5]
+    asked = sorted(fake.asked())
+    assert asked == sorted([(t, b) for t, b in zip(tuned, base, strict=True)]
+                           + [(b, t) for t, b in zip(tuned, base, strict=True)])
+    # The fake prefers the longer answer, so the mapping back to models is checkable.
+    s = result.summary
+    expected_wins = sum(len(t) > len(b) for t, b in zip(tuned, base, strict=True))
+    expected_losses = sum(len(t) < len(b) for t, b in zip(tuned, base, strict=True))
+    assert (s["wins"], s["losses"], s["n"], s["flip_rate"]) == (expected_wins, expected_losses, 5, 0.0)
+    assert s["model_a"] == "tuned" and s["model_b"] == "base" and s["complete"]
+    assert s["judge_model_versions"] == ["gemini-test-flash-fake-001"]
+    csv = pd.read_csv(tmp_path / "j" / "judgments.csv")
+    assert list(csv.columns[:9]) == ["pair", "prompt", "answer_a", "answer_b", "verdict_ab", "verdict_ba",
+                                     "explanation_ab", "explanation_ba", "final"]
+    assert len(csv) == 5 and csv["explanation_ab"].str.contains("answer lengths").all()
+    report = (tmp_path / "j" / "report.md").read_text()
+    assert "Pairwise judge" in report and "Mean reward" in report and "judge.png" in report
+    assert (tmp_path / "j" / "report.html").read_text().count("<table>") == 2
+    assert (tmp_path / "j" / "judge.png").stat().st_size > 1000
+
+
+def test_thirty_percent_faults_lose_nothing(eval_stack, gemini_env, tmp_path):
+    with FakeGemini(fault_rate=0.3, seed=1, slow_s=1.5) as fake:
+        gemini_env(fake)
+        result = run_judge_stage(_config(eval_stack["scores"], max_pairs=50, max_retries=10), tmp_path / "j")
+    faults = [r["fault"] for r in fake.requests if r["fault"]]
+    assert {"429", "500", "slow", "malformed"} <= set(faults) and len(faults) >= 20
+    assert len(fake.requests) == 100 + len(faults)  # every fault cost exactly one retry
+    assert result.summary["n"] == 50 and result.summary["complete"]
+    lines = (tmp_path / "j" / "judgments.jsonl").read_text().splitlines()
+    assert len(lines) == 100 and len({(json.loads(x)["pair"], json.loads(x)["order"]) for x in lines}) == 100
+    assert max(json.loads(x)["attempts"] for x in lines) >= 2
+
+
+def test_killed_run_resumes_without_asking_again(eval_stack, gemini_env, tmp_path):
+    out = tmp_path / "j"
+    with FakeGemini(delay_s=0.15) as fake:
+        gemini_env(fake)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "alignment.cli", "-q", "judge", "--scores", str(eval_stack["scores"]),
+               "--backend", "gemini", "--out", str(out), "gemini_model=gemini-test-flash", "concurrency=2",
+               "max_pairs=30", "timeout_s=5"]
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        path = out / "judgments.jsonl"
+        while time.time() < deadline and (not path.is_file() or len(path.read_text().splitlines()) < 16):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_before = len([x for x in path.read_text().splitlines() if x.strip()])
+        assert 16 <= done_before < 60
+        asked_before = len(fake.requests)
+        result = run_judge_stage(_config(eval_stack["scores"], max_pairs=30, concurrency=2, timeout_s=5), out)
+    second = len(fake.requests) - asked_before
+    assert second == 60 - done_before  # only what was not saved is asked again
+    assert result.summary["n"] == 30 and result.summary["complete"]
+
+
+def test_budget_exhausted_keeps_work_and_resumes(eval_stack, gemini_env, tmp_path):
+    config = _config(eval_stack["scores"], max_pairs=10, budget_calls=7, concurrency=1)
+    with FakeGemini() as fake:
+        gemini_env(fake)
+        with pytest.raises(JudgeBudgetExhausted, match=r"budget_calls=7.*7 of 20 judgments are saved"):
+            run_judge_stage(config, tmp_path / "j")
+        assert len(fake.requests) == 7
+        assert json.loads((tmp_path / "j" / "summary.json").read_text())["complete"] is False
+        result = run_judge_stage(config.model_copy(update={"budget_calls": 100}), tmp_path / "j")
+        assert len(fake.requests) == 20 and result.summary["complete"]
+        # A finished run is reused: no further calls.
+        assert run_judge_stage(config, tmp_path / "j").reused and len(fake.requests) == 20
+
+
+def test_missing_key_unknown_model_and_bad_key_fail_clearly(eval_stack, gemini_env, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    with FakeGemini(known_models=("gemini-test-flash",), echo_key_on_401=True) as fake:
+        gemini_env(fake)
+        with pytest.raises(JudgeFatalError, match="'gemini-nope' not found \\(HTTP 404\\)"):
+            run_judge_stage(_config(eval_stack["scores"], gemini_model="gemini-nope", max_pairs=10), tmp_path / "a")
+        assert len(fake.requests) <= 8  # stopped at once, not 20 calls
+
+        fake.valid_key = "another-key"  # our key is refused; the server echoes it back in its message
+        with pytest.raises(JudgeFatalError, match="rejected the API key") as err:
+            run_judge_stage(_config(eval_stack["scores"], max_pairs=3), tmp_path / "b")
+        assert KEY not in str(err.value) and "***" in str(err.value)
+    assert KEY not in caplog.text
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                assert KEY not in f.read_text(errors="ignore"), f
+    monkeypatch.delenv("GEMINI_API_KEY")
+    with pytest.raises(JudgeError, match="needs an API key: set GEMINI_API_KEY"):
+        run_judge_stage(_config(eval_stack["scores"], max_pairs=3), tmp_path / "c")
+
+
+def test_retry_after_is_honoured(gemini_env, monkeypatch):
+    with FakeGemini(fault_rate=1.0, faults=("429",), retry_after="7") as fake:
+        gemini_env(fake)
+        waits: list[float] = []
+        judge = GeminiJudge(_config("unused", max_retries=2, max_backoff_s=30), sleep=waits.append)
+        with pytest.raises(JudgeError, match="gave up after 3 attempts: HTTP 429"):
+            judge.judge_one("[Answer A]\nx\n\n[Answer B]\ny\n\n?", Budget(10))
+    assert waits == [7.0, 7.0]  # the server's retry-after, above our own backoff of ~0.01-0.02 s
+    assert len(fake.requests) == 3
+
+
+def test_local_judge_runs_offline(eval_stack, tmp_path, capsys):
+    from alignment.cli import main
+
+    code = main(["judge", "--scores", str(eval_stack["scores"]), "--backend", "local", "--out", str(tmp_path / "j"),
+                 f"local_model={eval_stack['base']}", "max_pairs=6"])
+    out = capsys.readouterr().out
+    assert code == 0 and "local judge" in out and "weaker than an API judge" in out
+    summary = json.loads((tmp_path / "j" / "summary.json").read_text())
+    assert summary["n"] == 6 and summary["wins"] + summary["ties"] + summary["losses"] == 6
+    assert "weaker than an API judge" in (tmp_path / "j" / "report.md").read_text()
+    rows = [json.loads(x) for x in (tmp_path / "j" / "judgments.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["explanation"].startswith("P(A)=") for r in rows)
