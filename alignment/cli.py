@@ -33,6 +33,8 @@ EPILOG = textwrap.dedent("""\
               score them with the reward model(s): mean reward with CI, paired difference, KL
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
               answers in both orders: wins/ties/losses, win rate with CI, report
+      run     the whole pipeline as a cached, resumable Prefect flow (preset demo by default)
+      serve   serve the Prefect deployments (demo: manual, retrain: weekly schedule)
       model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
               ask it a question; warms the offline SmolLM2 cache
 
@@ -159,6 +161,34 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--backend", choices=["gemini", "local"], help="gemini (API key in GEMINI_API_KEY) or local")
     judge.add_argument("--out", metavar="DIR", help="output folder (default: runs/judge/<backend>-<hash>)")
     _add_common(judge)
+
+    run = sub.add_parser(
+        "run", help="run the whole pipeline as a Prefect flow (cached, resumable)",
+        description="Run data -> reward models -> REINFORCE -> scoring -> judge as the Prefect flow "
+        "`alignment-pipeline`. Without PREFECT_API_URL it runs on a temporary local Prefect (no server needed). "
+        "Every stage is cached on its config and inputs: a second run of the same command finishes from cache, "
+        "and after a failure only the failed stage and those below it run again.",
+        epilog="examples:\n  align run                                   # the demo preset (embedded data, CPU, minutes)\n"
+        "  align run reinforce.steps=16 judge.backend=gemini\n"
+        "  align run --preset helpsteer2 options.runs_dir=/data/runs     # GPU, hub data, Gemini judge\n"
+        "  align run --config pipeline.yaml --print-config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--runs-dir", metavar="DIR", help="where every stage writes (default: runs)")
+    from alignment.pipeline import PIPELINE_PRESETS
+
+    _add_common(run, sorted(PIPELINE_PRESETS))
+
+    serve = sub.add_parser(
+        "serve", help="serve the pipeline's Prefect deployments (demo: manual; retrain: on a schedule)",
+        description="Serve the deployments of `alignment-pipeline` and of each stage flow to a Prefect server "
+        "(PREFECT_API_URL); runs triggered from the UI or `prefect deployment run` execute in this process.",
+    )
+    serve.add_argument("--cron", default="0 3 * * 1", help="schedule of the retrain deployment (default: Mondays 03:00)")
+    serve.add_argument("--timezone", default="UTC")
+    serve.add_argument("--retrain-preset", default="demo", choices=sorted(PIPELINE_PRESETS),
+                       help="preset the retrain deployment runs with")
+    serve.add_argument("--runs-dir", default="runs", metavar="DIR")
 
     model = sub.add_parser(
         "model", help="resolve a model and say where it comes from",
@@ -321,6 +351,43 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_env() -> None:
+    """Telemetry off before Prefect is imported; a local Prefect home when none is configured."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from alignment.pipeline import PipelineConfig, pipeline_preset
+
+    preset = args.preset or "demo"
+    explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
+    config = build_config(PipelineConfig, base=pipeline_preset(preset), config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    _prefect_env()
+    from flows.pipeline import run_pipeline
+
+    start = time.perf_counter()
+    result = run_pipeline(config)
+    print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s:")
+    for name, info in result["stages"].items():
+        print(f"  {name:<18} {info['state']:<10} {info['path']}")
+    if result["report"]:
+        print(f"report: {result['report']}  (and report.html beside it)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    _prefect_env()
+    from deployments.serve import serve_all
+
+    serve_all(cron=args.cron, timezone=args.timezone, retrain_preset=args.retrain_preset, runs_dir=args.runs_dir)
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from alignment.models import DEFAULT_MODEL, load_causal_lm, resolve_model
 
@@ -358,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.reward import RewardModelError
 
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce,
-                "score": _cmd_score, "judge": _cmd_judge, "model": _cmd_model}
+                "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,

@@ -73,7 +73,8 @@ class ScoreConfig(StageConfig):
                     "differences and KL (the starting model).")
     reward_models: dict[str, str] = Field(
         default_factory=dict, description="name -> folder written by `align rm`; every answer is scored by each.")
-    data: str = Field(..., description="Folder written by `align data`; prompts come from its validation split.")
+    data: str | None = Field(None, description="Folder written by `align data`; prompts come from its validation "
+                             "split (filled in by the pipeline).")
     n_prompts: int = Field(32, ge=1, description="Validation prompts (a seeded subset when there are more).")
     max_prompt_length: int = Field(512, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
     max_new_tokens: int = Field(128, ge=1)
@@ -146,7 +147,7 @@ def model_fingerprint(spec: str) -> str:
 
 
 def score_stage_key(config: ScoreConfig) -> str:
-    data = read_manifest(config.data) or {}
+    data = (read_manifest(config.data) if config.data else None) or {}
     cfg = config.model_dump(mode="json", exclude={"models", "reward_models", "data"})
     models = {k: model_fingerprint(v) for k, v in config.models.items()}
     rms = {k: model_fingerprint(v) for k, v in config.reward_models.items()}
@@ -233,6 +234,8 @@ def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
 def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                     runs_root: str | Path = "runs") -> ScoreResult:
     """Generate, score and summarise; writes generations/*.jsonl, scores.json, scores.md, rewards.png."""
+    if config.data is None:
+        raise EvaluationError("score: no data folder given (data: a folder written by `align data`)")
     if not config.reward_models:
         raise EvaluationError("score: no reward model given (reward_models: name -> folder written by `align rm`)")
     for name, folder in config.reward_models.items():

@@ -68,7 +68,8 @@ class JudgeConfig(StageConfig):
     """Pairwise judge over the answers saved by the scoring stage."""
 
     section: str = "judge"
-    scores: str = Field(..., description="Folder written by `align score` (its generations are judged).")
+    scores: str | None = Field(None, description="Folder written by `align score` (its generations are judged; "
+                               "filled in by the pipeline).")
     backend: Literal["gemini", "local"] = Field("gemini", description="gemini (API) or local (offline, weaker).")
     model_a: str | None = Field(None, description="Model judged as A (default: the last model, the tuned one).")
     model_b: str | None = Field(None, description="Model judged as B (default: the first, the reference).")
@@ -437,7 +438,7 @@ class JudgeResult:
 
 
 def judge_stage_key(config: JudgeConfig) -> str:
-    scores = read_manifest(config.scores) or {}
+    scores = (read_manifest(config.scores) if config.scores else None) or {}
     cfg = config.model_dump(mode="json", exclude=set(JudgeConfig.OPERATIONAL) | {"section"})
     if config.backend == "gemini":
         cfg = {k: v for k, v in cfg.items() if not k.startswith("local_")}
@@ -474,7 +475,7 @@ def read_judgments(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
 def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
                     progress: Callable[[int, int], None] | None = None) -> JudgeResult:
     """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report."""
-    score_manifest = read_manifest(config.scores)
+    score_manifest = read_manifest(config.scores) if config.scores else None
     if score_manifest is None or score_manifest.get("stage") != "score":
         raise JudgeError(f"{config.scores} is not a finished `align score` output (no manifest.json)")
     available = list(score_manifest["config"]["models"])

@@ -26,7 +26,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,8 +61,10 @@ class ReinforceConfig(StageConfig):
 
     section: str = "reinforce"
     policy: str = Field(DEFAULT_MODEL, description="Starting policy: hub id, local folder or .gguf file.")
-    reward_model: str = Field(..., description="Folder written by `align rm` (scalar or distributional).")
-    data: str = Field(..., description="Folder written by `align data`: prompts from train, held-out from validation.")
+    reward_model: str | None = Field(None, description="Folder written by `align rm` (scalar or distributional); "
+                                     "filled in by the pipeline.")
+    data: str | None = Field(None, description="Folder written by `align data`: prompts from train, held-out from "
+                             "validation; filled in by the pipeline.")
     steps: int = Field(40, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Prompts per step.")
     samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (k; rloo needs >= 2).")
@@ -392,20 +394,24 @@ class ReinforceResult:
 
 
 def reinforce_stage_key(config: ReinforceConfig) -> str:
-    rm = read_manifest(config.reward_model) or {}
-    data = read_manifest(config.data) or {}
+    rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
+    data = (read_manifest(config.data) if config.data else None) or {}
     cfg = config.model_dump(mode="json", exclude={"reward_model", "data"})
     return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), "reinforce-schema=1"],
                                   sort_keys=True))
 
 
-def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after: int | None = None
-                    ) -> ReinforceResult:
+def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after: int | None = None,
+                    progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> ReinforceResult:
     """Run (or resume) REINFORCE; writes the final policy folder, metrics.jsonl, curves and summary.
 
     Re-running the same call continues from the last complete checkpoint. ``stop_after`` ends the
-    call after that many steps of this call (a controlled interruption, for tests).
+    call after that many steps of this call (a controlled interruption, for tests). ``progress`` is
+    called after every step with (step, steps, metrics record).
     """
+    if config.reward_model is None or config.data is None:
+        raise ReinforceError("reinforce needs both reward_model (a folder written by `align rm`) and data "
+                             "(a folder written by `align data`)")
     out = Path(out_dir)
     key = reinforce_stage_key(config)
     done = read_manifest(out / "final")
@@ -557,6 +563,8 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         record["healthy"] = healthy
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if progress is not None:
+            progress(step + 1, config.steps, record)
         log.info("step %d/%d loss %.4f reward %.3f kl %.3f len %.1f eos %.2f distinct2 %.2f rep %.2f",
                  step + 1, config.steps, total_loss, record["reward"], record["kl"], record["length"],
                  record["eos_rate"], health["distinct2"], health["repetition"])

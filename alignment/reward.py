@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -438,8 +438,20 @@ def reward_stage_key(config: RewardModelConfig, data_dir: Path) -> str:
     return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=1")
 
 
+def _progress_callback(report: Callable[[int, int], None]):
+    """A transformers TrainerCallback that reports (step, max_steps) after every optimizer step."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report(state.global_step, state.max_steps)
+
+    return Progress()
+
+
 def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
-                     runs_root: str | Path = "runs") -> RewardResult:
+                     runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None
+                     ) -> RewardResult:
     """Train a reward model on a data stage's train split, evaluate it on validation, save it all.
 
     Writes a ``save_pretrained`` folder (model + tokenizer) with ``metrics.json``, ``train_log.jsonl``,
@@ -500,7 +512,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                      peft_config=peft_config)
+                      peft_config=peft_config, callbacks=[_progress_callback(progress)] if progress else None)
         if config.kind == "scalar":
             trainer = RewardTrainer(**common)
         else:

@@ -1,5 +1,5 @@
 """Prefect tasks: one per stage, wrapping the core functions in ``alignment`` (retries, caching, artifacts).
 
 Tasks pass paths and configs, never models, and each stage writes a deterministic folder whose
-``manifest.json`` marks it complete. The Prefect layer lands with the orchestration issue.
+``manifest.json`` marks it complete. See :mod:`tasks.stages`.
 """

@@ -72,3 +72,34 @@ def eval_stack(tmp_path_factory, tiny_model) -> dict[str, Path]:
                                          reward_models={"scalar": str(rm)}, data=str(data), n_prompts=56,
                                          max_new_tokens=12, bootstrap=500), tmp / "scores").out_dir
     return {"data": data, "rm": rm, "base": tiny_model, "tuned": tuned, "scores": scores}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def tiny_pipeline_config(tiny_model: Path, runs_dir: Path, **sections):
+    """The whole pipeline on the tiny model: a few pairs, steps, prompts and judgments."""
+    from alignment.evaluate import ScoreConfig
+    from alignment.judge import JudgeConfig
+    from alignment.pipeline import PipelineConfig, PipelineOptions
+    from alignment.reinforce import ReinforceConfig
+    from alignment.reward import RewardModelConfig
+
+    rm = dict(model=str(tiny_model), max_length=128, max_train_pairs=16, max_eval_pairs=8, epochs=1, batch_size=8,
+              learning_rate=1e-3)
+    parts = dict(
+        rm_scalar=RewardModelConfig(kind="scalar", **rm), rm_distributional=RewardModelConfig(kind="distributional", **rm),
+        reinforce=ReinforceConfig(policy=str(tiny_model), steps=2, batch_size=4, max_new_tokens=8, eval_prompts=2,
+                                  checkpoint_every=2, learning_rate=1e-3, guard_min_distinct2=0.0,
+                                  guard_max_repetition=1.0),
+        score=ScoreConfig(n_prompts=4, max_new_tokens=8, bootstrap=200),
+        judge=JudgeConfig(backend="local", local_model=str(tiny_model), max_pairs=4),
+        options=PipelineOptions(runs_dir=str(runs_dir)))
+    parts.update(sections)
+    return PipelineConfig(**parts)

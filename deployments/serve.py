@@ -1,0 +1,73 @@
+"""Serve the pipeline's deployments to a Prefect server: ``python -m deployments.serve`` (or ``align serve``).
+
+* ``alignment-pipeline/demo``: manual runs (UI "Run", ``prefect deployment run``) with the demo preset.
+* ``alignment-pipeline/retrain``: the same flow on a cron schedule (weekly by default), with a preset.
+* ``stage-*/manual``: each stage alone.
+
+Runs execute in this process (Prefect's runner); a failed run retried from the UI re-runs only the
+stages whose cache is not complete. Needs ``PREFECT_API_URL`` pointing at a server
+(``prefect server start``); with telemetry off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from prefect import serve  # noqa: E402
+from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
+
+from alignment.pipeline import PipelineConfig, pipeline_preset  # noqa: E402
+from flows.pipeline import (  # noqa: E402
+    alignment_pipeline,
+    data_flow,
+    judge_flow,
+    reinforce_flow,
+    reward_model_flow,
+    score_flow,
+)
+
+
+def _parameters(preset: str, runs_dir: str) -> dict:
+    config = PipelineConfig(**pipeline_preset(preset))
+    config.options.runs_dir = runs_dir
+    return {k: v.model_dump(mode="json") for k, v in config.flow_parameters().items()}
+
+
+def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo",
+                      runs_dir: str = "runs") -> list:
+    tags = ["alignment"]
+    deployments = [
+        alignment_pipeline.to_deployment(name="demo", parameters=_parameters("demo", runs_dir), tags=tags,
+                                         description="The whole pipeline on the demo preset; trigger it by hand."),
+        alignment_pipeline.to_deployment(name="retrain", parameters=_parameters(retrain_preset, runs_dir),
+                                         schedules=[CronSchedule(cron=cron, timezone=timezone)], tags=tags,
+                                         description=f"Scheduled re-training ({cron}, {timezone}) with the "
+                                                     f"{retrain_preset} preset."),
+    ]
+    for stage_flow in (data_flow, reward_model_flow, reinforce_flow, score_flow, judge_flow):
+        deployments.append(stage_flow.to_deployment(name="manual", tags=[*tags, "stage"],
+                                                    parameters={"runs_dir": runs_dir}))
+    return deployments
+
+
+def serve_all(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo",
+              runs_dir: str = "runs") -> None:
+    serve(*build_deployments(cron, timezone, retrain_preset, runs_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--cron", default=os.environ.get("ALIGNMENT_RETRAIN_CRON", "0 3 * * 1"))
+    parser.add_argument("--timezone", default="UTC")
+    parser.add_argument("--retrain-preset", default="demo")
+    parser.add_argument("--runs-dir", default=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    args = parser.parse_args(argv)
+    serve_all(args.cron, args.timezone, args.retrain_preset, args.runs_dir)
+
+
+if __name__ == "__main__":
+    main()

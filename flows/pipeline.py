@@ -1,0 +1,133 @@
+"""The ``alignment-pipeline`` flow and one flow per stage.
+
+Parameters are the pydantic stage configs, so the Prefect UI shows each stage as a form; the
+defaults are the ``demo`` preset (the embedded data, CPU, minutes). The pipeline fills in the paths
+between stages (data -> reward models -> REINFORCE -> scoring -> judge); whatever a form says for
+those paths is replaced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from alignment.data import DataConfig
+from alignment.evaluate import ScoreConfig
+from alignment.judge import JudgeConfig
+from alignment.pipeline import PipelineConfig, PipelineOptions, pipeline_preset
+from alignment.reinforce import ReinforceConfig
+from alignment.reward import RewardModelConfig
+from tasks.stages import (
+    data_task,
+    judge_task,
+    reinforce_task,
+    reward_model_task,
+    score_task,
+    stage_options,
+    summary_markdown,
+)
+
+DEMO = PipelineConfig(**pipeline_preset("demo"))
+
+
+def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str]], name: str, **task_options) -> str:
+    """Run one stage task; record whether it ran or came from the cache; raise if it failed."""
+    state = task.with_options(**stage_options(task, config, options.runs_dir), **task_options)(
+        config, options.runs_dir, return_state=True)
+    path = state.result()  # raises the stage's own error when it failed
+    stages[name] = {"state": state.name, "path": path}
+    get_run_logger().info("stage %s: %s -> %s", name, state.name, path)
+    return path
+
+
+@flow(name="alignment-pipeline", log_prints=True)
+def alignment_pipeline(
+    data: DataConfig = DEMO.data,
+    rm_scalar: RewardModelConfig = DEMO.rm_scalar,
+    rm_distributional: RewardModelConfig = DEMO.rm_distributional,
+    reinforce: ReinforceConfig = DEMO.reinforce,
+    score: ScoreConfig = DEMO.score,
+    judge: JudgeConfig = DEMO.judge,
+    options: PipelineOptions = DEMO.options,
+) -> dict[str, Any]:
+    """Data -> reward model(s) -> REINFORCE -> validation scoring -> pairwise judge, each stage cached."""
+    if options.reinforce_reward == "scalar" and not options.train_scalar or (
+            options.reinforce_reward == "distributional" and not options.train_distributional):
+        raise ValueError(f"options.reinforce_reward={options.reinforce_reward!r} but that reward model is not "
+                         f"trained (options.train_{options.reinforce_reward}=false)")
+    Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict[str, str]] = {}
+
+    # 1. Preference pairs.
+    data_dir = _run(data_task, data, options, stages, "data")
+
+    # 2. Reward models (one or both).
+    rms: dict[str, str] = {}
+    if options.train_scalar:
+        rms["scalar"] = _run(reward_model_task, rm_scalar.model_copy(update={"kind": "scalar", "data": data_dir}),
+                             options, stages, "rm_scalar")
+    if options.train_distributional:
+        rms["distributional"] = _run(
+            reward_model_task, rm_distributional.model_copy(update={"kind": "distributional", "data": data_dir}),
+            options, stages, "rm_distributional")
+
+    # 3. REINFORCE against the chosen reward model.
+    policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[options.reinforce_reward],
+                                                               "data": data_dir}), options, stages, "reinforce")
+
+    # 4. Both models on the same validation prompts, scored by every reward model.
+    score_dir = _run(score_task, score.model_copy(update={
+        "data": data_dir, "models": {"base": reinforce.policy, "tuned": policy}, "reward_models": rms}),
+        options, stages, "score")
+
+    # 5. Tuned vs starting model, judged pairwise.
+    report = None
+    if options.judge:
+        judge_dir = _run(judge_task, judge.model_copy(update={"scores": score_dir, "model_a": "tuned",
+                                                             "model_b": "base"}), options, stages, "judge",
+                         retries=options.judge_retries, retry_delay_seconds=options.judge_retry_delay_s)
+        report = str(Path(judge_dir) / "report.md")
+    create_markdown_artifact(markdown=summary_markdown(stages, report), key="alignment-pipeline-summary",
+                             description="stages, their state (Completed or Cached) and outputs")
+    return {"stages": stages, "report": report}
+
+
+# --------------------------------------------------------------------------------------------
+# One flow per stage, for running a stage alone
+# --------------------------------------------------------------------------------------------
+def _single(task, config, runs_dir: str, name: str) -> str:
+    options = PipelineOptions(runs_dir=runs_dir)
+    return _run(task, config, options, {}, name)
+
+
+@flow(name="stage-data")
+def data_flow(config: DataConfig = DEMO.data, runs_dir: str = "runs") -> str:
+    return _single(data_task, config, runs_dir, "data")
+
+
+@flow(name="stage-reward-model")
+def reward_model_flow(config: RewardModelConfig = DEMO.rm_scalar, runs_dir: str = "runs") -> str:
+    return _single(reward_model_task, config, runs_dir, f"rm_{config.kind}")
+
+
+@flow(name="stage-reinforce")
+def reinforce_flow(config: ReinforceConfig, runs_dir: str = "runs") -> str:
+    return _single(reinforce_task, config, runs_dir, "reinforce")
+
+
+@flow(name="stage-score")
+def score_flow(config: ScoreConfig, runs_dir: str = "runs") -> str:
+    return _single(score_task, config, runs_dir, "score")
+
+
+@flow(name="stage-judge")
+def judge_flow(config: JudgeConfig, runs_dir: str = "runs") -> str:
+    return _single(judge_task, config, runs_dir, "judge")
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the pipeline flow with a full config (``align run``)."""
+    return alignment_pipeline(**config.flow_parameters())

@@ -1,0 +1,204 @@
+"""One Prefect task per stage, wrapping the core functions of ``alignment``.
+
+Tasks take a stage config and ``runs_dir`` and return the path of the stage's output folder (never
+a model). Caching: the cache key is the stage key (config + the manifests of its inputs, see
+``alignment.pipeline.plan_*``), so an unchanged stage is skipped across runs and processes and a
+changed upstream invalidates everything below it. When the stage's folder vanished or is incomplete
+the task is called with ``refresh_cache``, so the stage runs again (and its cache record is
+rewritten) instead of returning a dead path. Results live in ``<runs_dir>/.prefect-results``.
+
+While a stage runs it updates a progress artifact; when it ends it publishes its metrics as a
+markdown artifact with its plot embedded.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+from alignment.data import DataConfig, run_data_stage
+from alignment.evaluate import ScoreConfig, run_score_stage
+from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, run_judge_stage
+from alignment.pipeline import (
+    StagePlan,
+    is_complete,
+    plan_data,
+    plan_judge,
+    plan_reinforce,
+    plan_reward_model,
+    plan_score,
+)
+from alignment.reinforce import ReinforceConfig, train_reinforce
+from alignment.reward import RewardModelConfig, run_reward_stage
+
+log = logging.getLogger(__name__)
+
+
+def result_storage(runs_dir: str | Path) -> Path:
+    """Project-local result storage (a folder Prefect wraps in a LocalFileSystem): the cache records live here."""
+    return (Path(runs_dir) / ".prefect-results").resolve()
+
+
+def stage_cache_key(stage: str, planner: Callable[[Any, str], StagePlan]) -> Callable[[TaskRunContext, dict], str]:
+    """A cache_key_fn: ``<stage>-<stage key>``, the key of the folder the stage writes."""
+
+    def key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+        try:
+            return f"{stage}-{planner(parameters['config'], parameters['runs_dir']).key}"
+        except Exception as exc:  # let the task itself run and fail with its clear message
+            log.debug("%s: no cache key (%s)", stage, exc)
+            return f"{stage}-unplanned-{uuid.uuid4().hex}"
+
+    return key_fn
+
+
+def stage_options(task, config: Any, runs_dir: str) -> dict[str, Any]:
+    """Per-run options of a stage task: project-local results, and ``refresh_cache`` when the stage's
+    folder is missing or incomplete, so a cache record never hands back a dead path (the stage runs
+    again and its record is rewritten)."""
+    try:
+        refresh = not is_complete(PLANNERS[task.name](config, runs_dir))
+    except Exception:
+        refresh = True
+    return {"result_storage": result_storage(runs_dir), "refresh_cache": refresh}
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts
+# --------------------------------------------------------------------------------------------
+def _artifact_key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def embed_png(path: Path, alt: str) -> str:
+    """Markdown image with the PNG inlined (the UI shows it without access to the runs folder)."""
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"\n\n![{alt}](data:image/png;base64,{data})\n"
+
+
+class Progress:
+    """A progress artifact in the UI, updated at most every 1% (a callable: (done, total))."""
+
+    def __init__(self, stage: str, description: str):
+        self.id = create_progress_artifact(progress=0.0, key=_artifact_key(f"{stage}-progress"),
+                                           description=description)
+        self.last = -1.0
+
+    def __call__(self, done: int, total: int, *_: Any) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct - self.last >= 1.0 or done >= total:
+            update_progress_artifact(self.id, progress=pct)
+            self.last = pct
+
+
+def _publish(stage: str, markdown: str, description: str) -> None:
+    create_markdown_artifact(markdown=markdown, key=_artifact_key(f"{stage}-results"), description=description)
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+COMMON: dict[str, Any] = {"persist_result": True, "log_prints": True}
+
+
+@task(name="data", cache_key_fn=stage_cache_key("data", plan_data), **COMMON)
+def data_task(config: DataConfig, runs_dir: str) -> str:
+    plan = plan_data(config, runs_dir)
+    result = run_data_stage(config, plan.out, overwrite=not is_complete(plan))
+    m = result.manifest
+    _publish("data", f"# Data: {m['source']}\n\n| rows read | rejected | prompts | pairs | ties dropped | train | "
+             f"validation |\n|---|---|---|---|---|---|---|\n| {m['n_rows_read']} | {m['n_rows_rejected']} | "
+             f"{m['n_prompts']} | {m['n_pairs']} | {m['n_ties_dropped']} | {m['n_train']} | {m['n_validation']} |\n\n"
+             f"Folder: `{result.out_dir}`", "preference pairs")
+    return str(result.out_dir)
+
+
+@task(name="reward-model", cache_key_fn=stage_cache_key("reward-model", plan_reward_model), **COMMON)
+def reward_model_task(config: RewardModelConfig, runs_dir: str) -> str:
+    plan = plan_reward_model(config, runs_dir)
+    progress = Progress(f"rm-{config.kind}", f"{config.kind} reward model: training steps")
+    result = run_reward_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
+    m = result.metrics
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in m.items() if isinstance(v, float))
+    _publish(f"rm-{config.kind}", f"# {config.kind} reward model\n\nFolder: `{result.out_dir}`\n\n| metric | value |\n"
+             f"|---|---|\n{rows}\n" + embed_png(result.out_dir / "reward_eval.png", "validation scores"),
+             f"{config.kind} reward model: validation accuracy {m['accuracy']:.3f}")
+    return str(result.out_dir)
+
+
+@task(name="reinforce", cache_key_fn=stage_cache_key("reinforce", plan_reinforce), **COMMON)
+def reinforce_task(config: ReinforceConfig, runs_dir: str) -> str:
+    plan = plan_reinforce(config, runs_dir)
+    progress = Progress("reinforce", "REINFORCE: optimizer steps")
+    result = train_reinforce(config, plan.out, progress=progress)
+    s = result.summary
+    final = plan.out / "final"
+    lines = [f"# REINFORCE\n\nPolicy: `{final}`\n"]
+    if s.get("eval_before") and s.get("eval_after"):
+        b, a = s["eval_before"], s["eval_after"]
+        lines.append("| held-out (greedy) | before | after |\n|---|---|---|")
+        for k in ("mean_reward", "eos_rate", "mean_length", "distinct2", "repetition"):
+            lines.append(f"| {k} | {b[k]:.4f} | {a[k]:.4f} |")
+    _publish("reinforce", "\n".join(lines) + embed_png(final / "curves.png", "training curves"),
+             "REINFORCE: held-out reward before and after")
+    return str(final)
+
+
+@task(name="score", cache_key_fn=stage_cache_key("score", plan_score), **COMMON)
+def score_task(config: ScoreConfig, runs_dir: str) -> str:
+    plan = plan_score(config, runs_dir)
+    result = run_score_stage(config, plan.out, overwrite=not is_complete(plan))
+    _publish("score", "# Mean reward on validation prompts\n\n" + (result.out_dir / "scores.md").read_text()
+             + embed_png(result.out_dir / "rewards.png", "reward distributions"), "validation mean reward")
+    return str(result.out_dir)
+
+
+def _retry_judge(task, task_run, state) -> bool:
+    """Retry the judge on transient failures only: not on a bad key/model or a spent budget."""
+    try:
+        state.result()
+    except (JudgeFatalError, JudgeBudgetExhausted):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="judge", cache_key_fn=stage_cache_key("judge", plan_judge), retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_retry_judge, **COMMON)
+def judge_task(config: JudgeConfig, runs_dir: str) -> str:
+    plan = plan_judge(config, runs_dir)
+    progress = Progress("judge", f"{config.backend} judge: judgments")
+    result = run_judge_stage(config, plan.out, progress=progress)
+    s = result.summary
+    _publish("judge", (plan.out / "report.md").read_text().split("## Pairwise judge", 1)[-1].replace(
+        "![judge](judge.png)", embed_png(plan.out / "judge.png", "judge")),
+        f"{s['model_a']} vs {s['model_b']}: win rate {s['win_rate']:.3f}")
+    return str(result.out_dir)
+
+
+PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
+    "data": plan_data, "reward-model": plan_reward_model, "reinforce": plan_reinforce, "score": plan_score,
+    "judge": plan_judge}
+
+
+def summary_markdown(stages: dict[str, dict[str, str]], report: str | None) -> str:
+    rows = "\n".join(f"| {name} | {info['state']} | `{info['path']}` |" for name, info in stages.items())
+    text = f"# Alignment pipeline\n\n| stage | state | output |\n|---|---|---|\n{rows}\n"
+    if report:
+        text += f"\nReport: `{report}`\n"
+    return text
+
+
+__all__ = ["data_task", "reward_model_task", "reinforce_task", "score_task", "judge_task", "stage_options",
+           "summary_markdown"]

@@ -1,0 +1,88 @@
+"""The Prefect pipeline on tiny models: end to end, fully cached on a second run, a changed parameter
+re-runs exactly that stage and those below it, a deleted output folder re-runs its stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_pipeline_config
+
+STAGES = ["data", "rm_scalar", "rm_distributional", "reinforce", "score", "judge"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(prefect_harness, tiny_model, tmp_path_factory):
+    from flows.pipeline import run_pipeline
+
+    config = tiny_pipeline_config(tiny_model, tmp_path_factory.mktemp("pipeline") / "runs")
+    return config, run_pipeline(config)
+
+
+def _states(result):
+    return {name: info["state"] for name, info in result["stages"].items()}
+
+
+def test_pipeline_runs_end_to_end(pipeline):
+    config, result = pipeline
+    assert list(result["stages"]) == STAGES
+    assert set(_states(result).values()) == {"Completed"}
+    report = result["report"]
+    text = Path(report).read_text()
+    assert "Pairwise judge" in text and "weaker than an API judge" in text
+    summary = json.loads(Path(result["stages"]["judge"]["path"] + "/summary.json").read_text())
+    assert summary["model_a"] == "tuned" and summary["n"] == 4
+    score = json.loads(Path(result["stages"]["score"]["path"] + "/scores.json").read_text())
+    assert set(score["models"]) == {"base", "tuned"}
+    assert set(score["models"]["tuned"]["rewards"]) == {"scalar", "distributional"}  # both RMs score both models
+
+
+def test_second_run_is_fully_cached(pipeline):
+    from flows.pipeline import run_pipeline
+
+    config, first = pipeline
+    again = run_pipeline(config)
+    assert set(_states(again).values()) == {"Cached"}
+    assert {k: v["path"] for k, v in again["stages"].items()} == {k: v["path"] for k, v in first["stages"].items()}
+
+
+def test_changed_parameter_reruns_that_stage_and_below(pipeline):
+    from flows.pipeline import run_pipeline
+
+    config, first = pipeline
+    changed = config.model_copy(update={"reinforce": config.reinforce.model_copy(update={"steps": 3})})
+    result = run_pipeline(changed)
+    assert _states(result) == {"data": "Cached", "rm_scalar": "Cached", "rm_distributional": "Cached",
+                               "reinforce": "Completed", "score": "Completed", "judge": "Completed"}
+    assert result["stages"]["reinforce"]["path"] != first["stages"]["reinforce"]["path"]
+    lines = Path(result["stages"]["reinforce"]["path"] + "/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_deleted_folder_reruns_its_stage(pipeline):
+    from flows.pipeline import run_pipeline
+
+    config, first = pipeline
+    shutil.rmtree(first["stages"]["rm_distributional"]["path"])
+    result = run_pipeline(config)
+    states = _states(result)
+    assert states["rm_distributional"] == "Completed"  # rebuilt, not a dead cached path
+    manifest = json.loads(Path(first["stages"]["rm_distributional"]["path"] + "/manifest.json").read_text())
+    assert manifest["kind"] == "distributional"
+    assert states["data"] == states["rm_scalar"] == "Cached"
+    # The rebuilt reward model has the same key (same config and data), so nothing below it changes.
+    assert states["reinforce"] == "Cached"
+
+
+def test_align_run_prints_config_and_rejects_bad_overrides(capsys):
+    from alignment.cli import main
+
+    assert main(["run", "--print-config", "reinforce.steps=3", "judge.backend=gemini"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["reinforce"]["steps"] == 3 and cfg["judge"]["backend"] == "gemini"
+    assert cfg["data"]["source"] == "demo" and cfg["score"]["n_prompts"] == 16  # the demo preset
+    assert main(["run", "reinforce.stepz=3"]) == 2
+    assert "reinforce.stepz" in capsys.readouterr().err
