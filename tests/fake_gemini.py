@@ -29,7 +29,7 @@ class _Server(ThreadingHTTPServer):
 class FakeGemini:
     def __init__(self, fault_rate: float = 0.0, faults: tuple[str, ...] = ("429", "500", "slow", "malformed"),
                  seed: int = 0, slow_s: float = 1.5, retry_after: str = "0", known_models: tuple[str, ...] | None = None,
-                 echo_key_on_401: bool = False, delay_s: float = 0.0):
+                 echo_key_on_401: bool = False, delay_s: float = 0.0, port: int = 0):
         self.fault_rate, self.faults, self.slow_s, self.retry_after = fault_rate, faults, slow_s, retry_after
         self.rng = random.Random(seed)
         self.known_models = known_models
@@ -48,7 +48,7 @@ class FakeGemini:
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 fake.handle(self, body)
 
-        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
