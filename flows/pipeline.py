@@ -33,10 +33,11 @@ from tasks.stages import (
 DEMO = PipelineConfig(**pipeline_preset("demo"))
 
 
-def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str]], name: str, **task_options) -> str:
+def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str]], name: str, *,
+         task_kwargs: dict[str, Any] | None = None, **task_options) -> str:
     """Run one stage task; record whether it ran or came from the cache; raise if it failed."""
     state = task.with_options(**stage_options(task, config, options.runs_dir), **task_options)(
-        config, options.runs_dir, return_state=True)
+        config, options.runs_dir, **(task_kwargs or {}), return_state=True)
     path = state.result()  # raises the stage's own error when it failed
     stages[name] = {"state": state.name, "path": path}
     get_run_logger().info("stage %s: %s -> %s", name, state.name, path)
@@ -76,7 +77,8 @@ def alignment_pipeline(
 
     # 3. REINFORCE against the chosen reward model.
     policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[options.reinforce_reward],
-                                                               "data": data_dir}), options, stages, "reinforce")
+                                                               "data": data_dir}), options, stages, "reinforce",
+                  task_kwargs={"num_processes": options.num_processes})
 
     # 4. Both models on the same validation prompts, scored by every reward model.
     score_dir = _run(score_task, score.model_copy(update={

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the project in ./.venv from nothing but Python >= 3.11, then run one job:
-#   bash scripts/bootstrap.sh demo   # install, then run the main job on the embedded default data
+#   bash scripts/bootstrap.sh demo   # install, then run the whole pipeline (align run) on the embedded demo data
 #   bash scripts/bootstrap.sh test   # install (with test tools), then run the whole test suite
 #   bash scripts/bootstrap.sh setup  # install only
 # Re-running is cheap: the install is skipped while pyproject.toml and this script are unchanged.
@@ -74,7 +74,7 @@ fi
 
 case "$MODE" in
     setup) say "done: activate with 'source $VENV/bin/activate', then run 'align --help'" ;;
-    demo)  exec "$VENV/bin/align" data "$@" ;;
+    demo)  exec "$VENV/bin/align" run "$@" ;;
     test)  exec "$PY" -m pytest "$@" ;;
     *) echo "usage: bash scripts/bootstrap.sh [setup|demo|test] [extra args]" >&2; exit 2 ;;
 esac

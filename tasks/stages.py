@@ -14,6 +14,7 @@ markdown artifact with its plot embedded.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -136,12 +137,54 @@ def reward_model_task(config: RewardModelConfig, runs_dir: str) -> str:
     return str(result.out_dir)
 
 
+def launch_reinforce(config: ReinforceConfig, out: Path, num_processes: int,
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run the REINFORCE stage under ``accelerate launch`` with ``num_processes`` data-parallel processes.
+
+    The config travels as a YAML file beside the run; progress is read from ``metrics.jsonl`` while
+    the processes train. Returns the run's summary.json.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "launch-config.yaml"
+    cfg_file.write_text(yaml.safe_dump({"reinforce": config.model_dump(mode="json", exclude={"section"})}))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if config.device == "cpu" or (config.device == "auto" and not _cuda()):
+        cmd.append("--cpu")
+    cmd += ["-m", "alignment.cli", "reinforce", "--config", str(cfg_file), "--out", str(out)]
+    log.info("launching: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        time.sleep(5)
+        if progress is not None and metrics.is_file():
+            progress(len(metrics.read_text().splitlines()), config.steps)
+    if proc.returncode != 0:
+        raise RuntimeError(f"REINFORCE under accelerate launch ({num_processes} processes) failed with exit code "
+                           f"{proc.returncode}; its output is in this task's log")
+    return json.loads((out / "final" / "summary.json").read_text())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @task(name="reinforce", cache_key_fn=stage_cache_key("reinforce", plan_reinforce), **COMMON)
-def reinforce_task(config: ReinforceConfig, runs_dir: str) -> str:
+def reinforce_task(config: ReinforceConfig, runs_dir: str, num_processes: int = 1) -> str:
     plan = plan_reinforce(config, runs_dir)
     progress = Progress("reinforce", "REINFORCE: optimizer steps")
-    result = train_reinforce(config, plan.out, progress=progress)
-    s = result.summary
+    if num_processes > 1:
+        s = launch_reinforce(config, plan.out, num_processes, progress)
+    else:
+        s = train_reinforce(config, plan.out, progress=progress).summary
     final = plan.out / "final"
     lines = [f"# REINFORCE\n\nPolicy: `{final}`\n"]
     if s.get("eval_before") and s.get("eval_after"):
