@@ -352,9 +352,10 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _prefect_env() -> None:
-    """Telemetry off before Prefect is imported; a local Prefect home when none is configured."""
+    """Before Prefect is imported: telemetry off, and the stages' own log lines forwarded to Prefect."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "alignment")  # stage logs show in the UI
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
     return path
 
 
-@flow(name="alignment-pipeline", log_prints=True)
+@flow(name="alignment-pipeline")
 def alignment_pipeline(
     data: DataConfig = DEMO.data,
     rm_scalar: RewardModelConfig = DEMO.rm_scalar,

@@ -109,7 +109,9 @@ def _publish(stage: str, markdown: str, description: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
-COMMON: dict[str, Any] = {"persist_result": True, "log_prints": True}
+# Not log_prints: libraries print noise (datasets' fingerprinting); the stages log through the
+# "alignment" logger, which Prefect forwards to the UI (PREFECT_LOGGING_EXTRA_LOGGERS=alignment).
+COMMON: dict[str, Any] = {"persist_result": True}
 
 
 @task(name="data", cache_key_fn=stage_cache_key("data", plan_data), **COMMON)
