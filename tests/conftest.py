@@ -51,3 +51,16 @@ def tiny_model(tmp_path_factory) -> Path:
     from tests.tiny import tiny_model_dir
 
     return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tmp_path_factory, tiny_model) -> tuple[Path, Path, Path]:
+    """(tiny policy folder, a tiny scalar RM trained on the demo data, the demo data folder)."""
+    from alignment.data import DataConfig, run_data_stage
+    from alignment.reward import RewardModelConfig, run_reward_stage
+
+    tmp = tmp_path_factory.mktemp("rl")
+    data = run_data_stage(DataConfig(), tmp / "data").out_dir
+    rm = run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(data), max_length=128, epochs=1,
+                                            learning_rate=1e-3, max_eval_pairs=8), tmp / "rm").out_dir
+    return tiny_model, rm, data
