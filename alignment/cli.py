@@ -285,6 +285,8 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     except CollapseDetected as exc:
         print(f"align reinforce: stopped: {exc}", file=sys.stderr)
         return 3
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # a data-parallel launch: the first process reports
     s = result.summary
     print(f"policy {'reused' if result.reused else 'trained'}: {out / 'final'}")
     if s.get("eval_before") and s.get("eval_after"):

@@ -20,6 +20,7 @@ Departures from the paper, stated once:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from alignment.data import Message
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.parallel import DataParallel
 from alignment.reward import PairData, RewardScorer
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,8 @@ class ReinforceConfig(StageConfig):
     data: str | None = Field(None, description="Folder written by `align data`: prompts from train, held-out from "
                              "validation; filled in by the pipeline.")
     steps: int = Field(40, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, description="Prompts per step.")
+    batch_size: int = Field(8, ge=1, description="Prompts per step, over all processes: with N data-parallel "
+                            "processes each takes batch_size / N of them (must divide evenly).")
     samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (k; rloo needs >= 2).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation).")
     max_prompt_length: int = Field(256, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
@@ -358,15 +361,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str, Any], keep: int = 2) -> Path:
-    """Policy weights, optimizer, RNG states and trainer state, in one atomic folder rename."""
+def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str, Any], keep: int = 2,
+                    rng: dict[str, Any] | None = None) -> Path:
+    """Policy weights, optimizer, RNG states and trainer state, in one atomic folder rename.
+
+    ``rng``: the RNG states to store (``{"ranks": [...]}`` for a data-parallel run); this process's by default.
+    """
     from safetensors.torch import save_model
 
     target = out_dir / CKPT_DIR / f"step-{step:06d}"
     with atomic_directory(target) as tmp:
         save_model(policy, str(tmp / "policy.safetensors"))  # handles tied embeddings
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else _rng_state(), tmp / "rng.pt")
         write_json(tmp / "state.json", {"step": step, **state})  # last: marks the checkpoint complete
     for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
         if old.name != target.name and old.name not in state.get("protected", []):
@@ -374,12 +381,17 @@ def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str
     return target
 
 
-def load_checkpoint(ckpt: Path, policy, optimizer) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, policy, optimizer, rank: int = 0, world: int = 1) -> dict[str, Any]:
     from safetensors.torch import load_model
 
     load_model(policy, str(ckpt / "policy.safetensors"))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    ranks = rng.get("ranks", [rng])  # a data-parallel run keeps every process's state
+    if len(ranks) != world:
+        raise ReinforceError(f"{ckpt} was written by {len(ranks)} process(es); resume it with the same number "
+                             f"(this launch has {world}) so that every process continues its own sampling")
+    _set_rng_state(ranks[rank])
     return json.loads((ckpt / "state.json").read_text())
 
 
@@ -407,7 +419,12 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
 
     Re-running the same call continues from the last complete checkpoint. ``stop_after`` ends the
     call after that many steps of this call (a controlled interruption, for tests). ``progress`` is
-    called after every step with (step, steps, metrics record).
+    called after every step with (step, steps, metrics record), on the first process only.
+
+    Under a multi-process launcher (see ``alignment.parallel``) every process samples and scores its
+    shard of the batch, gradients are all-reduced, and the baseline, whitening, metrics and collapse
+    guard see the whole batch, so all processes hold the same weights and take the same decisions;
+    only the first one writes metrics, checkpoints and the final folder.
     """
     if config.reward_model is None or config.data is None:
         raise ReinforceError("reinforce needs both reward_model (a folder written by `align rm`) and data "
@@ -417,18 +434,24 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     done = read_manifest(out / "final")
     if done is not None and done.get("stage_key") == key:
         return ReinforceResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
+    dist = DataParallel(resolve_device(config.device))
+    if config.batch_size % dist.world:
+        raise ReinforceError(f"batch_size={config.batch_size} prompts do not split evenly over {dist.world} processes")
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "run.json"
     if state_file.is_file() and json.loads(state_file.read_text()).get("stage_key") != key:
         raise ReinforceError(f"{out} holds a REINFORCE run with a different config; use another --out")
-    write_json(state_file, {"stage_key": key, "config": config.model_dump(mode="json")})
+    if dist.is_main:
+        write_json(state_file, {"stage_key": key, "config": config.model_dump(mode="json")})
 
     # 0. Models, data, optimizer; resume if a checkpoint exists.
-    device = resolve_device(config.device)
+    device = dist.device
     bf16 = bf16_enabled(config.bf16, device)
     random.seed(config.seed)
     np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    # Each process draws its own completions; process 0 keeps the single-process seed. (LoRA's random
+    # init differs per process too, but DDP copies process 0's weights to all when it wraps the model.)
+    torch.manual_seed(config.seed + dist.rank)
     policy, tokenizer = load_causal_lm(config.policy, device=device, padding_side="left")
     if config.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -457,15 +480,19 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     start_step = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, policy, optimizer)
+        state = load_checkpoint(ckpt, policy, optimizer, dist.rank, dist.world)
         start_step = state["step"]
         for k, v in state.pop("baseline").items():
             setattr(baseline, k, v)
         log.info("resuming from %s (step %d)", ckpt, start_step)
+    # ``model`` (DDP-wrapped when data-parallel) runs the gradient forward passes; ``policy`` stays the
+    # plain model (accelerator.unwrap_model) for generate, the adapter-free reference and saving.
+    model, optimizer = dist.prepare(policy, optimizer)
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if dist.is_main:
+        _truncate_metrics(metrics_path, start_step)
     before = state.get("eval_before")
-    if before is None and eval_prompts:
+    if before is None and eval_prompts and dist.is_main:  # the others wait at their first collective
         before = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16))
         state["eval_before"] = before
         log.info("held-out mean reward before training: %.4f", before["mean_reward"])
@@ -481,6 +508,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
             order = np.random.default_rng(config.seed + state["epoch"]).permutation(len(train_prompts))
         idx = order[state["position"]:state["position"] + config.batch_size]
         state["position"] += config.batch_size
+        idx = dist.shard(idx)  # this process's share (all of it for one process)
         prompts = [train_prompts[i] for i in idx for _ in range(k)]  # prompt-major: k samples each
 
         # 2. Chat template, left padding, batched sampling with the KV cache.
@@ -526,8 +554,11 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         graph_inputs = []
         for s in micro:
             sl = slice(s, s + config.micro_batch_size)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                lp, ent = completion_logprobs(policy, input_ids[sl].to(device), attn[sl].to(device), width,
+            # DDP: only the last forward arms the all-reduce; the one backward below then reduces the
+            # gradient summed over all micro-batches once (no_sync on the others).
+            sync = dist.no_sync(model) if s != micro[-1] else contextlib.nullcontext()
+            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                lp, ent = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width,
                                               mask[sl].to(device))
             logps[sl], entropies[sl] = lp.detach().cpu(), ent.cpu()
             graph_inputs.append((sl, lp))
@@ -536,38 +567,46 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
             reward -= config.kl_beta * kl
         if config.reward_clip is not None:
             reward = reward.clamp(-config.reward_clip, config.reward_clip)
-        advantages, b = compute_advantages(reward, config, baseline, scores.var)
-        total_loss = 0.0
-        for sl, lp in graph_inputs:
-            # Each micro-batch contributes its share of the batch mean.
-            loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
-            loss.backward()
-            total_loss += float(loss.detach())
+        # The baseline and whitening see the whole batch, gathered in rank order (so still prompt-major,
+        # RLOO groups intact): every process computes the same baseline state. Identity for one process.
+        all_reward, all_var = dist.gather(reward), dist.gather(scores.var)
+        all_advantages, b = compute_advantages(all_reward, config, baseline, all_var)
+        advantages = dist.local(all_advantages)
+        # Each micro-batch contributes its share of the (per-process) batch mean; DDP averages over
+        # processes, which is the mean over the global batch (equal shards).
+        loss = sum(reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
+                   for sl, lp in graph_inputs)
+        dist.backward(loss)
+        total_loss = dist.mean(float(loss.detach()))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
         optimizer.step()
         t_pol = time.perf_counter()
 
-        # 9. Metrics and the collapse guard.
-        health = text_health(token_lists)
+        # 9. Metrics and the collapse guard, over the whole batch so every process stops together.
+        health = text_health(dist.gather_objects(token_lists))
+        rm_reward, all_rm_var, kl = dist.gather(rm_reward), all_var, dist.gather(kl)
+        entropies, lengths, all_eos = dist.gather(entropies), dist.gather(mask.sum(-1)), dist.gather(has_eos)
         record = {
-            "step": step + 1, "loss": total_loss, "reward": float(reward.mean()), "reward_std": float(reward.std()),
-            "rm_reward": float(rm_reward.mean()), "rm_var": float(scores.var.mean()), "baseline": b,
-            "advantage": float(advantages.mean()), "advantage_abs": float(advantages.abs().mean()),
-            "kl": float(kl.mean()), "entropy": float(entropies.mean()), "length": float(mask.sum(-1).mean()),
-            "eos_rate": float(has_eos.float().mean()), **health, "grad_norm": grad_norm,
+            "step": step + 1, "loss": total_loss, "reward": float(all_reward.mean()),
+            "reward_std": float(all_reward.std()), "rm_reward": float(rm_reward.mean()),
+            "rm_var": float(all_rm_var.mean()), "baseline": b,
+            "advantage": float(all_advantages.mean()), "advantage_abs": float(all_advantages.abs().mean()),
+            "kl": float(kl.mean()), "entropy": float(entropies.mean()), "length": float(lengths.mean()),
+            "eos_rate": float(all_eos.float().mean()), **health, "grad_norm": grad_norm,
             "seconds": {"generate": t_gen - t0, "reward": t_rew - t_gen, "policy": t_pol - t_rew},
             "sample": texts[0][:200],
         }
         healthy = health["distinct2"] >= config.guard_min_distinct2 and health["repetition"] <= config.guard_max_repetition
         state["unhealthy_streak"] = 0 if healthy else state["unhealthy_streak"] + 1
         record["healthy"] = healthy
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if progress is not None:
-            progress(step + 1, config.steps, record)
-        log.info("step %d/%d loss %.4f reward %.3f kl %.3f len %.1f eos %.2f distinct2 %.2f rep %.2f",
-                 step + 1, config.steps, total_loss, record["reward"], record["kl"], record["length"],
-                 record["eos_rate"], health["distinct2"], health["repetition"])
+        if dist.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(step + 1, config.steps, record)
+            log.info("step %d/%d loss %.4f reward %.3f kl %.3f len %.1f eos %.2f distinct2 %.2f rep %.2f",
+                     step + 1, config.steps, total_loss, record["reward"], record["kl"], record["length"],
+                     record["eos_rate"], health["distinct2"], health["repetition"])
         if state["unhealthy_streak"] >= config.guard_patience:
             raise CollapseDetected(
                 f"collapse guard: distinct-2 {health['distinct2']:.2f} (min {config.guard_min_distinct2}) / repetition "
@@ -582,11 +621,19 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
                 ckpt_state["last_healthy"] = f"step-{step + 1:06d}"
                 state["last_healthy"] = ckpt_state["last_healthy"]
             ckpt_state["protected"] = [state["last_healthy"]] if state["last_healthy"] else []
-            save_checkpoint(out, step + 1, policy, optimizer, ckpt_state)
+            # Every process's RNG state, so a resumed run continues each one's sampling exactly.
+            rng = {"ranks": dist.gather_objects([_rng_state()])} if dist.world > 1 else None
+            if dist.is_main:
+                save_checkpoint(out, step + 1, policy, optimizer, ckpt_state, rng=rng)
+            dist.barrier()
         if stop_after is not None and step + 1 - start_step >= stop_after:
             return ReinforceResult(out, {"stopped_at": step + 1}, reused=False)
 
-    # Final: held-out evaluation, save_pretrained folder, curves.
+    # Final (first process only; the others wait and read its summary): held-out evaluation,
+    # save_pretrained folder, curves.
+    if not dist.is_main:
+        dist.barrier()
+        return ReinforceResult(out, json.loads((out / "final" / "summary.json").read_text()))
     after = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16)) if eval_prompts else None
     summary = {"steps": config.steps, "eval_before": before, "eval_after": after,
                "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None}
@@ -599,6 +646,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         write_json(tmp / "summary.json", summary)
         plot_curves(tmp / "metrics.jsonl", tmp / "curves.png")
         write_json(tmp / MANIFEST, {"stage": "reinforce", "stage_key": key, "config": config.model_dump(mode="json")})
+    dist.barrier()
     return ReinforceResult(out, summary)
 
 

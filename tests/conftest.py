@@ -103,3 +103,16 @@ def tiny_pipeline_config(tiny_model: Path, runs_dir: Path, **sections):
         options=PipelineOptions(runs_dir=str(runs_dir)))
     parts.update(sections)
     return PipelineConfig(**parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tmp_path_factory, tiny_model) -> tuple[Path, Path, Path]:
+    """(tiny policy folder, a tiny scalar RM trained on the demo data, the demo data folder)."""
+    from alignment.data import DataConfig, run_data_stage
+    from alignment.reward import RewardModelConfig, run_reward_stage
+
+    tmp = tmp_path_factory.mktemp("rl")
+    data = run_data_stage(DataConfig(), tmp / "data").out_dir
+    rm = run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(data), max_length=128, epochs=1,
+                                            learning_rate=1e-3, max_eval_pairs=8), tmp / "rm").out_dir
+    return tiny_model, rm, data

@@ -107,19 +107,6 @@ def test_text_health_hand_values():
 # ---------------------------------------------------------------------------------------------
 # The loop on the tiny model
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_stack(tmp_path_factory, tiny_model):
-    """Tiny policy + a tiny scalar RM trained on the demo data, and the demo data folder."""
-    from alignment.data import DataConfig, run_data_stage
-    from alignment.reward import RewardModelConfig, run_reward_stage
-
-    tmp = tmp_path_factory.mktemp("rl")
-    data = run_data_stage(DataConfig(), tmp / "data").out_dir
-    rm = run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(data), max_length=128, epochs=1,
-                                            learning_rate=1e-3, max_eval_pairs=8), tmp / "rm").out_dir
-    return tiny_model, rm, data
-
-
 def _config(stack, **kw):
     policy, rm, data = stack
     base = dict(policy=str(policy), reward_model=str(rm), data=str(data), steps=4, batch_size=4, max_new_tokens=12,
@@ -226,3 +213,29 @@ def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
     b = json.loads((tmp_path / "b" / "metrics.jsonl").read_text())
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["sample"] == b["sample"]
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_stack, capsys):
+    from alignment.cli import main
+    from alignment.hardware import DeviceError
+
+    with pytest.raises(DeviceError, match="torch sees no CUDA device"):
+        train_reinforce(_config(tiny_stack, device="cuda"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    policy, rm, data = tiny_stack
+    assert main(["-q", "reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out",
+                 str(tmp_path / "cli"), "device=cuda"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_a_few_steps_on_cuda(tmp_path, tiny_stack):
+    config = _config(tiny_stack, device="cuda", steps=2, checkpoint_every=1, eval_prompts=2)
+    result = train_reinforce(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before if k in after)
+    assert result.summary["eval_after"]["n"] == 2
