@@ -635,7 +635,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         dist.barrier()
         return ReinforceResult(out, json.loads((out / "final" / "summary.json").read_text()))
     after = asdict(evaluate_policy(policy, tokenizer, scorer, eval_prompts, config, bf16)) if eval_prompts else None
-    summary = {"steps": config.steps, "eval_before": before, "eval_after": after,
+    summary = {"steps": config.steps, "processes": dist.world, "eval_before": before, "eval_after": after,
                "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None}
     if config.lora:
         policy = policy.merge_and_unload()  # the final folder is a plain transformers model

@@ -155,11 +155,12 @@ def launch_reinforce(config: ReinforceConfig, out: Path, num_processes: int,
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "launch-config.yaml"
     cfg_file.write_text(yaml.safe_dump({"reinforce": config.model_dump(mode="json", exclude={"section"})}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if config.device == "cpu" or (config.device == "auto" and not _cuda()):
-        cmd.append("--cpu")
-    cmd += ["-m", "alignment.cli", "reinforce", "--config", str(cfg_file), "--out", str(out)]
+    # --multi_gpu even on CPU: accelerate sends --cpu to its single-process launcher; the processes
+    # still run on the configured device (gloo on CPU, NCCL on GPUs).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           "-m", "alignment.cli", "reinforce", "--config", str(cfg_file), "--out", str(out)]
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd)
     metrics = out / "metrics.jsonl"
@@ -173,10 +174,12 @@ def launch_reinforce(config: ReinforceConfig, out: Path, num_processes: int,
     return json.loads((out / "final" / "summary.json").read_text())
 
 
-def _cuda() -> bool:
-    import torch
+def _free_port() -> int:
+    import socket
 
-    return torch.cuda.is_available()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @task(name="reinforce", cache_key_fn=stage_cache_key("reinforce", plan_reinforce), **COMMON)

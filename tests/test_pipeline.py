@@ -86,3 +86,18 @@ def test_align_run_prints_config_and_rejects_bad_overrides(capsys):
     assert cfg["data"]["source"] == "demo" and cfg["score"]["n_prompts"] == 16  # the demo preset
     assert main(["run", "reinforce.stepz=3"]) == 2
     assert "reinforce.stepz" in capsys.readouterr().err
+
+
+def test_reinforce_stage_under_accelerate_launch(tiny_stack, tmp_path):
+    """options.num_processes > 1: the task runs `align reinforce` under `accelerate launch` (2 CPU processes)."""
+    from alignment.reinforce import ReinforceConfig
+    from tasks.stages import launch_reinforce
+
+    policy, rm, data = tiny_stack
+    config = ReinforceConfig(policy=str(policy), reward_model=str(rm), data=str(data), device="cpu", steps=2,
+                             batch_size=4, max_new_tokens=8, eval_prompts=2, checkpoint_every=2,
+                             learning_rate=1e-3, guard_min_distinct2=0.0, guard_max_repetition=1.0)
+    summary = launch_reinforce(config, tmp_path / "rl", 2)
+    rows = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and summary["steps"] == 2 and summary["processes"] == 2
+    assert (tmp_path / "rl" / "final" / "model.safetensors").is_file()
