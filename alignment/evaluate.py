@@ -33,6 +33,7 @@ from alignment.data import Message
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import (
     MANIFEST,
+    StageResult,
     atomic_directory,
     read_manifest,
     reusable_output,
@@ -217,11 +218,7 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], toke
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ScoreResult:
-    out_dir: Path
-    summary: dict[str, Any]
-    reused: bool = False
+ScoreResult = StageResult
 
 
 def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,6 +14,15 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage returns: its output folder, its summary, and whether an earlier output was reused."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    reused: bool = False
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
 from alignment.evaluate import GENERATIONS, bootstrap_ci, read_generations
-from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
+from alignment.io import MANIFEST, StageResult, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -430,11 +430,7 @@ class LocalJudge:
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-@dataclass
-class JudgeResult:
-    out_dir: Path
-    summary: dict[str, Any]
-    reused: bool = False
+JudgeResult = StageResult
 
 
 def judge_stage_key(config: JudgeConfig) -> str:

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from alignment.config import StageConfig
 from alignment.data import Message
 from alignment.hardware import bf16_enabled, resolve_device
-from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_text, write_json
+from alignment.io import MANIFEST, StageResult, atomic_directory, read_manifest, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
 from alignment.parallel import DataParallel
 from alignment.reward import PairData, RewardScorer
@@ -398,11 +398,7 @@ def load_checkpoint(ckpt: Path, policy, optimizer, rank: int = 0, world: int = 1
 # --------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------
-@dataclass
-class ReinforceResult:
-    out_dir: Path
-    summary: dict[str, Any]
-    reused: bool = False
+ReinforceResult = StageResult
 
 
 def reinforce_stage_key(config: ReinforceConfig) -> str:
