@@ -241,6 +241,8 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     result = run_reward_stage(config, args.out, overwrite=args.overwrite,
                               runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
     m = result.metrics
+    if not m:  # a non-first process of a multi-process launch: the first one reports
+        return 0
     print(f"reward model {'reused' if result.reused else 'trained'}: {result.out_dir}")
     print(f"  validation: {m['n_pairs']} pairs, accuracy {m['accuracy']:.3f}, mean margin {m['mean_margin']:.3f}")
     if "accuracy_prob" in m:

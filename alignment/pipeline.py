@@ -34,8 +34,9 @@ class PipelineOptions(BaseModel):
     reinforce_reward: Literal["scalar", "distributional"] = Field(
         "scalar", description="Which reward model REINFORCE optimises (it must be trained).")
     judge: bool = Field(True, description="Run the pairwise judge after scoring.")
-    num_processes: int = Field(1, ge=1, description="REINFORCE data-parallel processes: > 1 runs the stage under "
-                               "`accelerate launch` from inside the task (one per GPU; gloo on CPU).")
+    num_processes: int = Field(1, ge=1, description="Data-parallel processes for the reward-model and REINFORCE "
+                               "stages: > 1 runs them under `accelerate launch` from inside the task (one per "
+                               "GPU; gloo on CPU).")
     judge_retries: int = Field(1, ge=0, description="Prefect retries of the judge stage on transient failures.")
     judge_retry_delay_s: float = Field(30.0, ge=0.0)
 

@@ -12,9 +12,12 @@ reward-centring term 0.01 * E[(r_w + r_l)^2] (Eisenstein et al. 2023) so rewards
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -449,6 +452,12 @@ def _progress_callback(report: Callable[[int, int], None]):
     return Progress()
 
 
+@contextlib.contextmanager
+def _scratch_directory():
+    with tempfile.TemporaryDirectory(prefix="rm-rank-") as tmp:
+        yield Path(tmp)
+
+
 def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                      runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None
                      ) -> RewardResult:
@@ -500,7 +509,12 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     steps = max(1, int(len(train) / (config.batch_size * config.gradient_accumulation_steps) * config.epochs))
     logging_steps = max(1, min(config.logging_steps, steps // 4))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(out) as tmp:
+    # Under a multi-process launcher (accelerate launch / torchrun: WORLD_SIZE > 1) the Trainer runs
+    # data parallel; only the first process saves, evaluates and writes the folder, the others train
+    # in a scratch folder and return once training is done.
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    writer = atomic_directory(out) if rank == 0 else _scratch_directory()
+    with writer as tmp:
         args = RewardConfig(
             output_dir=str(tmp / "_trainer"), num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -524,6 +538,8 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         train_out = trainer.train()
         train_seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
+        if rank != 0:
+            return RewardResult(out, {}, reused=False)
 
         # 5. Save a plain transformers folder (LoRA merged), tagged with kind and tokenizer.
         final = trainer.model
@@ -545,6 +561,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             "pairs_per_second": round(len(train) * config.epochs / train_seconds, 3),
             "first_loss": history[0]["loss"] if history else None, "final_loss": history[-1]["loss"] if history else None,
             "train_loss": train_out.training_loss, "bf16": bf16, "lora": config.lora, "device": str(device),
+            "processes": world,
         }
         write_json(tmp / "metrics.json", metrics)
         with open(tmp / "train_log.jsonl", "w") as fh:

@@ -69,11 +69,11 @@ def alignment_pipeline(
     rms: dict[str, str] = {}
     if options.train_scalar:
         rms["scalar"] = _run(reward_model_task, rm_scalar.model_copy(update={"kind": "scalar", "data": data_dir}),
-                             options, stages, "rm_scalar")
+                             options, stages, "rm_scalar", task_kwargs={"num_processes": options.num_processes})
     if options.train_distributional:
         rms["distributional"] = _run(
             reward_model_task, rm_distributional.model_copy(update={"kind": "distributional", "data": data_dir}),
-            options, stages, "rm_distributional")
+            options, stages, "rm_distributional", task_kwargs={"num_processes": options.num_processes})
 
     # 3. REINFORCE against the chosen reward model.
     policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[options.reinforce_reward],

@@ -127,10 +127,14 @@ def data_task(config: DataConfig, runs_dir: str) -> str:
 
 
 @task(name="reward-model", cache_key_fn=stage_cache_key("reward-model", plan_reward_model), **COMMON)
-def reward_model_task(config: RewardModelConfig, runs_dir: str) -> str:
+def reward_model_task(config: RewardModelConfig, runs_dir: str, num_processes: int = 1) -> str:
     plan = plan_reward_model(config, runs_dir)
     progress = Progress(f"rm-{config.kind}", f"{config.kind} reward model: training steps")
-    result = run_reward_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
+    if num_processes > 1:
+        launch_stage("rm", config, plan.out, num_processes)
+        result = run_reward_stage(config, plan.out)  # reuses the launched run's complete folder
+    else:
+        result = run_reward_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
     m = result.metrics
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in m.items() if isinstance(v, float))
     _publish(f"rm-{config.kind}", f"# {config.kind} reward model\n\nFolder: `{result.out_dir}`\n\n| metric | value |\n"
@@ -139,12 +143,13 @@ def reward_model_task(config: RewardModelConfig, runs_dir: str) -> str:
     return str(result.out_dir)
 
 
-def launch_reinforce(config: ReinforceConfig, out: Path, num_processes: int,
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run the REINFORCE stage under ``accelerate launch`` with ``num_processes`` data-parallel processes.
+def launch_stage(command: str, config: ReinforceConfig | RewardModelConfig, out: Path, num_processes: int,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+    """Run ``align <command>`` (``reinforce`` or ``rm``) under ``accelerate launch`` with ``num_processes``
+    data-parallel processes, writing to ``out``.
 
-    The config travels as a YAML file beside the run; progress is read from ``metrics.jsonl`` while
-    the processes train. Returns the run's summary.json.
+    The config travels as a YAML file beside the output; for REINFORCE, progress is read from
+    ``metrics.jsonl`` while the processes train.
     """
     import subprocess
     import sys
@@ -152,26 +157,26 @@ def launch_reinforce(config: ReinforceConfig, out: Path, num_processes: int,
 
     import yaml
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "launch-config.yaml"
-    cfg_file.write_text(yaml.safe_dump({"reinforce": config.model_dump(mode="json", exclude={"section"})}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file = out.parent / f".{out.name}.launch-config.yaml"
+    cfg_file.write_text(yaml.safe_dump({config.section: config.model_dump(mode="json", exclude={"section"})}))
     # --multi_gpu even on CPU: accelerate sends --cpu to its single-process launcher; the processes
     # still run on the configured device (gloo on CPU, NCCL on GPUs).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "alignment.cli", "reinforce", "--config", str(cfg_file), "--out", str(out)]
+           "-m", "alignment.cli", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd)
     metrics = out / "metrics.jsonl"
+    steps = getattr(config, "steps", 0)
     while proc.poll() is None:
         time.sleep(5)
-        if progress is not None and metrics.is_file():
-            progress(len(metrics.read_text().splitlines()), config.steps)
+        if progress is not None and steps and metrics.is_file():
+            progress(len(metrics.read_text().splitlines()), steps)
     if proc.returncode != 0:
-        raise RuntimeError(f"REINFORCE under accelerate launch ({num_processes} processes) failed with exit code "
-                           f"{proc.returncode}; its output is in this task's log")
-    return json.loads((out / "final" / "summary.json").read_text())
+        raise RuntimeError(f"`align {command}` under accelerate launch ({num_processes} processes) failed with exit "
+                           f"code {proc.returncode}; its output is in this task's log")
 
 
 def _free_port() -> int:
@@ -187,7 +192,8 @@ def reinforce_task(config: ReinforceConfig, runs_dir: str, num_processes: int = 
     plan = plan_reinforce(config, runs_dir)
     progress = Progress("reinforce", "REINFORCE: optimizer steps")
     if num_processes > 1:
-        s = launch_reinforce(config, plan.out, num_processes, progress)
+        launch_stage("reinforce", config, plan.out, num_processes, progress)
+        s = json.loads((plan.out / "final" / "summary.json").read_text())
     else:
         s = train_reinforce(config, plan.out, progress=progress).summary
     final = plan.out / "final"

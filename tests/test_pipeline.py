@@ -88,16 +88,25 @@ def test_align_run_prints_config_and_rejects_bad_overrides(capsys):
     assert "reinforce.stepz" in capsys.readouterr().err
 
 
-def test_reinforce_stage_under_accelerate_launch(tiny_stack, tmp_path):
-    """options.num_processes > 1: the task runs `align reinforce` under `accelerate launch` (2 CPU processes)."""
+def test_stages_under_accelerate_launch(tiny_stack, tmp_path):
+    """options.num_processes > 1: the tasks run `align rm` / `align reinforce` under `accelerate launch`
+    (2 CPU processes, gloo); the first process writes the complete folder."""
     from alignment.reinforce import ReinforceConfig
-    from tasks.stages import launch_reinforce
+    from alignment.reward import RewardModelConfig
+    from tasks.stages import launch_stage
 
     policy, rm, data = tiny_stack
+    rm_config = RewardModelConfig(model=str(policy), data=str(data), max_length=128, max_train_pairs=16,
+                                  max_eval_pairs=8, epochs=1, batch_size=4, learning_rate=1e-3, device="cpu")
+    launch_stage("rm", rm_config, tmp_path / "rm", 2)
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["train"]["processes"] == 2 and (tmp_path / "rm" / "manifest.json").is_file()
+
     config = ReinforceConfig(policy=str(policy), reward_model=str(rm), data=str(data), device="cpu", steps=2,
                              batch_size=4, max_new_tokens=8, eval_prompts=2, checkpoint_every=2,
                              learning_rate=1e-3, guard_min_distinct2=0.0, guard_max_repetition=1.0)
-    summary = launch_reinforce(config, tmp_path / "rl", 2)
+    launch_stage("reinforce", config, tmp_path / "rl", 2)
+    summary = json.loads((tmp_path / "rl" / "final" / "summary.json").read_text())
     rows = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and summary["steps"] == 2 and summary["processes"] == 2
     assert (tmp_path / "rl" / "final" / "model.safetensors").is_file()
