@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:  # one line per HTTP request (Prefect's API, the judge's calls) is noise
+        for name in ("httpx", "httpcore", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2
