@@ -540,6 +540,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
                                                      device)
         reward = rm_reward.clone()
         reward -= config.missing_eos_penalty * (~has_eos).float()
+        t_ref = time.perf_counter()
 
         # 6-8. Policy forward/backward in micro-batches (the loss is a mean over the batch), step.
         optimizer.zero_grad(set_to_none=True)
@@ -574,6 +575,7 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
                    for sl, lp in graph_inputs)
         dist.backward(loss)
         total_loss = dist.mean(float(loss.detach()))
+        t_bwd = time.perf_counter()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
         optimizer.step()
         t_pol = time.perf_counter()
@@ -589,7 +591,11 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
             "advantage": float(all_advantages.mean()), "advantage_abs": float(all_advantages.abs().mean()),
             "kl": float(kl.mean()), "entropy": float(entropies.mean()), "length": float(lengths.mean()),
             "eos_rate": float(all_eos.float().mean()), **health, "grad_norm": grad_norm,
-            "seconds": {"generate": t_gen - t0, "reward": t_rew - t_gen, "policy": t_pol - t_rew},
+            # policy = reference (the KL pass) + forward_backward + optimizer (with clipping)
+            "seconds": {"generate": t_gen - t0, "reward": t_rew - t_gen, "policy": t_pol - t_rew,
+                        "reference": t_ref - t_rew, "forward_backward": t_bwd - t_ref, "optimizer": t_pol - t_bwd},
+            "tokens": {"prompt": int(dist.gather(batch["attention_mask"].sum(-1)).sum()),
+                       "completion": int(lengths.sum())},
             "sample": texts[0][:200],
         }
         healthy = health["distinct2"] >= config.guard_min_distinct2 and health["repetition"] <= config.guard_max_repetition

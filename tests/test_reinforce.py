@@ -125,6 +125,8 @@ def test_training_updates_parameters_and_writes_everything(tmp_path, tiny_stack)
     for key in ("reward", "baseline", "advantage", "kl", "entropy", "length", "eos_rate", "distinct1", "distinct2",
                 "repetition", "loss"):
         assert all(math.isfinite(r[key]) for r in rows), key
+    assert set(rows[0]["seconds"]) == {"generate", "reward", "policy", "reference", "forward_backward", "optimizer"}
+    assert rows[0]["tokens"]["prompt"] > 4 and rows[0]["tokens"]["completion"] == 4 * rows[0]["length"]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts equal to the reference
     assert any(abs(r["kl"]) > 1e-4 for r in rows[1:])  # and moves away from it
     before = load_file(tiny_stack[0] / "model.safetensors")
