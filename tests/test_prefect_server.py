@@ -76,6 +76,7 @@ def test_ui_retry_reruns_only_the_failed_stage(prefect_server, tiny_model, tmp_p
     from prefect import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
     from alignment.judge import JudgeConfig
@@ -84,8 +85,10 @@ def test_ui_retry_reruns_only_the_failed_stage(prefect_server, tiny_model, tmp_p
     serve_log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
     serve = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--runs-dir", str(runs)], cwd=ROOT, env=env,
                              stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
+    # temporary_settings, not only the environment: an active test harness (earlier tests in the
+    # session) would otherwise point the client at its own temporary API.
     try:
-        with get_client(sync_client=True) as client:
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             _wait(lambda: _deployment_exists(client, "alignment-pipeline/demo"), 120, "served deployments", serve)
             config = tiny_pipeline_config(
                 tiny_model, runs,
