@@ -105,7 +105,7 @@ def main() -> None:
             port = _free_port()
             api = f"http://127.0.0.1:{port}/api"
             env = {**os.environ, "PREFECT_HOME": f"{tmp}/home", "PREFECT_API_URL": api}
-            server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         os.environ["PREFECT_API_URL"] = api
