@@ -379,15 +379,12 @@ class LocalJudge:
     """A local chat model as judge: P('A') vs P('B') as its next token after the question."""
 
     def __init__(self, config: JudgeConfig):
-        import torch
-
         from alignment.models import load_causal_lm
 
         self.config = config
         self.model, self.tok = load_causal_lm(config.local_model, padding_side="left")
         self.model.eval()
         self.ids = [self._letter_id(c) for c in ("A", "B")]
-        self.torch = torch
 
     def _letter_id(self, letter: str) -> int:
         ids = self.tok.encode(letter, add_special_tokens=False)
@@ -397,20 +394,15 @@ class LocalJudge:
 
     def probabilities(self, texts: Sequence[str]) -> list[float]:
         """P(A) / (P(A) + P(B)) for each judge prompt."""
-        torch = self.torch
-        rows = [self.tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                              {"role": "user", "content": t}],
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)
-                for t in texts]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+        import torch
+
+        from alignment.reinforce import encode_prompts, position_ids_from_mask
+
+        prompts = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": t}] for t in texts]
+        batch = encode_prompts(self.tok, prompts, self.model.config.max_position_embeddings)
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask,
-                                position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits[:, -1].float()
+            logits = self.model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"])
+                                ).logits[:, -1].float()
         two = torch.softmax(logits[:, self.ids], dim=-1)
         return two[:, 0].tolist()
 
@@ -537,12 +529,13 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
                      "final": final_verdict(ab["winner"], ba["winner"]),
                      "len_a": len(ra["completion"]), "len_b": len(rb["completion"])})
     write_csv(rows, out / "judgments.csv")
-    summary = {"backend": config.backend, "judge_model": config.gemini_model if config.backend == "gemini"
-               else config.local_model, "model_a": model_a, "model_b": model_b,
-               "complete": len(rows) == len(pairs), "pairs_total": len(pairs), "calls_this_run": budget.used,
-               **summarise(rows, seed=config.seed)} if rows else {
-               "backend": config.backend, "model_a": model_a, "model_b": model_b, "complete": False,
-               "pairs_total": len(pairs), "n": 0, "calls_this_run": budget.used}
+    summary: dict[str, Any] = {
+        "backend": config.backend,
+        "judge_model": config.gemini_model if config.backend == "gemini" else config.local_model,
+        "model_a": model_a, "model_b": model_b, "complete": len(rows) == len(pairs), "pairs_total": len(pairs),
+        "calls_this_run": budget.used, "n": 0}
+    if rows:
+        summary.update(summarise(rows, seed=config.seed))
     if config.backend == "local":
         summary["note"] = LOCAL_JUDGE_NOTE
     versions = sorted({r.get("model_version", "") for r in done.values()} - {""})

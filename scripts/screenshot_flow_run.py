@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,12 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(api: str, timeout: float = 120) -> None:
@@ -98,11 +91,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    from tests.conftest import free_port
+
     server = None
     with tempfile.TemporaryDirectory() as tmp:
         api = args.api
         if api is None:
-            port = _free_port()
+            port = free_port()
             api = f"http://127.0.0.1:{port}/api"
             env = {**os.environ, "PREFECT_HOME": f"{tmp}/home", "PREFECT_API_URL": api}
             server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ROOT, tiny_pipeline_config
+from tests.conftest import ROOT, free_port, tiny_pipeline_config
 from tests.fake_gemini import FakeGemini
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -48,7 +41,7 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_UI_ENABLED": "false",
@@ -69,7 +62,7 @@ def prefect_server(tmp_path):
 
 def test_ui_retry_reruns_only_the_failed_stage(prefect_server, tiny_model, tmp_path, monkeypatch):
     api, env = prefect_server
-    gemini_port = _free_port()  # nothing listens here until the retry
+    gemini_port = free_port()  # nothing listens here until the retry
     runs = tmp_path / "runs"
     env = {**env, "GEMINI_API_KEY": "test-key", "GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{gemini_port}"}
     monkeypatch.setenv("PREFECT_API_URL", api)

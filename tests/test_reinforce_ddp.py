@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(stack, out: Path, dump: Path, *, stop_after: int | None = None) -> None:
@@ -34,7 +29,7 @@ def _launch(stack, out: Path, dump: Path, *, stop_after: int | None = None) -> N
     # still run on CPU (device=cpu) over gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "ddp_worker.py"),
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "ddp_worker.py"),
            "-q", "reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out", str(out),
            "device=cpu", "steps=4", "batch_size=4", "max_new_tokens=12", "learning_rate=1e-3",
            "checkpoint_every=2", "eval_prompts=2", "guard_min_distinct2=0.0", "guard_max_repetition=1.0",
