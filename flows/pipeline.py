@@ -23,10 +23,10 @@ from alignment.reward import RewardModelConfig
 from tasks.stages import (
     data_task,
     judge_task,
+    plan_stage,
     reinforce_task,
     reward_model_task,
     score_task,
-    stage_options,
     summary_markdown,
 )
 
@@ -36,8 +36,9 @@ DEMO = PipelineConfig(**pipeline_preset("demo"))
 def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str]], name: str, *,
          task_kwargs: dict[str, Any] | None = None, **task_options) -> str:
     """Run one stage task; record whether it ran or came from the cache; raise if it failed."""
-    state = task.with_options(**stage_options(task, config, options.runs_dir), **task_options)(
-        config, options.runs_dir, **(task_kwargs or {}), return_state=True)
+    plan, run_options = plan_stage(task, config, options.runs_dir)
+    state = task.with_options(**run_options, **task_options)(
+        config, options.runs_dir, plan, **(task_kwargs or {}), return_state=True)
     path = state.result()  # raises the stage's own error when it failed
     stages[name] = {"state": state.name, "path": path}
     get_run_logger().info("stage %s: %s -> %s", name, state.name, path)

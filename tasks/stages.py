@@ -6,6 +6,8 @@ a model). Caching: the cache key is the stage key (config + the manifests of its
 changed upstream invalidates everything below it. When the stage's folder vanished or is incomplete
 the task is called with ``refresh_cache``, so the stage runs again (and its cache record is
 rewritten) instead of returning a dead path. Results live in ``<runs_dir>/.prefect-results``.
+The flow plans each stage once (``plan_stage``) and hands the plan to the task, whose cache key
+and body reuse it; a task called alone plans for itself.
 
 While a stage runs it updates a progress artifact; when it ends it publishes its metrics as a
 markdown artifact with its plot embedded.
@@ -53,7 +55,8 @@ def stage_cache_key(stage: str, planner: Callable[[Any, str], StagePlan]) -> Cal
 
     def key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         try:
-            return f"{stage}-{planner(parameters['config'], parameters['runs_dir']).key}"
+            plan = parameters.get("plan") or planner(parameters["config"], parameters["runs_dir"])
+            return f"{stage}-{plan.key}"
         except Exception as exc:  # let the task itself run and fail with its clear message
             log.debug("%s: no cache key (%s)", stage, exc)
             return f"{stage}-unplanned-{uuid.uuid4().hex}"
@@ -61,15 +64,21 @@ def stage_cache_key(stage: str, planner: Callable[[Any, str], StagePlan]) -> Cal
     return key_fn
 
 
-def stage_options(task, config: Any, runs_dir: str) -> dict[str, Any]:
-    """Per-run options of a stage task: project-local results, and ``refresh_cache`` when the stage's
-    folder is missing or incomplete, so a cache record never hands back a dead path (the stage runs
-    again and its record is rewritten)."""
+def plan_stage(task, config: Any, runs_dir: str) -> tuple[StagePlan | None, dict[str, Any]]:
+    """Plan a stage once per run (its key and folder; for the data stage that means reading and
+    hashing the source) and derive the task's per-run options from it: project-local results, and
+    ``refresh_cache`` when the stage's folder is missing or incomplete, so a cache record never hands
+    back a dead path (the stage runs again and its record is rewritten).
+
+    The plan is passed to the task, whose cache key and body reuse it. A config that cannot be
+    planned gives ``None``: the task then runs (uncached) and fails with the stage's own message.
+    """
     try:
-        refresh = not is_complete(PLANNERS[task.name](config, runs_dir))
-    except Exception:
-        refresh = True
-    return {"result_storage": result_storage(runs_dir), "refresh_cache": refresh}
+        plan = PLANNERS[task.name](config, runs_dir)
+    except Exception as exc:
+        log.debug("%s: cannot plan (%s)", task.name, exc)
+        return None, {"result_storage": result_storage(runs_dir), "refresh_cache": True}
+    return plan, {"result_storage": result_storage(runs_dir), "refresh_cache": not is_complete(plan)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,8 +124,8 @@ COMMON: dict[str, Any] = {"persist_result": True}
 
 
 @task(name="data", cache_key_fn=stage_cache_key("data", plan_data), **COMMON)
-def data_task(config: DataConfig, runs_dir: str) -> str:
-    plan = plan_data(config, runs_dir)
+def data_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    plan = plan or plan_data(config, runs_dir)
     result = run_data_stage(config, plan.out, overwrite=not is_complete(plan))
     m = result.manifest
     _publish("data", f"# Data: {m['source']}\n\n| rows read | rejected | prompts | pairs | ties dropped | train | "
@@ -127,8 +136,9 @@ def data_task(config: DataConfig, runs_dir: str) -> str:
 
 
 @task(name="reward-model", cache_key_fn=stage_cache_key("reward-model", plan_reward_model), **COMMON)
-def reward_model_task(config: RewardModelConfig, runs_dir: str, num_processes: int = 1) -> str:
-    plan = plan_reward_model(config, runs_dir)
+def reward_model_task(config: RewardModelConfig, runs_dir: str, plan: StagePlan | None = None,
+                      num_processes: int = 1) -> str:
+    plan = plan or plan_reward_model(config, runs_dir)
     progress = Progress(f"rm-{config.kind}", f"{config.kind} reward model: training steps")
     if num_processes > 1:
         launch_stage("rm", config, plan.out, num_processes)
@@ -188,8 +198,9 @@ def _free_port() -> int:
 
 
 @task(name="reinforce", cache_key_fn=stage_cache_key("reinforce", plan_reinforce), **COMMON)
-def reinforce_task(config: ReinforceConfig, runs_dir: str, num_processes: int = 1) -> str:
-    plan = plan_reinforce(config, runs_dir)
+def reinforce_task(config: ReinforceConfig, runs_dir: str, plan: StagePlan | None = None,
+                   num_processes: int = 1) -> str:
+    plan = plan or plan_reinforce(config, runs_dir)
     progress = Progress("reinforce", "REINFORCE: optimizer steps")
     if num_processes > 1:
         launch_stage("reinforce", config, plan.out, num_processes, progress)
@@ -209,8 +220,8 @@ def reinforce_task(config: ReinforceConfig, runs_dir: str, num_processes: int = 
 
 
 @task(name="score", cache_key_fn=stage_cache_key("score", plan_score), **COMMON)
-def score_task(config: ScoreConfig, runs_dir: str) -> str:
-    plan = plan_score(config, runs_dir)
+def score_task(config: ScoreConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    plan = plan or plan_score(config, runs_dir)
     result = run_score_stage(config, plan.out, overwrite=not is_complete(plan))
     _publish("score", "# Mean reward on validation prompts\n\n" + (result.out_dir / "scores.md").read_text()
              + embed_png(result.out_dir / "rewards.png", "reward distributions"), "validation mean reward")
@@ -230,8 +241,8 @@ def _retry_judge(task, task_run, state) -> bool:
 
 @task(name="judge", cache_key_fn=stage_cache_key("judge", plan_judge), retries=1, retry_delay_seconds=30,
       retry_condition_fn=_retry_judge, **COMMON)
-def judge_task(config: JudgeConfig, runs_dir: str) -> str:
-    plan = plan_judge(config, runs_dir)
+def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    plan = plan or plan_judge(config, runs_dir)
     progress = Progress("judge", f"{config.backend} judge: judgments")
     result = run_judge_stage(config, plan.out, progress=progress)
     s = result.summary
@@ -254,5 +265,5 @@ def summary_markdown(stages: dict[str, dict[str, str]], report: str | None) -> s
     return text
 
 
-__all__ = ["data_task", "reward_model_task", "reinforce_task", "score_task", "judge_task", "stage_options",
+__all__ = ["data_task", "reward_model_task", "reinforce_task", "score_task", "judge_task", "plan_stage",
            "summary_markdown"]

@@ -40,12 +40,30 @@ def test_pipeline_runs_end_to_end(pipeline):
     assert set(score["models"]["tuned"]["rewards"]) == {"scalar", "distributional"}  # both RMs score both models
 
 
-def test_second_run_is_fully_cached(pipeline):
+def test_second_run_is_fully_cached(pipeline, monkeypatch):
+    import alignment.data
+    import alignment.pipeline as P
     from flows.pipeline import run_pipeline
 
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+        return wrapper
+
+    # What planning a stage costs: reading/hashing the data source, hashing configs and input manifests.
+    monkeypatch.setattr(alignment.data, "read_source", counted("data", alignment.data.read_source))
+    for stage in ("reward", "reinforce", "score", "judge"):
+        name = f"{stage}_stage_key"
+        monkeypatch.setattr(P, name, counted(stage, getattr(P, name)))
     config, first = pipeline
     again = run_pipeline(config)
     assert set(_states(again).values()) == {"Cached"}
+    # Each stage is planned once (the data stage's plan reads and hashes the source): the cache key
+    # and the task reuse the flow's plan.
+    assert calls == {"data": 1, "reward": 2, "reinforce": 1, "score": 1, "judge": 1}
     assert {k: v["path"] for k, v in again["stages"].items()} == {k: v["path"] for k, v in first["stages"].items()}
 
 
