@@ -71,7 +71,9 @@ class ReinforceConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Prompts per step, over all processes: with N data-parallel "
                             "processes each takes batch_size / N of them (must divide evenly).")
     samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (k; rloo needs >= 2).")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation). "
+                                  "Below the batch size, activations of one micro-batch live at a time, for "
+                                  "one extra no-grad forward of the batch.")
     max_prompt_length: int = Field(256, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0.0)
@@ -542,39 +544,55 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         reward -= config.missing_eos_penalty * (~has_eos).float()
         t_ref = time.perf_counter()
 
-        # 6-8. Policy forward/backward in micro-batches (the loss is a mean over the batch), step.
+        # 6. log pi(y | x) of the batch under the current policy: the k1 KL and the advantages need it
+        # before the backward. One micro-batch: the gradient's own forward gives it (pi does not change
+        # until optimizer.step), so no extra pass. Several: a no-grad pass first, so that each
+        # micro-batch's graph is freed by its own backward -- activation memory of one micro-batch, for
+        # one extra forward (gradient accumulation that actually saves memory).
         optimizer.zero_grad(set_to_none=True)
-        logps, entropies = torch.zeros(len(prompts)), torch.zeros(len(prompts))
-        # The k1 KL needs log pi of this batch before the update: compute it in the same pass as the
-        # gradient (pi's log-probs do not change until optimizer.step), so no extra no-grad pass.
-        micro = list(range(0, len(prompts), config.micro_batch_size))
-        graph_inputs = []
-        for s in micro:
-            sl = slice(s, s + config.micro_batch_size)
-            # DDP: only the last forward arms the all-reduce; the one backward below then reduces the
-            # gradient summed over all micro-batches once (no_sync on the others).
-            sync = dist.no_sync(model) if s != micro[-1] else contextlib.nullcontext()
-            with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                lp, ent = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width,
-                                              mask[sl].to(device))
-            logps[sl], entropies[sl] = lp.detach().cpu(), ent.cpu()
-            graph_inputs.append((sl, lp))
+        micro = [slice(s, s + config.micro_batch_size) for s in range(0, len(prompts), config.micro_batch_size)]
+        inputs = [(input_ids[sl].to(device), attn[sl].to(device), width, mask[sl].to(device)) for sl in micro]
+        graph = None
+        if len(micro) == 1:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                graph, entropies = completion_logprobs(model, *inputs[0])
+            logps, entropies = graph.detach().float().cpu(), entropies.cpu()
+        else:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                parts = [completion_logprobs(policy, *x) for x in inputs]
+            logps = torch.cat([lp.float().cpu() for lp, _ in parts])
+            entropies = torch.cat([ent.cpu() for _, ent in parts])
+
+        # 7. Advantages. The baseline and whitening see the whole batch, gathered in rank order (so
+        # still prompt-major, RLOO groups intact): every process computes the same baseline state.
+        # Identity for one process.
         if use_kl:
             kl = logps - ref_logp
             reward -= config.kl_beta * kl
         if config.reward_clip is not None:
             reward = reward.clamp(-config.reward_clip, config.reward_clip)
-        # The baseline and whitening see the whole batch, gathered in rank order (so still prompt-major,
-        # RLOO groups intact): every process computes the same baseline state. Identity for one process.
         all_reward, all_var = dist.gather(reward), dist.gather(scores.var)
         all_advantages, b = compute_advantages(all_reward, config, baseline, all_var)
         advantages = dist.local(all_advantages)
-        # Each micro-batch contributes its share of the (per-process) batch mean; DDP averages over
-        # processes, which is the mean over the global batch (equal shards).
-        loss = sum(reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
-                   for sl, lp in graph_inputs)
-        dist.backward(loss)
-        total_loss = dist.mean(float(loss.detach()))
+
+        # 8. Loss = the mean over the batch (each micro-batch adds its share) and backward. DDP averages
+        # over processes, which is the mean over the global batch (equal shards); only the last
+        # micro-batch's backward runs the all-reduce (no_sync on the others).
+        if graph is not None:
+            loss = reinforce_loss(graph, advantages.to(graph.device))
+            dist.backward(loss)
+            total_loss = float(loss.detach())
+        else:
+            total_loss = 0.0
+            for i, (sl, x) in enumerate(zip(micro, inputs, strict=True)):
+                sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        lp, _ = completion_logprobs(model, *x)
+                    loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
+                    dist.backward(loss)
+                total_loss += float(loss.detach())
+        total_loss = dist.mean(total_loss)
         t_bwd = time.perf_counter()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
         optimizer.step()

@@ -217,6 +217,37 @@ def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_stack, monkeypatch):
+    """Gradient accumulation in micro-batches of 1 gives the full batch's losses, KL and updates, and
+    each micro-batch's backward runs before the next graph is built (memory of one micro-batch)."""
+    import alignment.reinforce as R
+
+    full = _config(tiny_stack, steps=2, eval_prompts=0, micro_batch_size=4)
+    train_reinforce(full, tmp_path / "full")
+
+    real, pending = R.completion_logprobs, []
+
+    def tracked(*args, **kwargs):
+        lp, ent = real(*args, **kwargs)
+        if lp.requires_grad:
+            assert not pending, "a micro-batch graph was built before the previous one's backward"
+            pending.append(lp)
+            lp.register_hook(lambda grad: pending.clear())
+        return lp, ent
+
+    monkeypatch.setattr(R, "completion_logprobs", tracked)
+    train_reinforce(full.model_copy(update={"micro_batch_size": 1}), tmp_path / "micro")
+    a = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "micro" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b, strict=True):
+        assert x["sample"] == y["sample"]
+        for key in ("loss", "kl", "reward", "advantage", "entropy", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "micro" / "final" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_stack, capsys):
     from alignment.cli import main

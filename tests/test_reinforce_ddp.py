@@ -33,7 +33,8 @@ def _launch(stack, out: Path, dump: Path, *, stop_after: int | None = None) -> N
            "-q", "reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out", str(out),
            "device=cpu", "steps=4", "batch_size=4", "max_new_tokens=12", "learning_rate=1e-3",
            "checkpoint_every=2", "eval_prompts=2", "guard_min_distinct2=0.0", "guard_max_repetition=1.0",
-           "baseline=rloo", "samples_per_prompt=2", "whiten_advantages=true"]
+           "baseline=rloo", "samples_per_prompt=2", "whiten_advantages=true",
+           "micro_batch_size=2"]  # 4 sequences per process in 2 micro-batches: no_sync on the first
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
