@@ -49,6 +49,8 @@ SCHEMA_VERSION = 1
 JUDGMENTS = "judgments.jsonl"
 LOCAL_JUDGE_NOTE = ("Local judge: a small local model reading P('A') vs P('B') from its next token. "
                     "It is much weaker than an API judge (e.g. Gemini); treat its verdicts as a smoke test.")
+DEBIAS_NOTE = (" Final verdicts are position-debiased: each pair is decided on P('A') averaged over both "
+               "orders; the flip rate and first-position rate still show the raw per-order verdicts.")
 API_KEY_VARS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 
 
@@ -84,6 +86,9 @@ class JudgeConfig(StageConfig):
     budget_calls: int = Field(2000, ge=1, description="Most API calls (retries included) this run may make.")
     local_model: str = Field(DEFAULT_MODEL, description="Local judge: hub id, folder or .gguf.")
     local_tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="Local judge: |P(A) - 0.5| below is a tie.")
+    local_debias: bool = Field(True, description="Local judge: decide each pair on model A's preference averaged "
+                               "over both orders, (P(A | A first) + 1 - P(A | B first)) / 2, so a constant "
+                               "position bias cancels; false: per-order verdicts, a flip is a tie.")
     local_batch_size: int = Field(4, ge=1)
     max_answer_chars: int = Field(6000, ge=100, description="Answers are cut to this many characters.")
     seed: int = 0
@@ -119,6 +124,18 @@ def final_verdict(first_shown_a: str, first_shown_b: str) -> str:
     v1 = {"A": "win", "B": "loss"}.get(first_shown_a, "tie")
     v2 = {"A": "loss", "B": "win"}.get(first_shown_b, "tie")
     return v1 if v1 == v2 else "tie"
+
+
+def debiased_verdict(p_ab: float, p_ba: float, margin: float) -> str:
+    """A pair's verdict about model A from a judge's P('A') in both orders, position bias removed.
+
+    p_ab: P('A') when model A is shown as answer A; p_ba: P('A') when model B is shown as answer A.
+    A judge that adds a bias c to P('A') in every prompt shifts both by c, which cancels in
+    pref = (p_ab + 1 - p_ba) / 2, model A's preference. 'win' above 0.5 + margin, 'loss' below
+    0.5 - margin, else 'tie'.
+    """
+    pref = (p_ab + 1.0 - p_ba) / 2.0
+    return "win" if pref > 0.5 + margin else "loss" if pref < 0.5 - margin else "tie"
 
 
 def summarise(rows: Sequence[dict[str, Any]], n_bootstrap: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -199,6 +216,7 @@ class JudgeOutcome:
     explanation: str
     model_version: str = ""
     attempts: int = 1
+    p_a: float | None = None  # the local judge's P('A'); None for API judges
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +432,8 @@ class LocalJudge:
             for item, p_a in zip(chunk, self.probabilities([i.text for i in chunk]), strict=True):
                 margin = self.config.local_tie_margin
                 winner = "A" if p_a > 0.5 + margin else "B" if p_a < 0.5 - margin else "tie"
-                on_done(item, JudgeOutcome(winner, f"P(A)={p_a:.3f}", f"local:{self.config.local_model}"))
+                on_done(item, JudgeOutcome(winner, f"P(A)={p_a:.3f}", f"local:{self.config.local_model}",
+                                           p_a=p_a))
             log.info("local judge: %d/%d judgments", min(s + step, len(items)), len(items))
         return []
 
@@ -518,15 +537,18 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
         failed = judge.run(todo, on_done, budget)
 
     # 3. Combine both orders per pair; write CSV, summary and report (partial ones on failure).
+    debias = config.backend == "local" and config.local_debias
     rows = []
     for i, (ra, rb) in enumerate(pairs):
         ab, ba = done.get((i, "ab")), done.get((i, "ba"))
         if ab is None or ba is None:
             continue
+        final = final_verdict(ab["winner"], ba["winner"])
+        if debias and ab.get("p_a") is not None and ba.get("p_a") is not None:
+            final = debiased_verdict(ab["p_a"], ba["p_a"], config.local_tie_margin)
         rows.append({"pair": i, "prompt": render_conversation(ra["prompt"]), "answer_a": ra["completion"],
                      "answer_b": rb["completion"], "verdict_ab": ab["winner"], "verdict_ba": ba["winner"],
-                     "explanation_ab": ab["explanation"], "explanation_ba": ba["explanation"],
-                     "final": final_verdict(ab["winner"], ba["winner"]),
+                     "explanation_ab": ab["explanation"], "explanation_ba": ba["explanation"], "final": final,
                      "len_a": len(ra["completion"]), "len_b": len(rb["completion"])})
     write_csv(rows, out / "judgments.csv")
     summary: dict[str, Any] = {
@@ -537,7 +559,8 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
     if rows:
         summary.update(summarise(rows, seed=config.seed))
     if config.backend == "local":
-        summary["note"] = LOCAL_JUDGE_NOTE
+        summary["note"] = LOCAL_JUDGE_NOTE + (DEBIAS_NOTE if debias else "")
+        summary["debiased"] = debias
     versions = sorted({r.get("model_version", "") for r in done.values()} - {""})
     summary["judge_model_versions"] = versions
     write_json(out / "summary.json", summary)

@@ -22,6 +22,9 @@ from alignment.judge import (
     JudgeConfig,
     JudgeError,
     JudgeFatalError,
+    JudgeOutcome,
+    LocalJudge,
+    debiased_verdict,
     final_verdict,
     run_judge_stage,
     summarise,
@@ -234,3 +237,37 @@ def test_local_judge_runs_offline(eval_stack, tmp_path, capsys):
     assert "weaker than an API judge" in (tmp_path / "j" / "report.md").read_text()
     rows = [json.loads(x) for x in (tmp_path / "j" / "judgments.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["explanation"].startswith("P(A)=") for r in rows)
+    assert all(0.0 <= r["p_a"] <= 1.0 for r in rows) and summary["debiased"] is True
+
+
+def test_debiased_verdict_hand_values():
+    # pref = (p_ab + 1 - p_ba) / 2
+    assert debiased_verdict(0.9, 0.7, 0.05) == "win"  # 0.6
+    assert debiased_verdict(0.6, 0.9, 0.05) == "loss"  # 0.35
+    assert debiased_verdict(0.85, 0.88, 0.05) == "tie"  # 0.485
+    assert debiased_verdict(0.9, 0.8, 0.05) == "tie"  # 0.55: not above 0.5 + margin
+    assert debiased_verdict(0.9, 0.8, 0.0) == "win"
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_local_judge_position_bias_cancels_when_debiased(eval_stack, tmp_path, monkeypatch, debias):
+    """A judge that always says "A" but a little more surely when model A is shown first: per order,
+    every pair flips (a tie); debiased, model A wins every pair."""
+
+    def fake_init(self, config):
+        self.config = config
+
+    def fake_run(self, items, on_done, budget):
+        for item in items:
+            p_a = 0.95 if item.order == "ab" else 0.80
+            on_done(item, JudgeOutcome("A", f"P(A)={p_a:.3f}", "local:fake", p_a=p_a))
+        return []
+
+    monkeypatch.setattr(LocalJudge, "__init__", fake_init)
+    monkeypatch.setattr(LocalJudge, "run", fake_run)
+    config = JudgeConfig(scores=str(eval_stack["scores"]), backend="local", max_pairs=6, local_debias=debias)
+    summary = run_judge_stage(config, tmp_path / "j").summary
+    assert summary["flip_rate"] == 1.0 and summary["debiased"] is debias
+    assert (summary["wins"], summary["ties"], summary["losses"]) == ((6, 0, 0) if debias else (0, 6, 0))
+    finals = pd.read_csv(tmp_path / "j" / "judgments.csv")["final"].tolist()
+    assert finals == (["win"] * 6 if debias else ["tie"] * 6)
