@@ -287,7 +287,9 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     except CollapseDetected as exc:
         print(f"align reinforce: stopped: {exc}", file=sys.stderr)
         return 3
-    if int(os.environ.get("RANK", "0")) != 0:
+    from alignment.parallel import launched_rank
+
+    if launched_rank() != 0:
         return 0  # a data-parallel launch: the first process reports
     s = result.summary
     print(f"policy {'reused' if result.reused else 'trained'}: {out / 'final'}")
@@ -355,7 +357,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prefect_env() -> None:
+def prefect_env() -> None:
     """Before Prefect is imported: telemetry off, and the stages' own log lines forwarded to Prefect."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -372,7 +374,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    _prefect_env()
+    prefect_env()
     from flows.pipeline import run_pipeline
 
     start = time.perf_counter()
@@ -386,7 +388,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    _prefect_env()
+    prefect_env()
     from deployments.serve import serve_all
 
     serve_all(cron=args.cron, timezone=args.timezone, retrain_preset=args.retrain_preset, runs_dir=args.runs_dir)

@@ -30,6 +30,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank in the launch (torchrun/accelerate set RANK); 0 when run plainly."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class DataParallel:
     """The few collective operations the REINFORCE loop uses, for 1 or N processes."""
 

@@ -538,12 +538,12 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         if use_kl:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if reference is not None:
-                    ref_logp = _batched_logprobs(reference, input_ids, attn, width, mask, config.micro_batch_size,
-                                                 device)
+                    ref_logp, _ = _batched_logprobs(reference, input_ids, attn, width, mask,
+                                                    config.micro_batch_size, device)
                 else:
                     with policy.disable_adapter():
-                        ref_logp = _batched_logprobs(policy, input_ids, attn, width, mask, config.micro_batch_size,
-                                                     device)
+                        ref_logp, _ = _batched_logprobs(policy, input_ids, attn, width, mask,
+                                                        config.micro_batch_size, device)
         reward = rm_reward.clone()
         reward -= config.missing_eos_penalty * (~has_eos).float()
         t_ref = time.perf_counter()
@@ -555,17 +555,16 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
         # one extra forward (gradient accumulation that actually saves memory).
         optimizer.zero_grad(set_to_none=True)
         micro = [slice(s, s + config.micro_batch_size) for s in range(0, len(prompts), config.micro_batch_size)]
-        inputs = [(input_ids[sl].to(device), attn[sl].to(device), width, mask[sl].to(device)) for sl in micro]
         graph = None
         if len(micro) == 1:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                graph, entropies = completion_logprobs(model, *inputs[0])
+                graph, entropies = completion_logprobs(model, input_ids.to(device), attn.to(device), width,
+                                                       mask.to(device))
             logps, entropies = graph.detach().float().cpu(), entropies.cpu()
         else:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                parts = [completion_logprobs(policy, *x) for x in inputs]
-            logps = torch.cat([lp.float().cpu() for lp, _ in parts])
-            entropies = torch.cat([ent.cpu() for _, ent in parts])
+                logps, entropies = _batched_logprobs(policy, input_ids, attn, width, mask, config.micro_batch_size,
+                                                     device)
 
         # 7. Advantages. The baseline and whitening see the whole batch, gathered in rank order (so
         # still prompt-major, RLOO groups intact): every process computes the same baseline state.
@@ -588,11 +587,12 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
             total_loss = float(loss.detach())
         else:
             total_loss = 0.0
-            for i, (sl, x) in enumerate(zip(micro, inputs, strict=True)):
+            for i, sl in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        lp, _ = completion_logprobs(model, *x)
+                        lp, _ = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width,
+                                                    mask[sl].to(device))
                     loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / len(prompts))
                     dist.backward(loss)
                 total_loss += float(loss.detach())
@@ -674,13 +674,16 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path, *, stop_after:
     return ReinforceResult(out, summary)
 
 
-def _batched_logprobs(model, input_ids, attn, width, mask, micro, device) -> torch.Tensor:
-    out = []
+def _batched_logprobs(model, input_ids, attn, width, mask, micro, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logprobs`` over the batch in chunks of ``micro`` sequences: (B,) log-probs and
+    (B,) mean entropies, on CPU. Run it under ``torch.no_grad()``."""
+    logps, entropies = [], []
     for s in range(0, input_ids.shape[0], micro):
         sl = slice(s, s + micro)
-        lp, _ = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width, mask[sl].to(device))
-        out.append(lp.float().cpu())
-    return torch.cat(out)
+        lp, ent = completion_logprobs(model, input_ids[sl].to(device), attn[sl].to(device), width, mask[sl].to(device))
+        logps.append(lp.float().cpu())
+        entropies.append(ent.cpu())
+    return torch.cat(logps), torch.cat(entropies)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -42,7 +41,7 @@ from alignment.io import (
     write_json,
 )
 from alignment.models import DEFAULT_MODEL, ModelSourceError, configure_padding, load_sequence_classifier
-from alignment.parallel import launched_world_size
+from alignment.parallel import launched_rank, launched_world_size
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +512,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     # Under a multi-process launcher (accelerate launch / torchrun: WORLD_SIZE > 1) the Trainer runs
     # data parallel; only the first process saves, evaluates and writes the folder, the others train
     # in a scratch folder and return once training is done.
-    world, rank = launched_world_size(), int(os.environ.get("RANK", "0"))
+    world, rank = launched_world_size(), launched_rank()
     writer = atomic_directory(out) if rank == 0 else _scratch_directory()
     with writer as tmp:
         args = RewardConfig(

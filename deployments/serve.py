@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "alignment")
+from alignment.cli import prefect_env
+
+prefect_env()  # before Prefect is imported
 
 from prefect import serve  # noqa: E402
 from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
