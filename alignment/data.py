@@ -31,7 +31,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -46,7 +46,8 @@ from pydantic import Field, field_validator, model_validator
 from alignment import __version__
 from alignment.config import StageConfig
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
-from alignment.io import MANIFEST, atomic_directory, reusable_output, sha256_file, sha256_text, write_json
+from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
+from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
-SCHEMA_VERSION = 1  # bump when the output files change shape or meaning: invalidates reuse
+SCHEMA_VERSION = 2  # 2: raw responses grouped by the exact prompt string. Bump when the output files change shape or meaning: invalidates reuse
 Message = dict[str, str]
 Format = Literal["raw", "pairs", "hh"]
 
@@ -129,12 +130,6 @@ class DataConfig(StageConfig):
         if self.score == "weighted" and sum(self.score_weights.values()) <= 0:
             raise ValueError("score='weighted' needs score_weights with a positive sum")
         return self
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"source": "demo"},
-    "helpsteer2": {"source": "esfrankel17/HelpSteer2_binarized", "split": "average_rating_split"},
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +338,7 @@ class RawResponse:
     response: str
     score: float
     row: int
+    prompt_key: str  # the prompt exactly as the source wrote it: what binarisation groups by
 
 
 @dataclass
@@ -597,12 +593,19 @@ def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: 
     response = _text(rec.get("response"), "response")
     # sum / total rather than a sum of pre-divided weights: a mean of 0-4 integers stays exact (17/5 = 3.4).
     score = sum(w * _rating(rec.get(a), a, config, not typed) for a, w in weights.items()) / sum(weights.values())
-    return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row)
+    raw = rec.get("prompt")
+    exact = raw if isinstance(raw, str) else json.dumps(raw.tolist() if isinstance(raw, np.ndarray) else raw,
+                                                        sort_keys=True, ensure_ascii=False)
+    return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row, exact)
 
 
 def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: float = 1e-9
              ) -> tuple[list[PreferencePair], BinariseStats]:
     """Group responses by prompt and pair them: chosen = higher score; equal scores are ties, dropped.
+
+    Responses are grouped by the prompt exactly as the source wrote it (``RawResponse.prompt_key``),
+    as the esfrankel17/HelpSteer2_binarized recipe does: prompts that differ only in whitespace are
+    different prompts there, and stay different here.
 
     ``best_worst``: the best and the worst response of each prompt (earliest row wins among equals);
     a prompt whose best and worst tie counts one tie. ``all_pairs``: every pair of responses, each
@@ -610,7 +613,7 @@ def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: flo
     """
     groups: dict[str, list[RawResponse]] = {}
     for resp in responses:
-        groups.setdefault(json.dumps(resp.prompt, sort_keys=True, ensure_ascii=False), []).append(resp)
+        groups.setdefault(resp.prompt_key, []).append(resp)
     stats = BinariseStats(n_prompts=len(groups))
     pairs: list[PreferencePair] = []
 
@@ -666,7 +669,7 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
         try:
             if fmt == "raw":
                 item = _parse_raw(rec, config, weights, source.typed, row)
-                key = sha256_text(json.dumps([item.prompt, item.response], sort_keys=True))
+                key = sha256_text(json.dumps([item.prompt_key, item.response], sort_keys=True))
             else:
                 item = _parse_pair(rec, fmt, config, with_ratings, source.typed)
                 item = PreferencePair(item.prompt, item.chosen, item.rejected, item.chosen_rating,
@@ -744,16 +747,49 @@ def read_pairs(path: str | Path) -> pa.Table:
 
 
 @dataclass
-class DataResult:
-    out_dir: Path
-    manifest: dict[str, Any]
-    reused: bool = False
+class PairData:
+    """A split written by this stage, column-wise, as the later stages read it."""
 
+    prompts: list[list[Message]]
+    chosen: list[str]
+    rejected: list[str]
+    chosen_rating: list[float | None]
+    rejected_rating: list[float | None]
+    chosen_dist: list[list[float] | None]
+    rejected_dist: list[list[float] | None]
 
-def default_out_dir(config: DataConfig, source: SourceData, root: str | Path = "runs") -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name.split("[")[0]).stem if source.kind == "file"
-                  else source.name.split(":")[-1].split("[")[0]).strip("-").lower()[:40]
-    return Path(root) / "data" / f"{slug}-{stage_key(config, source)[:12]}"
+    @classmethod
+    def load(cls, path: str | Path, limit: int | None = None, seed: int = 0) -> PairData:
+        rows = read_pairs(path).to_pylist()
+        if limit is not None and len(rows) > limit:
+            keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+            rows = [rows[i] for i in keep]
+        return cls(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "chosen_rating",
+                                                      "rejected_rating", "chosen_dist", "rejected_dist")))
+
+    @classmethod
+    def concat(cls, parts: Sequence[PairData]) -> PairData:
+        return cls(*(sum((getattr(p, f) for p in parts), []) for f in cls.__dataclass_fields__))
+
+    def head(self, n: int) -> PairData:
+        return PairData(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+
+    def unique_prompts(self) -> list[list[Message]]:
+        """The distinct prompts in first-seen order (several pairs can share a prompt)."""
+        seen, out = set(), []
+        for p in self.prompts:
+            key = json.dumps(p, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def has_ratings(self) -> bool:
+        return len(self) > 0 and all(d is not None for d in self.chosen_dist)
 
 
 def stage_key(config: DataConfig, source: SourceData) -> str:
@@ -761,20 +797,31 @@ def stage_key(config: DataConfig, source: SourceData) -> str:
     return sha256_text(f"{config.digest()}{source.sha256}schema={SCHEMA_VERSION};code={__version__}")
 
 
+def plan_data(config: DataConfig, runs_dir: str | Path = "runs", source: SourceData | None = None) -> StagePlan:
+    """Key and default folder ``<runs_dir>/data/<source name>-<key[:12]>`` (reads and hashes the source)."""
+    source = source if source is not None else read_source(config)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name.split("[")[0]).stem if source.kind == "file"
+                  else source.name.split(":")[-1].split("[")[0]).strip("-").lower()[:40]
+    key = stage_key(config, source)
+    out = stage_folder(runs_dir, "data", key, slug)
+    return StagePlan(key, out, out)
+
+
 def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
-                   runs_root: str | Path = "runs") -> DataResult:
+                   runs_root: str | Path = "runs") -> StageResult:
     """Build ``train.parquet``, ``validation.parquet`` and ``manifest.json`` in ``out_dir``.
 
     An existing complete output for the same config, input and code version is reused. With
-    ``overwrite`` the stage always rebuilds and replaces whatever ``out_dir`` holds. The folder appears atomically, complete or not at all.
+    ``overwrite`` the stage always rebuilds and replaces whatever ``out_dir`` holds. The folder appears
+    atomically, complete or not at all. The result's summary is the manifest.
     """
     source = read_source(config)
-    key = stage_key(config, source)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(config, source, runs_root)
-    existing = reusable_output(out, key, overwrite, DataError)
+    plan = plan_data(config, runs_root, source)
+    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
+    existing = reuse_or_guard(out, key, DataError, overwrite=overwrite)
     if existing is not None:
         log.info("data stage already complete in %s (same config and input): reusing it", out)
-        return DataResult(out, existing, reused=True)
+        return StageResult(out, existing, reused=True)
 
     parsed = parse_source(source, config)
     if parsed.issues and config.on_bad_rows == "error":
@@ -837,7 +884,7 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows skipped) -> %d train / %d validation in %s",
              manifest["n_prompts"], manifest["n_pairs"], manifest["n_ties_dropped"], manifest["n_rows_rejected"],
              manifest["n_train"], manifest["n_validation"], out)
-    return DataResult(out, manifest)
+    return StageResult(out, manifest)
 
 
 def _reason_class(issue: RowIssue) -> str:

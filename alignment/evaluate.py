@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +29,20 @@ import torch
 from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
-from alignment.data import Message
-from alignment.hardware import bf16_enabled, resolve_device
-from alignment.io import (
-    MANIFEST,
-    StageResult,
-    atomic_directory,
-    read_manifest,
-    reusable_output,
-    sha256_file,
-    sha256_text,
-    write_json,
-)
-from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
-from alignment.reinforce import (
-    completion_logprobs,
-    completion_mask,
-    completion_tokens,
-    decode_completions,
+from alignment.data import Message, PairData
+from alignment.generation import (
+    SamplingConfig,
+    batched_logprobs,
     encode_prompts,
-    generate,
+    pad_completions,
+    rollout,
     text_health,
-    unique_prompts,
 )
-from alignment.reward import PairData, RewardModelError, RewardScorer
+from alignment.hardware import bf16_enabled, resolve_device
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
+from alignment.reward import RewardModelError, RewardScorer
+from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +80,10 @@ class ScoreConfig(StageConfig):
     bf16: bool | None = None
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
 
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=self.greedy, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k)
+
     @field_validator("models")
     @classmethod
     def _models(cls, value: dict[str, str]) -> dict[str, str]:
@@ -124,7 +118,7 @@ def select_prompts(data_dir: str | Path, n: int, seed: int) -> list[list[Message
     path = Path(data_dir) / "validation.parquet"
     if not path.is_file():
         raise EvaluationError(f"{data_dir} is not a data stage output (no validation.parquet)")
-    prompts = unique_prompts(PairData.load(path))
+    prompts = PairData.load(path).unique_prompts()
     if not prompts:
         raise EvaluationError(f"{path} holds no prompts")
     if len(prompts) > n:
@@ -156,14 +150,11 @@ def score_stage_key(config: ScoreConfig) -> str:
                                   sort_keys=True))
 
 
-@dataclass
-class _Sampling:
-    """The generation settings ``alignment.reinforce.generate`` reads."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
+def plan_score(config: ScoreConfig, runs_dir: str | Path = "runs") -> StagePlan:
+    """Key and default folder ``<runs_dir>/score/<key[:12]>``."""
+    key = score_stage_key(config)
+    out = stage_folder(runs_dir, "score", key)
+    return StagePlan(key, out, out)
 
 
 @dataclass
@@ -178,49 +169,69 @@ class Generations:
 
 def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], config: ScoreConfig, bf16: bool
                      ) -> Generations:
-    sampling = _Sampling(config.max_new_tokens, config.temperature, config.top_p, config.top_k)
     torch.manual_seed(config.seed)  # the same sampling noise for every model when greedy=False
-    tokens, eos = [], []
+    tokens, texts, eos = [], [], []
     start = time.perf_counter()
     for s in range(0, len(prompts), config.batch_size):
-        batch = encode_prompts(tokenizer, prompts[s:s + config.batch_size], config.max_prompt_length)
-        comp = generate(model, tokenizer, batch, sampling, greedy=config.greedy, bf16=bf16)
-        mask = completion_mask(comp, tokenizer.eos_token_id)
-        tokens += completion_tokens(comp, mask)
-        eos += (comp == tokenizer.eos_token_id).any(-1).tolist()
+        ro = rollout(model, tokenizer, prompts[s:s + config.batch_size], config.sampling(), config.max_prompt_length,
+                     bf16=bf16)
+        tokens += ro.tokens
+        texts += ro.texts
+        eos += ro.has_eos.tolist()
         log.info("generated %d/%d answers", min(s + config.batch_size, len(prompts)), len(prompts))
-    return Generations(tokens, decode_completions(tokenizer, tokens), eos, time.perf_counter() - start)
+    return Generations(tokens, texts, eos, time.perf_counter() - start)
 
 
-@torch.no_grad()
 def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], tokens: Sequence[Sequence[int]],
                     config: ScoreConfig, bf16: bool) -> list[float]:
     """sum_t log pi(y_t | x, y_<t) of given completions under ``model``. Returns one float per prompt."""
-    device = next(model.parameters()).device
     out: list[float] = []
     for s in range(0, len(prompts), config.batch_size):
         batch = encode_prompts(tokenizer, prompts[s:s + config.batch_size], config.max_prompt_length)
-        chunk = tokens[s:s + config.batch_size]
-        width = max(1, max(len(t) for t in chunk))
-        comp = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width))
-        for i, t in enumerate(chunk):
-            comp[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[i, :len(t)] = 1
-        ids = torch.cat([batch["input_ids"], comp], 1).to(device)
-        attn = torch.cat([batch["attention_mask"], mask.long()], 1).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logp, _ = completion_logprobs(model, ids, attn, batch["input_ids"].shape[1], mask.to(device))
-        out += logp.float().cpu().tolist()
+        comp, mask = pad_completions(tokens[s:s + config.batch_size], tokenizer.pad_token_id)
+        ids = torch.cat([batch["input_ids"], comp], 1)
+        attn = torch.cat([batch["attention_mask"], mask.long()], 1)
+        logp, _ = batched_logprobs(model, ids, attn, batch["input_ids"].shape[1], mask, config.batch_size, bf16=bf16)
+        out += logp.tolist()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out evaluation during training (greedy, one reward model)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PolicyEval:
+    mean_reward: float
+    reward_std: float
+    eos_rate: float
+    mean_length: float
+    distinct2: float
+    repetition: float
+    n: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[Sequence[Message]],
+                    sampling: SamplingConfig, max_prompt_length: int, *, var_lambda: float = 0.0, bf16: bool = False,
+                    batch_size: int = 8) -> PolicyEval:
+    """Answer ``prompts`` and score them: reward E[r] - lambda Var[r], EOS rate, length, text health."""
+    rewards, lengths, eos, token_lists, samples = [], [], [], [], []
+    for start in range(0, len(prompts), batch_size):
+        ro = rollout(policy, tokenizer, prompts[start:start + batch_size], sampling, max_prompt_length, bf16=bf16)
+        scores = scorer.score(ro.prompts, ro.texts)
+        rewards += (scores.mean - var_lambda * scores.var).tolist()
+        lengths += ro.lengths.tolist()
+        eos += ro.has_eos.float().tolist()
+        token_lists += ro.tokens
+        samples += [{"prompt": p[-1]["content"], "completion": t} for p, t in zip(ro.prompts, ro.texts, strict=True)]
+    health = text_health(token_lists)
+    return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
+                      health["distinct2"], health["repetition"], len(rewards), samples[:8])
 
 
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-ScoreResult = StageResult
-
-
 def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
     path = Path(folder) / GENERATIONS / f"{name}.jsonl"
     if not path.is_file():
@@ -229,7 +240,7 @@ def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
 
 
 def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
-                    runs_root: str | Path = "runs") -> ScoreResult:
+                    runs_root: str | Path = "runs") -> StageResult:
     """Generate, score and summarise; writes generations/*.jsonl, scores.json, scores.md, rewards.png."""
     if config.data is None:
         raise EvaluationError("score: no data folder given (data: a folder written by `align data`)")
@@ -238,11 +249,11 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     for name, folder in config.reward_models.items():
         if not (Path(folder) / "config.json").is_file():
             raise EvaluationError(f"score: reward model {name!r}: {folder} is not a saved reward model")
-    key = score_stage_key(config)
-    out = Path(out_dir) if out_dir is not None else Path(runs_root) / "score" / key[:12]
-    if reusable_output(out, key, overwrite, EvaluationError) is not None:
+    plan = plan_score(config, runs_root)
+    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
+    if reuse_or_guard(out, key, EvaluationError, overwrite=overwrite) is not None:
         log.info("scores already computed in %s (same models, reward models and prompts): reusing them", out)
-        return ScoreResult(out, json.loads((out / "scores.json").read_text()), reused=True)
+        return StageResult(out, json.loads((out / "scores.json").read_text()), reused=True)
 
     # 1. The fixed prompt set.
     prompts = select_prompts(config.data, config.n_prompts, config.seed)
@@ -333,7 +344,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "files": {str(f.relative_to(tmp)): {"sha256": sha256_file(f)} for f in files},
         })
     log.info("scores written to %s", out)
-    return ScoreResult(out, summary)
+    return StageResult(out, summary)
 
 
 # --------------------------------------------------------------------------------------------

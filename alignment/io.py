@@ -1,9 +1,8 @@
-"""Small file-system helpers shared by every stage: atomic output folders, hashing, JSON."""
+"""Small file-system helpers shared by every stage: atomic output folders, hashing, JSON, manifests."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -14,15 +13,6 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
-
-
-@dataclasses.dataclass
-class StageResult:
-    """What a stage returns: its output folder, its summary, and whether an earlier output was reused."""
-
-    out_dir: Path
-    summary: dict[str, Any]
-    reused: bool = False
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -62,24 +52,6 @@ def files_intact(folder: str | Path, manifest: dict[str, Any]) -> bool:
     return bool(files) and all(
         (Path(folder) / name).is_file() and sha256_file(Path(folder) / name) == meta.get("sha256")
         for name, meta in files.items())
-
-
-def reusable_output(folder: str | Path, stage_key: str, overwrite: bool, error: type[Exception]) -> dict | None:
-    """The manifest of a complete, intact output for ``stage_key`` in ``folder`` (reuse it), else None.
-
-    Raises ``error`` when ``folder`` holds something else and ``overwrite`` is off, so a run never
-    silently replaces another run's results.
-    """
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if overwrite:
-        return None
-    if manifest is not None and manifest.get("stage_key") == stage_key and files_intact(folder, manifest):
-        return manifest
-    if folder.exists() and any(folder.iterdir()):
-        what = "a different output of this stage" if manifest else "files that are not a complete stage output"
-        raise error(f"{folder} already holds {what}; choose another --out or pass --overwrite")
-    return None
 
 
 @contextlib.contextmanager

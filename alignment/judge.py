@@ -40,8 +40,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
 from alignment.evaluate import GENERATIONS, bootstrap_ci, read_generations
-from alignment.io import MANIFEST, StageResult, read_manifest, sha256_file, sha256_text, write_json
+from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
+from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ class LocalJudge:
         """P(A) / (P(A) + P(B)) for each judge prompt."""
         import torch
 
-        from alignment.reinforce import encode_prompts, position_ids_from_mask
+        from alignment.generation import encode_prompts, position_ids_from_mask
 
         prompts = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": t}] for t in texts]
         batch = encode_prompts(self.tok, prompts, self.model.config.max_position_embeddings)
@@ -441,9 +442,6 @@ class LocalJudge:
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-JudgeResult = StageResult
-
-
 def judge_stage_key(config: JudgeConfig) -> str:
     scores = (read_manifest(config.scores) if config.scores else None) or {}
     cfg = config.model_dump(mode="json", exclude=set(JudgeConfig.OPERATIONAL) | {"section"})
@@ -452,6 +450,13 @@ def judge_stage_key(config: JudgeConfig) -> str:
     else:
         cfg = {k: v for k, v in cfg.items() if k not in ("gemini_model", "temperature")}
     return sha256_text(json.dumps([cfg, scores.get("stage_key"), f"judge-schema={SCHEMA_VERSION}"], sort_keys=True))
+
+
+def plan_judge(config: JudgeConfig, runs_dir: str | Path = "runs") -> StagePlan:
+    """Key and default folder ``<runs_dir>/judge/<backend>-<key[:12]>``."""
+    key = judge_stage_key(config)
+    out = stage_folder(runs_dir, "judge", key, config.backend)
+    return StagePlan(key, out, out)
 
 
 def _pick_models(config: JudgeConfig, available: list[str]) -> tuple[str, str]:
@@ -480,25 +485,19 @@ def read_judgments(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
 
 
 def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
-                    progress: Callable[[int, int], None] | None = None) -> JudgeResult:
+                    progress: Callable[[int, int], None] | None = None) -> StageResult:
     """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report."""
     score_manifest = read_manifest(config.scores) if config.scores else None
     if score_manifest is None or score_manifest.get("stage") != "score":
         raise JudgeError(f"{config.scores} is not a finished `align score` output (no manifest.json)")
     available = list(score_manifest["config"]["models"])
     model_a, model_b = _pick_models(config, available)
-    key = judge_stage_key(config)
-    out = Path(out_dir) if out_dir is not None else Path(runs_root) / "judge" / f"{config.backend}-{key[:12]}"
-    done_manifest = read_manifest(out)
-    if done_manifest is not None and done_manifest.get("stage_key") == key and (out / "summary.json").is_file():
+    plan = plan_judge(config, runs_root)
+    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
+    if reuse_or_guard(out, key, JudgeError, resumable=True) is not None:
         log.info("judgments already complete in %s: reusing them", out)
-        return JudgeResult(out, json.loads((out / "summary.json").read_text()), reused=True)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    if run_file.is_file() and json.loads(run_file.read_text()).get("stage_key") != key:
-        raise JudgeError(f"{out} holds judgments made with another config; choose another --out")
-    write_json(run_file, {"stage_key": key, "config": config.model_dump(mode="json"), "model_a": model_a,
-                          "model_b": model_b})
+        return StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
+    claim_output(out, key, config.model_dump(mode="json"), model_a=model_a, model_b=model_b)
 
     # 1. The pairs: the same prompt answered by model A and model B.
     gen_a, gen_b = read_generations(config.scores, model_a), read_generations(config.scores, model_b)
@@ -579,7 +578,7 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
                   f"re-run the same command to continue (finished judgments are not asked again).{shown}")
     write_json(out / MANIFEST, {"stage": "judge", "stage_key": key, "config": config.model_dump(mode="json"),
                                 "files": {n: {"sha256": sha256_file(out / n)} for n in ("judgments.csv", "summary.json")}})
-    return JudgeResult(out, summary)
+    return StageResult(out, summary)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:

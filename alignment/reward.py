@@ -19,7 +19,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -29,19 +28,19 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from alignment.config import StageConfig
-from alignment.data import N_BINS, DataConfig, Message, read_pairs, run_data_stage
+from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
 from alignment.io import (
     MANIFEST,
     atomic_directory,
     read_manifest,
-    reusable_output,
     sha256_file,
     sha256_text,
     write_json,
 )
 from alignment.models import DEFAULT_MODEL, ModelSourceError, configure_padding, load_sequence_classifier
 from alignment.parallel import launched_rank, launched_world_size
+from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +154,6 @@ class RewardModelConfig(StageConfig):
         return 1 if self.kind == "scalar" else N_BINS
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "demo": {"max_length": 256, "epochs": 2.0, "batch_size": 8, "learning_rate": 5e-5},
-    "helpsteer2": {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5,
-                   "gradient_checkpointing": True, "device": "cuda"},
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Tokenisation: prompt (chat template) + response, ending at the response's EOS
 # --------------------------------------------------------------------------------------------
@@ -215,6 +207,16 @@ class RewardScores(NamedTuple):
     dist: torch.Tensor | None = None  # (N, 10) rating distribution (distributional model only)
 
 
+DEFAULT_SCORING_LENGTH = 1024  # for reward-model folders that do not record their training length
+
+
+def tag_reward_model(model_config, kind: Kind, tokenizer, max_length: int) -> None:
+    """What later stages need to score with a saved reward model, recorded in its ``config.json``."""
+    model_config.alignment_reward_kind = kind
+    model_config.alignment_tokenizer_sha = tokenizer_fingerprint(tokenizer)
+    model_config.alignment_max_length = max_length
+
+
 class RewardScorer:
     """Batched, no-grad reward scoring: ``score(prompts, completions) -> RewardScores``.
 
@@ -222,7 +224,8 @@ class RewardScorer:
     sequence, run under bf16 autocast (CPU and GPU) and returned in the caller's order.
     """
 
-    def __init__(self, model, tokenizer, *, kind: Kind, batch_size: int | None = None, max_length: int = 1024,
+    def __init__(self, model, tokenizer, *, kind: Kind, batch_size: int | None = None,
+                 max_length: int = DEFAULT_SCORING_LENGTH,
                  bf16: bool | None = None):
         self.model = model.eval()
         self.tokenizer = configure_padding(tokenizer, "right")
@@ -242,8 +245,12 @@ class RewardScorer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, expect_kind: Kind | None = None, tokenizer=None,
-                        device: str = "auto", **kwargs) -> RewardScorer:
-        """Load a folder written by the reward-model stage; checks its kind and tokenizer."""
+                        device: str = "auto", max_length: int | None = None, **kwargs) -> RewardScorer:
+        """Load a folder written by the reward-model stage; checks its kind and tokenizer.
+
+        ``max_length``: tokens per scored conversation; by default the length the model was trained
+        with (recorded in its config as ``alignment_max_length``), else 1024 for older folders.
+        """
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
@@ -265,7 +272,9 @@ class RewardScorer:
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             raise RewardModelError(f"tokenizer has {len(tok)} tokens, the model's embedding only "
                                    f"{model.get_input_embeddings().weight.shape[0]}")
-        return cls(model, tok, kind=kind, **kwargs)
+        if max_length is None:
+            max_length = int(config.get("alignment_max_length") or DEFAULT_SCORING_LENGTH)
+        return cls(model, tok, kind=kind, max_length=max_length, **kwargs)
 
     @torch.no_grad()
     def logits(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str], progress: bool = False
@@ -361,40 +370,6 @@ def _distributional_trainer_cls():
     return DistributionalRewardTrainer, DistributionCollator
 
 
-@dataclass
-class PairData:
-    prompts: list[list[Message]]
-    chosen: list[str]
-    rejected: list[str]
-    chosen_rating: list[float | None]
-    rejected_rating: list[float | None]
-    chosen_dist: list[list[float] | None]
-    rejected_dist: list[list[float] | None]
-
-    @classmethod
-    def load(cls, path: str | Path, limit: int | None = None, seed: int = 0) -> PairData:
-        rows = read_pairs(path).to_pylist()
-        if limit is not None and len(rows) > limit:
-            keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
-            rows = [rows[i] for i in keep]
-        return cls(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "chosen_rating",
-                                                      "rejected_rating", "chosen_dist", "rejected_dist")))
-
-    @classmethod
-    def concat(cls, parts: Sequence[PairData]) -> PairData:
-        return cls(*(sum((getattr(p, f) for p in parts), []) for f in cls.__dataclass_fields__))
-
-    def head(self, n: int) -> PairData:
-        return PairData(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-    @property
-    def has_ratings(self) -> bool:
-        return len(self) > 0 and all(d is not None for d in self.chosen_dist)
-
-
 def _training_dataset(config: RewardModelConfig, tokenizer, pairs: PairData):
     from datasets import Dataset
 
@@ -418,13 +393,6 @@ def _training_dataset(config: RewardModelConfig, tokenizer, pairs: PairData):
     return Dataset.from_dict(columns)
 
 
-@dataclass
-class RewardResult:
-    out_dir: Path
-    metrics: dict[str, Any]
-    reused: bool = False
-
-
 def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
     if config.data is None:
         return run_data_stage(DataConfig(), runs_root=runs_root).out_dir
@@ -434,11 +402,20 @@ def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
     return folder
 
 
-def reward_stage_key(config: RewardModelConfig, data_dir: Path) -> str:
+def reward_stage_key(config: RewardModelConfig, data_dir: str | Path) -> str:
     data_manifest = read_manifest(data_dir) or {}
     files = json.dumps(data_manifest.get("files", {}), sort_keys=True)
     cfg = config.model_dump(mode="json", exclude={"data"})
-    return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=1")
+    return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=2")
+
+
+def plan_reward_model(config: RewardModelConfig, runs_dir: str | Path = "runs") -> StagePlan:
+    """Key and default folder ``<runs_dir>/rm/<kind>-<key[:12]>`` (``config.data`` must be set)."""
+    if config.data is None:
+        raise RewardModelError("plan_reward_model: config.data is not set")
+    key = reward_stage_key(config, config.data)
+    out = stage_folder(runs_dir, "rm", key, config.kind)
+    return StagePlan(key, out, out)
 
 
 def _progress_callback(report: Callable[[int, int], None]):
@@ -460,7 +437,7 @@ def _scratch_directory():
 
 def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                      runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None
-                     ) -> RewardResult:
+                     ) -> StageResult:
     """Train a reward model on a data stage's train split, evaluate it on validation, save it all.
 
     Writes a ``save_pretrained`` folder (model + tokenizer) with ``metrics.json``, ``train_log.jsonl``,
@@ -470,11 +447,11 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     from trl import RewardConfig, RewardTrainer
 
     data_dir = _resolve_data(config, runs_root)
-    key = reward_stage_key(config, data_dir)
-    out = Path(out_dir) if out_dir is not None else Path(runs_root) / "rm" / f"{config.kind}-{key[:12]}"
-    if reusable_output(out, key, overwrite, RewardModelError) is not None:
+    plan = plan_reward_model(config.model_copy(update={"data": str(data_dir)}), runs_root)
+    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
+    if reuse_or_guard(out, key, RewardModelError, overwrite=overwrite) is not None:
         log.info("reward model already trained in %s (same config and data): reusing it", out)
-        return RewardResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
+        return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
 
     # 1. Data: the data stage's splits (optionally a seeded subset of train).
     set_seed(config.seed)
@@ -491,8 +468,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         model, tokenizer = load_sequence_classifier(config.model, config.num_labels)
     except (ModelSourceError, DeviceError) as exc:
         raise RewardModelError(str(exc)) from exc
-    model.config.alignment_reward_kind = config.kind
-    model.config.alignment_tokenizer_sha = tokenizer_fingerprint(tokenizer)
+    tag_reward_model(model.config, config.kind, tokenizer, config.max_length)
 
     # 3. Tokenise once (prompt cut from the left at max_length, response kept).
     train_ds = _training_dataset(config, tokenizer, train)
@@ -539,14 +515,13 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         train_seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         if rank != 0:
-            return RewardResult(out, {}, reused=False)
+            return StageResult(out, {}, reused=False)
 
         # 5. Save a plain transformers folder (LoRA merged), tagged with kind and tokenizer.
         final = trainer.model
         if config.lora:
             final = final.merge_and_unload()
-        final.config.alignment_reward_kind = config.kind
-        final.config.alignment_tokenizer_sha = tokenizer_fingerprint(tokenizer)
+        tag_reward_model(final.config, config.kind, tokenizer, config.max_length)
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
@@ -573,7 +548,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))},
         })
     log.info("reward model (%s) saved to %s: validation accuracy %.3f", config.kind, out, metrics["accuracy"])
-    return RewardResult(out, metrics)
+    return StageResult(out, metrics)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reward_scoring import seed_loop as seed_scores  # noqa: E402
 
-from alignment.data import DataConfig, run_data_stage  # noqa: E402
+from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_causal_lm, load_sequence_classifier, resolve_model  # noqa: E402
-from alignment.reinforce import ReinforceConfig, train_reinforce, unique_prompts  # noqa: E402
-from alignment.reward import PairData, tokenizer_fingerprint  # noqa: E402
+from alignment.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
+from alignment.reward import tokenizer_fingerprint  # noqa: E402
 
 PHASES = ["generate", "reward", "reference", "forward_backward", "optimizer"]
 KL_BETA = 0.02
@@ -274,7 +274,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-rl-"))
     data_dir = str(run_data_stage(DataConfig(source=args.data, on_bad_rows="skip"), tmp / "data").out_dir)
-    prompts = unique_prompts(PairData.load(Path(data_dir) / "train.parquet"))
+    prompts = PairData.load(Path(data_dir) / "train.parquet").unique_prompts()
     resolved = resolve_model(args.policy)
     policy_path = str(resolved.path)
     rm_dir = args.rm or str(untrained_rm(resolved, tmp / "rm"))

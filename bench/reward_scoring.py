@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment.data import DataConfig, run_data_stage  # noqa: E402
+from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
 from alignment.hardware import bf16_enabled, resolve_device  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_sequence_classifier, resolve_model  # noqa: E402
-from alignment.reward import PairData, RewardModelConfig, RewardScorer, run_reward_stage  # noqa: E402
+from alignment.reward import RewardModelConfig, RewardScorer, run_reward_stage  # noqa: E402
 
 
 def seed_loop(model, tokenizer, prompts, completions, max_length=256) -> tuple[torch.Tensor, float]:
@@ -100,7 +100,7 @@ def main() -> int:
         cfg = RewardModelConfig(model=args.model, data=str(data_dir), max_train_pairs=args.train_pairs,
                                 max_eval_pairs=4, max_length=args.max_length, batch_size=8, epochs=1.0,
                                 logging_steps=1000)
-        train_pps = run_reward_stage(cfg, tmp / "rm").metrics["train"]["pairs_per_second"]
+        train_pps = run_reward_stage(cfg, tmp / "rm").summary["train"]["pairs_per_second"]
 
     figures = {
         "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

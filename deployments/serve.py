@@ -12,17 +12,14 @@ stages whose cache is not complete. Needs ``PREFECT_API_URL`` pointing at a serv
 from __future__ import annotations
 
 import argparse
-import os
 
-from alignment.cli import prefect_env
+from prefect import serve
+from prefect.client.schemas.schedules import CronSchedule
 
-prefect_env()  # before Prefect is imported
-
-from prefect import serve  # noqa: E402
-from prefect.client.schemas.schedules import CronSchedule  # noqa: E402
-
-from alignment.pipeline import PipelineConfig, pipeline_preset  # noqa: E402
-from flows.pipeline import (  # noqa: E402
+from alignment.pipeline import PipelineConfig
+from alignment.presets import pipeline_preset
+from deployments.options import add_serve_arguments
+from flows.pipeline import (  # importing flows sets Prefect's environment (telemetry off, stage logs forwarded)
     alignment_pipeline,
     data_flow,
     judge_flow,
@@ -61,11 +58,8 @@ def serve_all(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.split("\n")[0])
-    parser.add_argument("--cron", default=os.environ.get("ALIGNMENT_RETRAIN_CRON", "0 3 * * 1"))
-    parser.add_argument("--timezone", default="UTC")
-    parser.add_argument("--retrain-preset", default="demo")
-    parser.add_argument("--runs-dir", default=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="python -m deployments.serve",
+                                                         description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     serve_all(args.cron, args.timezone, args.retrain_preset, args.runs_dir)
 

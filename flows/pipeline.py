@@ -17,7 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from alignment.data import DataConfig
 from alignment.evaluate import ScoreConfig
 from alignment.judge import JudgeConfig
-from alignment.pipeline import PipelineConfig, PipelineOptions, pipeline_preset
+from alignment.pipeline import PipelineConfig, PipelineOptions
+from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
 from tasks.stages import (

@@ -27,20 +27,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from alignment.data import DataConfig, run_data_stage
-from alignment.evaluate import ScoreConfig, run_score_stage
-from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, run_judge_stage
-from alignment.pipeline import (
-    StagePlan,
-    is_complete,
-    plan_data,
-    plan_judge,
-    plan_reinforce,
-    plan_reward_model,
-    plan_score,
-)
-from alignment.reinforce import ReinforceConfig, train_reinforce
-from alignment.reward import RewardModelConfig, run_reward_stage
+from alignment.data import DataConfig, plan_data, run_data_stage
+from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
+from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
+from alignment.pipeline import PLANNERS
+from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
+from alignment.reward import RewardModelConfig, plan_reward_model, run_reward_stage
+from alignment.stage import StagePlan, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +120,7 @@ COMMON: dict[str, Any] = {"persist_result": True}
 def data_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
     plan = plan or plan_data(config, runs_dir)
     result = run_data_stage(config, plan.out, overwrite=not is_complete(plan))
-    m = result.manifest
+    m = result.summary
     _publish("data", f"# Data: {m['source']}\n\n| rows read | rejected | prompts | pairs | ties dropped | train | "
              f"validation |\n|---|---|---|---|---|---|---|\n| {m['n_rows_read']} | {m['n_rows_rejected']} | "
              f"{m['n_prompts']} | {m['n_pairs']} | {m['n_ties_dropped']} | {m['n_train']} | {m['n_validation']} |\n\n"
@@ -145,7 +138,7 @@ def reward_model_task(config: RewardModelConfig, runs_dir: str, plan: StagePlan 
         result = run_reward_stage(config, plan.out)  # reuses the launched run's complete folder
     else:
         result = run_reward_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
-    m = result.metrics
+    m = result.summary
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in m.items() if isinstance(v, float))
     _publish(f"rm-{config.kind}", f"# {config.kind} reward model\n\nFolder: `{result.out_dir}`\n\n| metric | value |\n"
              f"|---|---|\n{rows}\n" + embed_png(result.out_dir / "reward_eval.png", "validation scores"),
@@ -175,7 +168,7 @@ def launch_stage(command: str, config: ReinforceConfig | RewardModelConfig, out:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "alignment.cli", command, "--config", str(cfg_file), "--out", str(out)]
+           "-m", "cli", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd)
     metrics = out / "metrics.jsonl"
@@ -250,11 +243,6 @@ def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None
         "![judge](judge.png)", embed_png(plan.out / "judge.png", "judge")),
         f"{s['model_a']} vs {s['model_b']}: win rate {s['win_rate']:.3f}")
     return str(result.out_dir)
-
-
-PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
-    "data": plan_data, "reward-model": plan_reward_model, "reinforce": plan_reinforce, "score": plan_score,
-    "judge": plan_judge}
 
 
 def summary_markdown(stages: dict[str, dict[str, str]], report: str | None) -> str:

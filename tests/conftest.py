@@ -79,7 +79,7 @@ def eval_stack(tmp_path_factory, tiny_model) -> dict[str, Path]:
     tuned = tiny_model_dir(tmp / "tuned", seed=1)
     scores = run_score_stage(ScoreConfig(models={"base": str(tiny_model), "tuned": str(tuned)},
                                          reward_models={"scalar": str(rm)}, data=str(data), n_prompts=56,
-                                         max_new_tokens=12, bootstrap=500), tmp / "scores").out_dir
+                                         max_new_tokens=12, bootstrap=500, bf16=False), tmp / "scores").out_dir
     return {"data": data, "rm": rm, "base": tiny_model, "tuned": tuned, "scores": scores}
 
 

@@ -1,6 +1,6 @@
 """One process of a data-parallel `align reinforce` run, for tests/test_reinforce_ddp.py.
 
-Runs the CLI as `python -m alignment.cli` would, then saves this process's final policy weights to
+Runs the CLI as `python -m cli` would, then saves this process's final policy weights to
 ``$DDP_TEST_DUMP/rank<R>.safetensors`` so the test can check that every replica ends identical.
 ``$DDP_TEST_STOP_AFTER`` interrupts the run after that many steps (to test resuming).
 """
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import alignment.reinforce as R
-from alignment.cli import main
+from cli.main import main
 
 captured = []
 _load, _train = R.load_causal_lm, R.train_reinforce

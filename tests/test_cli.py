@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment.cli import main
 from alignment.config import ConfigError, build_config, parse_overrides
 from alignment.data import DataConfig
+from cli.main import main
 from tests.conftest import raw_row, write_jsonl
 
 

@@ -28,7 +28,7 @@ USER = lambda text: [{"role": "user", "content": text}]  # noqa: E731
 
 
 def raw(prompt, score, row, response=None):
-    return RawResponse(USER(prompt), response or f"answer {row}", score, row)
+    return RawResponse(USER(prompt), response or f"answer {row}", score, row, prompt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,6 +39,22 @@ def test_binarise_two_responses_higher_mean_is_chosen():
     assert [(p.chosen, p.rejected, p.chosen_rating, p.rejected_rating) for p in pairs] == [("good", "bad", 3.4, 1.6)]
     assert (stats.n_prompts, stats.n_pairs, stats.n_ties_dropped) == (1, 1, 0)
     assert pairs[0].source_rows == (2, 1)
+
+
+def test_binarise_groups_by_the_exact_prompt_string(tmp_path):
+    """As in esfrankel17/HelpSteer2_binarized: prompts that differ only in whitespace are different prompts."""
+    rows = [raw_row("What is 2+2?", "4", 4, 4, 4, 2, 2), raw_row("What is 2+2?", "5", 1, 0, 2, 1, 1),
+            raw_row("What is 2+2? ", "four", 3, 3, 3, 2, 2), raw_row("What is 2+2? ", "22", 0, 0, 1, 0, 0),
+            raw_row("Name a colour.", "red", 4, 4, 4, 1, 1), raw_row("Name a colour.", "7", 0, 0, 0, 0, 0)]
+    res = run_data_stage(DataConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows)), validation_fraction=0.5),
+                         tmp_path / "out")
+    assert (res.summary["n_prompts"], res.summary["n_pairs"]) == (3, 3)  # grouped by stripped text: 2 and 2
+    splits = {s: pq.read_table(tmp_path / "out" / f"{s}.parquet").to_pylist() for s in ("train", "validation")}
+    assert sorted((p["chosen"], p["rejected"]) for rows in splits.values() for p in rows) == [
+        ("4", "5"), ("four", "22"), ("red", "7")]
+    # The two 2+2 pairs read the same once stripped, so the split keeps them on one side.
+    sides = {s for s, rows in splits.items() for p in rows if p["chosen"] in ("4", "four")}
+    assert len(sides) == 1
 
 
 def test_binarise_drops_ties_and_counts_them():
@@ -124,10 +140,10 @@ def test_hh_file_end_to_end(tmp_path):
     rows = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: good answer {i}",
              "rejected": f"\n\nHuman: question {i}?\n\nAssistant: bad answer {i}"} for i in range(10)]
     res = _stage(tmp_path, rows)
-    assert res.manifest["format"] == "hh" and res.manifest["n_pairs"] == 10
+    assert res.summary["format"] == "hh" and res.summary["n_pairs"] == 10
     row = _all_rows(res)[0]
     assert row["prompt"][0]["content"].startswith("question") and row["chosen"].startswith("good")
-    assert row["chosen_dist"] is None and res.manifest["has_ratings"] is False
+    assert row["chosen_dist"] is None and res.summary["has_ratings"] is False
 
 
 def test_pairs_with_message_lists_and_ratings(tmp_path):
@@ -138,7 +154,7 @@ def test_pairs_with_message_lists_and_ratings(tmp_path):
              "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"bad {i}"}],
              "rejected_rating": 1.0} for i in range(5)]
     res = _stage(tmp_path, rows)
-    m = res.manifest
+    m = res.summary
     assert (m["format"], m["n_pairs"], m["has_ratings"]) == ("pairs", 5, True)
     row = _all_rows(res)[0]
     assert row["prompt"] == [{"role": "user", "content": row["prompt"][0]["content"]}]
@@ -149,7 +165,7 @@ def test_pairs_prompt_taken_from_conversation_when_no_prompt_column(tmp_path):
     conv = lambda i, a: [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}]  # noqa: E731
     rows = [{"chosen": conv(i, "yes"), "rejected": conv(i, "no")} for i in range(4)]
     res = _stage(tmp_path, rows)
-    assert res.manifest["format"] == "pairs"
+    assert res.summary["format"] == "pairs"
     assert {r["prompt"][0]["content"] for r in _all_rows(res)} == {"q0", "q1", "q2", "q3"}
 
 
@@ -162,14 +178,14 @@ def test_other_file_types(tmp_path, ext):
     {"csv": lambda: frame.to_csv(path, index=False), "parquet": lambda: frame.to_parquet(path),
      "json": lambda: path.write_text(json.dumps(rows))}[ext]()
     res = run_data_stage(DataConfig(source=str(path)), tmp_path / "out")
-    assert res.manifest["n_pairs"] == 6 and res.manifest["has_ratings"]
+    assert res.summary["n_pairs"] == 6 and res.summary["has_ratings"]
 
 
 def test_column_map_renames_misnamed_columns(tmp_path):
     rows = [{"question": f"q{i}", "good": f"c{i}", "bad": f"r{i}"} for i in range(4)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     cfg = DataConfig(source=str(src), column_map={"prompt": "question", "chosen": "good", "rejected": "bad"})
-    assert run_data_stage(cfg, tmp_path / "out").manifest["n_pairs"] == 4
+    assert run_data_stage(cfg, tmp_path / "out").summary["n_pairs"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +215,7 @@ def test_manifest_counts_and_file_hashes(tmp_path):
     rows += [raw_row(f"q{i}", "bad", 1, 1, 1, 1, 1) for i in range(18)]
     rows += [raw_row("q18", "same", 4, 4, 4, 2, 2)]  # q18: tie with its good answer; q19: one answer
     res = _stage(tmp_path, rows)
-    m = res.manifest
+    m = res.summary
     assert (m["n_rows_read"], m["n_prompts"], m["n_pairs"], m["n_ties_dropped"], m["n_prompts_unpaired"]) == (
         39, 20, 18, 1, 1)
     assert m["n_train"] + m["n_validation"] == 18 and m["n_validation"] == 4  # round(18 prompts * 0.2)
@@ -215,13 +231,13 @@ def test_same_input_same_bytes_and_reuse(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     a = run_data_stage(DataConfig(source=str(src)), tmp_path / "a")
     b = run_data_stage(DataConfig(source=str(src)), tmp_path / "b")
-    assert a.manifest["files"] == b.manifest["files"]
+    assert a.summary["files"] == b.summary["files"]
     again = run_data_stage(DataConfig(source=str(src)), tmp_path / "a")
     assert again.reused
     with pytest.raises(DataError, match="already holds a different output of this stage"):
         run_data_stage(DataConfig(source=str(src), seed=5), tmp_path / "a")
     replaced = run_data_stage(DataConfig(source=str(src), seed=5), tmp_path / "a", overwrite=True)
-    assert not replaced.reused and replaced.manifest["config"]["seed"] == 5
+    assert not replaced.reused and replaced.summary["config"]["seed"] == 5
 
 
 def test_default_out_dir_is_deterministic(tmp_path):
@@ -255,13 +271,13 @@ def test_a_crash_keeps_the_previous_output(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         run_data_stage(DataConfig(source=str(src), seed=3), tmp_path / "out", overwrite=True)
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stage_key"] == first.manifest["stage_key"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stage_key"] == first.summary["stage_key"]
 
 
 def test_max_pairs_takes_a_seeded_subset(tmp_path):
     rows = [raw_row(f"q{i}", a, *s) for i in range(30) for a, s in (("g", (4,) * 5), ("b", (1,) * 5))]
     res = _stage(tmp_path, rows, max_pairs=12)
-    assert res.manifest["n_pairs"] == 12 and res.manifest["n_pairs_before_limit"] == 30
+    assert res.summary["n_pairs"] == 12 and res.summary["n_pairs_before_limit"] == 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +321,7 @@ def test_bad_row_error_names_file_row_and_field(tmp_path, case):
 def test_bad_row_skip_mode_counts_it(tmp_path, case):
     path = _pairs_file(tmp_path, BAD_ROWS[case][0])
     res = run_data_stage(DataConfig(source=str(path), on_bad_rows="skip"), tmp_path / "out")
-    assert res.manifest["n_rows_rejected"] == 1 and res.manifest["n_pairs"] == 5
+    assert res.summary["n_rows_rejected"] == 1 and res.summary["n_pairs"] == 5
     rejected = [json.loads(line) for line in (res.out_dir / "rejected_rows.jsonl").read_text().splitlines()]
     assert rejected[0]["row"] == 4 and rejected[0]["field"] == BAD_ROWS[case][1]
 
@@ -316,7 +332,7 @@ def test_duplicate_pairs_are_rejected_after_the_first(tmp_path):
     with pytest.raises(BadRowsError, match=r"row 6: duplicate pair \(first seen at row 3\)"):
         run_data_stage(DataConfig(source=str(path)), tmp_path / "out")
     res = run_data_stage(DataConfig(source=str(path), on_bad_rows="skip"), tmp_path / "out")
-    assert res.manifest["rejected_by_reason"] == {"duplicate": 1}
+    assert res.summary["rejected_by_reason"] == {"duplicate": 1}
 
 
 def test_duplicate_raw_responses_are_rejected(tmp_path):
@@ -343,7 +359,7 @@ def test_undecodable_bytes_jsonl(tmp_path):
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(BadRowsError, match=r"row 2: undecodable bytes"):
         run_data_stage(DataConfig(source=str(path)), tmp_path / "out")
-    assert run_data_stage(DataConfig(source=str(path), on_bad_rows="skip"), tmp_path / "o2").manifest[
+    assert run_data_stage(DataConfig(source=str(path), on_bad_rows="skip"), tmp_path / "o2").summary[
         "n_rows_rejected"] == 1
 
 

@@ -6,7 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from alignment.cli import main
+from cli.main import main
 
 
 def _run(tmp_path, source, *extra):
@@ -18,10 +18,11 @@ def _run(tmp_path, source, *extra):
 def test_helpsteer2_raw_validation_binarises(tmp_path, shared_data):
     out, m = _run(tmp_path, shared_data / "helpsteer2" / "validation.jsonl")
     assert m["format"] == "raw" and m["n_rows_read"] == 1038 and m["n_rows_rejected"] == 0
-    # 519 prompt strings; two differ only by trailing whitespace and are one prompt once stripped.
-    assert m["n_prompts"] == 518
+    # 519 prompt strings, 2 responses each. Two of them differ only by trailing whitespace: grouped by the
+    # exact string (as esfrankel17/HelpSteer2_binarized does) they stay two prompts of two responses.
+    assert m["n_prompts"] == 519 and m["n_prompts_unpaired"] == 0
     assert m["n_pairs"] + m["n_ties_dropped"] == m["n_prompts"] - m["n_prompts_unpaired"]
-    assert 400 < m["n_pairs"] < 518 and m["n_ties_dropped"] > 0
+    assert 400 < m["n_pairs"] < 519 and m["n_ties_dropped"] > 0
     rows = pq.read_table(out / "train.parquet").to_pylist()
     assert all(r["chosen_rating"] > r["rejected_rating"] for r in rows)
     assert all(abs(sum(r["chosen_dist"]) - 1) < 1e-9 for r in rows)

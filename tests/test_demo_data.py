@@ -26,7 +26,7 @@ def test_shipped_file_is_exactly_what_the_script_writes():
 
 def test_demo_binarises_to_at_least_200_pairs_with_ties_and_multi_turn(tmp_path):
     res = run_data_stage(DataConfig(source="demo"), tmp_path / "out")
-    m = res.manifest
+    m = res.summary
     assert m["format"] == "raw" and m["n_pairs"] >= 200 and m["n_ties_dropped"] == 10 and m["n_rows_rejected"] == 0
     rows = [r for f in ("train.parquet", "validation.parquet") for r in pq.read_table(res.out_dir / f).to_pylist()]
     assert any(len(r["prompt"]) == 3 for r in rows)  # <extra_id_1> multi-turn prompts became 3 messages

@@ -63,7 +63,7 @@ def test_score_stage_is_reused_and_checks_inputs(eval_stack, tmp_path):
 
 
 def test_cli_score_prints_the_table(eval_stack, tmp_path, capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     code = main(["score", "--data", str(eval_stack["data"]), "--rm", str(eval_stack["rm"]),
                  "--model", f"base={eval_stack['base']}", "--model", f"tuned={eval_stack['tuned']}",

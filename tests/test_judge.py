@@ -158,7 +158,7 @@ def test_killed_run_resumes_without_asking_again(eval_stack, gemini_env, tmp_pat
     with FakeGemini(delay_s=0.15) as fake:
         gemini_env(fake)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, "-m", "alignment.cli", "-q", "judge", "--scores", str(eval_stack["scores"]),
+        cmd = [sys.executable, "-m", "cli", "-q", "judge", "--scores", str(eval_stack["scores"]),
                "--backend", "gemini", "--out", str(out), "gemini_model=gemini-test-flash", "concurrency=2",
                "max_pairs=30", "timeout_s=5"]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -226,7 +226,7 @@ def test_retry_after_is_honoured(gemini_env, monkeypatch):
 
 
 def test_local_judge_runs_offline(eval_stack, tmp_path, capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     code = main(["judge", "--scores", str(eval_stack["scores"]), "--backend", "local", "--out", str(tmp_path / "j"),
                  f"local_model={eval_stack['base']}", "max_pairs=6"])

@@ -42,7 +42,10 @@ def test_pipeline_runs_end_to_end(pipeline):
 
 def test_second_run_is_fully_cached(pipeline, monkeypatch):
     import alignment.data
-    import alignment.pipeline as P
+    import alignment.evaluate
+    import alignment.judge
+    import alignment.reinforce
+    import alignment.reward
     from flows.pipeline import run_pipeline
 
     calls: dict[str, int] = {}
@@ -55,9 +58,10 @@ def test_second_run_is_fully_cached(pipeline, monkeypatch):
 
     # What planning a stage costs: reading/hashing the data source, hashing configs and input manifests.
     monkeypatch.setattr(alignment.data, "read_source", counted("data", alignment.data.read_source))
-    for stage in ("reward", "reinforce", "score", "judge"):
+    for stage, module in (("reward", alignment.reward), ("reinforce", alignment.reinforce),
+                          ("score", alignment.evaluate), ("judge", alignment.judge)):
         name = f"{stage}_stage_key"
-        monkeypatch.setattr(P, name, counted(stage, getattr(P, name)))
+        monkeypatch.setattr(module, name, counted(stage, getattr(module, name)))
     config, first = pipeline
     again = run_pipeline(config)
     assert set(_states(again).values()) == {"Cached"}
@@ -96,7 +100,7 @@ def test_deleted_folder_reruns_its_stage(pipeline):
 
 
 def test_align_run_prints_config_and_rejects_bad_overrides(capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     assert main(["run", "--print-config", "reinforce.steps=3", "judge.backend=gemini"]) == 0
     cfg = json.loads(capsys.readouterr().out)

@@ -9,17 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignment.generation import completion_logprobs, completion_mask, text_health
 from alignment.reinforce import (
     CollapseDetected,
     EMABaseline,
     MovingAverageBaseline,
     ReinforceConfig,
-    completion_logprobs,
-    completion_mask,
     compute_advantages,
     reinforce_loss,
     rloo_advantages,
-    text_health,
+    shape_rewards,
     train_reinforce,
 )
 
@@ -85,6 +84,16 @@ def test_baselines_hand_values():
         ReinforceConfig(reward_model="x", data="y", baseline="rloo", samples_per_prompt=1)
 
 
+def test_shape_rewards_hand_values():
+    # R = E[r] - lambda Var[r] - beta KL - p * 1[no EOS], clipped to [-c, c]
+    mean, var = torch.tensor([2.0, 1.0, 30.0, -1.0]), torch.tensor([1.0, 4.0, 0.0, 0.0])
+    kl, eos = torch.tensor([0.5, -1.0, 0.0, 10.0]), torch.tensor([True, False, True, True])
+    r = shape_rewards(mean, var, kl, eos, var_lambda=0.5, kl_beta=0.2, missing_eos_penalty=1.0, clip=10.0)
+    assert r.tolist() == pytest.approx([2 - 0.5 - 0.1, 1 - 2 + 0.2 - 1, 10.0, -1 - 2.0])
+    r = shape_rewards(mean, var, kl, eos, var_lambda=0.0, kl_beta=0.0, missing_eos_penalty=0.0, clip=None)
+    assert r.tolist() == pytest.approx(mean.tolist())
+
+
 def test_variance_weighted_and_whitened_advantages():
     cfg = ReinforceConfig(reward_model="x", data="y", baseline="none", variance_weighted_advantage=True)
     adv, _ = compute_advantages(torch.tensor([1.0, 2.0]), cfg, None, reward_var=torch.tensor([4.0 - 1e-4, 1.0 - 1e-4]))
@@ -109,9 +118,11 @@ def test_text_health_hand_values():
 # ---------------------------------------------------------------------------------------------
 def _config(stack, **kw):
     policy, rm, data = stack
+    # fp32 unless a test asks otherwise: "auto" turns bf16 autocast on where the CPU has bf16 instructions,
+    # and the equivalence tests below compare two fp32 computations to tight tolerances.
     base = dict(policy=str(policy), reward_model=str(rm), data=str(data), steps=4, batch_size=4, max_new_tokens=12,
                 learning_rate=1e-3, checkpoint_every=2, eval_prompts=4, seed=0, guard_min_distinct2=0.0,
-                guard_max_repetition=1.0)
+                guard_max_repetition=1.0, bf16=False)
     base.update(kw)
     return ReinforceConfig(**base)
 
@@ -182,7 +193,7 @@ def test_rloo_runs_with_k_samples(tmp_path, tiny_stack):
 
 
 def test_cli_reinforce_runs_and_resumes(tmp_path, tiny_stack, capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     policy, rm, data = tiny_stack
     argv = ["-q", "reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out",
@@ -204,6 +215,17 @@ def test_lora_policy_uses_adapter_free_reference_and_saves_a_plain_model(tmp_pat
     assert not any("lora" in k for k in weights)
     before = load_file(tiny_stack[0] / "model.safetensors")
     assert any(not torch.equal(before[k], weights[k]) for k in before if k in weights)
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_stack):
+    result = train_reinforce(_config(tiny_stack, steps=2, eval_prompts=2, bf16=True), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    assert after[next(iter(after))].dtype == torch.float32  # autocast: the weights stay fp32
+    assert result.summary["eval_after"]["n"] == 2
 
 
 def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
@@ -250,8 +272,8 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_stack, capsys):
-    from alignment.cli import main
     from alignment.hardware import DeviceError
+    from cli.main import main
 
     with pytest.raises(DeviceError, match="torch sees no CUDA device"):
         train_reinforce(_config(tiny_stack, device="cuda"), tmp_path / "run")

@@ -86,11 +86,12 @@ def test_two_processes_resume_exactly(ddp_run):
 def test_resuming_with_another_process_count_is_refused(ddp_run, tmp_path):
     import shutil
 
-    from alignment.reinforce import ReinforceConfig, ReinforceError, train_reinforce
+    from alignment.reinforce import ReinforceConfig, train_reinforce
+    from alignment.rl import ResumeError
 
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0] / "run", run)
     shutil.rmtree(run / "final")
     config = ReinforceConfig(**json.loads((run / "run.json").read_text())["config"])
-    with pytest.raises(ReinforceError, match=r"written by 2 process\(es\); resume it with the same number"):
+    with pytest.raises(ResumeError, match=r"written by 2 process\(es\); resume it with the same number"):
         train_reinforce(config, run)

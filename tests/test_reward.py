@@ -149,7 +149,7 @@ def test_training_changes_parameters_lowers_loss_and_learns(tmp_path, tiny_model
     config = RewardModelConfig(kind=kind, model=str(tiny_model), data=str(data), max_length=96, epochs=3,
                                batch_size=8, learning_rate=2e-3, logging_steps=2, seed=0)
     result = run_reward_stage(config, tmp_path / "rm")
-    m = result.metrics
+    m = result.summary
     assert m["train"]["final_loss"] < m["train"]["first_loss"]
     assert m["accuracy"] >= 0.9, m  # the toy signal is trivially learnable
     before = load_file(tiny_model / "model.safetensors")
@@ -189,6 +189,29 @@ def test_scorer_reads_the_last_real_token(trained_scalar):
                          attention_mask=torch.tensor([[1] * len(ids) + [0] * 9])).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert scorer.score(prompts, completions).var.abs().sum() == 0
+
+
+def test_a_saved_reward_model_carries_its_max_length(trained_scalar):
+    """Trained at 96 tokens -> scored at 96 unless told otherwise; the cut is where training cut."""
+    config = json.loads((trained_scalar / "config.json").read_text())
+    assert config["alignment_max_length"] == 96 and config["alignment_reward_kind"] == "scalar"
+    assert RewardScorer.from_pretrained(trained_scalar).max_length == 96
+    assert RewardScorer.from_pretrained(trained_scalar, max_length=300).max_length == 300
+    long_prompt = [{"role": "user", "content": "word " * 200}]
+    scorer = RewardScorer.from_pretrained(trained_scalar, bf16=False)
+    cut = encode_conversations(scorer.tokenizer, [long_prompt], ["It is 4."], 96)[0]
+    assert len(cut) == 96
+    with torch.no_grad():
+        by_hand = scorer.model(input_ids=torch.tensor([cut])).logits[0, 0]
+    assert scorer.score([long_prompt], ["It is 4."]).mean[0].item() == pytest.approx(by_hand.item(), abs=1e-5)
+    # A folder from before the length was recorded falls back to 1024.
+    del config["alignment_max_length"]
+    (trained_scalar / "config.json").write_text(json.dumps(config))
+    try:
+        assert RewardScorer.from_pretrained(trained_scalar).max_length == 1024
+    finally:
+        config["alignment_max_length"] = 96
+        (trained_scalar / "config.json").write_text(json.dumps(config))
 
 
 def test_scorer_refuses_wrong_kind_and_mismatched_tokenizer(trained_scalar, tmp_path):
@@ -233,7 +256,7 @@ def test_lora_training_merges_into_a_plain_model(tmp_path, tiny_model):
 
 
 def test_cli_rm_and_rm_eval(tmp_path, tiny_model, capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     data = _toy_data(tmp_path)
     out = tmp_path / "rm"
@@ -247,7 +270,7 @@ def test_cli_rm_and_rm_eval(tmp_path, tiny_model, capsys):
 
 
 def test_cli_rm_rejects_unknown_kind(capsys):
-    from alignment.cli import main
+    from cli.main import main
 
     with pytest.raises(SystemExit):
         main(["rm", "--kind", "ordinal"])

@@ -1,4 +1,7 @@
-"""The ``align`` command: one subcommand per stage.
+"""The ``align`` command: one subcommand per stage, plus ``run`` and ``serve`` for the Prefect pipeline.
+
+This entry point sits above the core: it imports ``alignment`` (the ML core) and, for ``run`` and
+``serve`` only, ``flows`` and ``deployments``; nothing imports it back.
 
 Every stage takes ``--config FILE`` (YAML: the stage's fields, or a file with a section per stage),
 ``--preset NAME`` and trailing ``key=value`` overrides (``align data seed=3 column_map.prompt=question``).
@@ -52,7 +55,7 @@ def _add_common(p: argparse.ArgumentParser, presets: list[str] | None = None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from alignment.data import PRESETS
+    from alignment.presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="align", description="RLHF alignment pipeline: data, reward models, REINFORCE, evaluation.",
@@ -82,8 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--overwrite", action="store_true", help="rebuild even if --out is up to date, replacing what it holds")
     _add_common(data, sorted(PRESETS))
 
-    from alignment.reward import PRESETS as RM_PRESETS
-
     rm = sub.add_parser(
         "rm", help="train a reward model (scalar or distributional)",
         description="Train a reward model on a data stage's train split with TRL's RewardTrainer (scalar: "
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--model", help="base model: hub id, folder or .gguf (default SmolLM2-135M-Instruct)")
     rm.add_argument("--out", metavar="DIR", help="output folder (default: runs/rm/<kind>-<hash>)")
     rm.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
-    _add_common(rm, sorted(RM_PRESETS))
+    _add_common(rm, sorted(PRESETS))
 
     rm_eval = sub.add_parser(
         "rm-eval", help="evaluate a trained reward model on a data stage's pairs",
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm_eval.add_argument("model_dir", help="folder written by `align rm`")
     rm_eval.add_argument("--data", metavar="DIR", required=True, help="folder written by `align data`")
     rm_eval.add_argument("--split", choices=["train", "validation", "all"], default="validation")
-    rm_eval.add_argument("--max-length", type=int, default=1024)
+    rm_eval.add_argument("--max-length", type=int, default=None,
+                         help="tokens per conversation (default: the length the model was trained with)")
     rm_eval.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
     rm_eval.add_argument("--json", metavar="PATH", help="also write the metrics to this file")
 
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--data", metavar="DIR", help="folder written by `align data`")
     rl.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
     rl.add_argument("--out", metavar="DIR", help="run folder (default: runs/reinforce/<hash>)")
-    _add_common(rl)
+    _add_common(rl, sorted(PRESETS))
 
     score = sub.add_parser(
         "score", help="answer validation prompts with each model and score them with the reward model(s)",
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--rm", action="append", metavar="[NAME=]DIR", help="a reward model folder (repeatable)")
     score.add_argument("--out", metavar="DIR", help="output folder (default: runs/score/<hash>)")
     score.add_argument("--overwrite", action="store_true", help="recompute even if --out is up to date")
-    _add_common(score)
+    _add_common(score, sorted(PRESETS))
 
     judge = sub.add_parser(
         "judge", help="pairwise LLM judge of two models' answers (Gemini or a local model)",
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--scores", metavar="DIR", help="folder written by `align score`")
     judge.add_argument("--backend", choices=["gemini", "local"], help="gemini (API key in GEMINI_API_KEY) or local")
     judge.add_argument("--out", metavar="DIR", help="output folder (default: runs/judge/<backend>-<hash>)")
-    _add_common(judge)
+    _add_common(judge, sorted(PRESETS))
 
     run = sub.add_parser(
         "run", help="run the whole pipeline as a Prefect flow (cached, resumable)",
@@ -175,20 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--runs-dir", metavar="DIR", help="where every stage writes (default: runs)")
-    from alignment.pipeline import PIPELINE_PRESETS
-
-    _add_common(run, sorted(PIPELINE_PRESETS))
+    _add_common(run, sorted(PRESETS))
 
     serve = sub.add_parser(
         "serve", help="serve the pipeline's Prefect deployments (demo: manual; retrain: on a schedule)",
         description="Serve the deployments of `alignment-pipeline` and of each stage flow to a Prefect server "
         "(PREFECT_API_URL); runs triggered from the UI or `prefect deployment run` execute in this process.",
     )
-    serve.add_argument("--cron", default="0 3 * * 1", help="schedule of the retrain deployment (default: Mondays 03:00)")
-    serve.add_argument("--timezone", default="UTC")
-    serve.add_argument("--retrain-preset", default="demo", choices=sorted(PIPELINE_PRESETS),
-                       help="preset the retrain deployment runs with")
-    serve.add_argument("--runs-dir", default="runs", metavar="DIR")
+    from deployments.options import add_serve_arguments
+
+    add_serve_arguments(serve)
 
     model = sub.add_parser(
         "model", help="resolve a model and say where it comes from",
@@ -201,10 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage_config(args: argparse.Namespace, cls, presets: dict, explicit: dict):
-    """The stage's config from preset, --config, key=value and flags; None after --print-config."""
+def _stage_config(args: argparse.Namespace, cls, section: str, explicit: dict):
+    """The stage's config from preset (its ``section`` of the one preset table), --config, key=value and
+    flags; None after --print-config."""
+    from alignment.presets import stage_preset
+
     preset = getattr(args, "preset", None)
-    config = build_config(cls, base=presets[preset] if preset else None, config_file=args.config,
+    config = build_config(cls, base=stage_preset(preset, section) if preset else None, config_file=args.config,
                           overrides=args.overrides, explicit=explicit)
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -213,15 +214,15 @@ def _stage_config(args: argparse.Namespace, cls, presets: dict, explicit: dict):
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from alignment.data import PRESETS, DataConfig, run_data_stage
+    from alignment.data import DataConfig, run_data_stage
 
-    config = _stage_config(args, DataConfig, PRESETS, {"source": args.source, "format": args.format,
+    config = _stage_config(args, DataConfig, "data", {"source": args.source, "format": args.format,
                                                       "split": args.split, "on_bad_rows": args.on_bad_rows})
     if config is None:
         return 0
     result = run_data_stage(config, args.out, overwrite=args.overwrite,
                             runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
-    m = result.manifest
+    m = result.summary
     status = "reused" if result.reused else "written"
     print(f"data {status}: {result.out_dir}")
     print(f"  source {m['source']} ({m['format']}): {m['n_rows_read']} rows read, {m['n_rows_rejected']} rejected")
@@ -231,16 +232,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from alignment.reward import PRESETS as RM_PRESETS
     from alignment.reward import RewardModelConfig, run_reward_stage
 
-    config = _stage_config(args, RewardModelConfig, RM_PRESETS,
+    config = _stage_config(args, RewardModelConfig, f"rm_{args.kind or 'scalar'}",
                            {"kind": args.kind, "data": args.data, "model": args.model})
     if config is None:
         return 0
     result = run_reward_stage(config, args.out, overwrite=args.overwrite,
                               runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
-    m = result.metrics
+    m = result.summary
     if not m:  # a non-first process of a multi-process launch: the first one reports
         return 0
     print(f"reward model {'reused' if result.reused else 'trained'}: {result.out_dir}")
@@ -257,7 +257,8 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 def _cmd_rm_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from alignment.reward import PairData, RewardScorer, evaluate_reward_model
+    from alignment.data import PairData
+    from alignment.reward import RewardScorer, evaluate_reward_model
 
     scorer = RewardScorer.from_pretrained(args.model_dir, batch_size=args.batch_size, max_length=args.max_length)
     splits = ["train", "validation"] if args.split == "all" else [args.split]
@@ -272,18 +273,14 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reinforce(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from alignment.reinforce import CollapseDetected, ReinforceConfig, train_reinforce
 
-    from alignment.reinforce import CollapseDetected, ReinforceConfig, reinforce_stage_key, train_reinforce
-
-    config = _stage_config(args, ReinforceConfig, {}, {"reward_model": args.reward_model, "data": args.data,
-                                                       "policy": args.policy})
+    config = _stage_config(args, ReinforceConfig, "reinforce", {"reward_model": args.reward_model, "data": args.data,
+                                                                "policy": args.policy})
     if config is None:
         return 0
-    out = Path(args.out) if args.out else (Path(os.environ.get("ALIGNMENT_RUNS_DIR", "runs")) / "reinforce"
-                                           / reinforce_stage_key(config)[:12])
     try:
-        result = train_reinforce(config, out)
+        result = train_reinforce(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
     except CollapseDetected as exc:
         print(f"align reinforce: stopped: {exc}", file=sys.stderr)
         return 3
@@ -292,7 +289,7 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     if launched_rank() != 0:
         return 0  # a data-parallel launch: the first process reports
     s = result.summary
-    print(f"policy {'reused' if result.reused else 'trained'}: {out / 'final'}")
+    print(f"policy {'reused' if result.reused else 'trained'}: {result.out_dir / 'final'}")
     if s.get("eval_before") and s.get("eval_after"):
         b, a = s["eval_before"], s["eval_after"]
         print(f"  held-out mean reward {b['mean_reward']:.4f} -> {a['mean_reward']:.4f} ({a['n']} prompts, greedy)")
@@ -327,7 +324,7 @@ def _rm_name(folder: str) -> str:
 def _cmd_score(args: argparse.Namespace) -> int:
     from alignment.evaluate import ScoreConfig, run_score_stage
 
-    config = _stage_config(args, ScoreConfig, {}, {"data": args.data, "models": _named(args.model, "model"),
+    config = _stage_config(args, ScoreConfig, "score", {"data": args.data, "models": _named(args.model, "model"),
                                                    "reward_models": _named(args.rm, "rm", _rm_name)})
     if config is None:
         return 0
@@ -341,7 +338,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_judge(args: argparse.Namespace) -> int:
     from alignment.judge import JudgeConfig, run_judge_stage
 
-    config = _stage_config(args, JudgeConfig, {}, {"scores": args.scores, "backend": args.backend})
+    config = _stage_config(args, JudgeConfig, "judge", {"scores": args.scores, "backend": args.backend})
     if config is None:
         return 0
     result = run_judge_stage(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
@@ -357,15 +354,9 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def prefect_env() -> None:
-    """Before Prefect is imported: telemetry off, and the stages' own log lines forwarded to Prefect."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "alignment")  # stage logs show in the UI
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    from alignment.pipeline import PipelineConfig, pipeline_preset
+    from alignment.pipeline import PipelineConfig
+    from alignment.presets import pipeline_preset
 
     preset = args.preset or "demo"
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
@@ -374,8 +365,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    prefect_env()
-    from flows.pipeline import run_pipeline
+    from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
 
     start = time.perf_counter()
     result = run_pipeline(config)
@@ -388,7 +378,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    prefect_env()
     from deployments.serve import serve_all
 
     serve_all(cron=args.cron, timezone=args.timezone, retrain_preset=args.retrain_preset, runs_dir=args.runs_dir)
@@ -433,13 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.models import ModelSourceError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
+    from alignment.rl import ResumeError
 
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError) as exc:
+            EvaluationError, JudgeError, ResumeError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

@@ -1,0 +1,240 @@
+"""Rollouts: what every stage that makes a model answer prompts shares.
+
+Prompts go through the chat template and are left-padded (so every row's last prompt token sits in
+the same column and generation appends to all rows alike); completions are sampled with the KV
+cache; a completion counts up to and including its first EOS; log-probs and entropies are read on
+completion tokens only, in chunks. REINFORCE, scoring, the local judge and (later) PPO use these
+pieces; PPO adds per-token values on the same masks (``token_logprobs`` gives the per-token terms).
+
+Shapes: B sequences, P prompt width (left-padded), T completion width (right-padded after EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignment.data import Message
+
+
+class SamplingConfig(BaseModel):
+    """How completions are drawn: greedy, or sampled with temperature / top-p / top-k."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(64, ge=1)
+    greedy: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k or None}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]], max_length: int) -> dict[str, torch.Tensor]:
+    """Chat-templated prompts, cut from the left to ``max_length``, left-padded. (B, P) tensors."""
+    ids = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True, return_dict=False)
+           for p in prompts]
+    ids = [x[-max_length:] for x in ids]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... counted over real tokens only, as generate() uses them with left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], sampling: SamplingConfig, *,
+             bf16: bool = False) -> torch.Tensor:
+    """Completions (B, T) after the (B, P) prompt batch, on CPU; the KV cache is on (generate's default)."""
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = policy.generate(input_ids=prompt_batch["input_ids"].to(device),
+                              attention_mask=prompt_batch["attention_mask"].to(device),
+                              max_new_tokens=sampling.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
+    policy.train(was_training)
+    completion = out[:, prompt_batch["input_ids"].shape[1]:].cpu()
+    if completion.shape[1] == 0:
+        completion = torch.full((out.shape[0], 1), tokenizer.eos_token_id)
+    return completion
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for completion tokens up to and including the first EOS, 0 after it.
+
+    completion_ids: (B, T) generated tokens (everything after the prompt) -> (B, T) float.
+    A row without EOS keeps all T tokens.
+    """
+    is_eos = completion_ids == eos_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).float()
+
+
+def completion_tokens(completion: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each completion's tokens up to and including its first EOS. completion, mask: (B, T)."""
+    return [row[: int(m.sum())].tolist() for row, m in zip(completion, mask, strict=True)]
+
+
+def pad_completions(tokens: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> right-padded (B, T) ids and (B, T) float mask (T >= 1)."""
+    width = max(1, max((len(t) for t in tokens), default=1))
+    ids = torch.full((len(tokens), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width))
+    for i, t in enumerate(tokens):
+        ids[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
+        mask[i, :len(t)] = 1
+    return ids, mask
+
+
+def decode_completions(tokenizer, tokens: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts and their sampled completions, everything later steps read.
+
+    ``prompts`` (B messages lists), ``prompt_ids``/``prompt_mask`` (B, P) left-padded,
+    ``completion`` (B, T), ``mask`` (B, T) through the first EOS, ``has_eos`` (B,) bool,
+    ``tokens`` and ``texts``: each completion's tokens through its first EOS, and their text.
+    """
+
+    prompts: list[list[Message]]
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion: torch.Tensor
+    mask: torch.Tensor
+    has_eos: torch.Tensor
+    tokens: list[list[int]]
+    texts: list[str]
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + T) prompt and completion."""
+        return torch.cat([self.prompt_ids, self.completion], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + T): real prompt tokens and completion tokens through the first EOS."""
+        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+
+def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: SamplingConfig,
+            max_prompt_length: int, *, bf16: bool = False) -> Rollout:
+    """Encode, sample and cut the completions of one batch of prompts."""
+    batch = encode_prompts(tokenizer, prompts, max_prompt_length)
+    completion = generate(policy, tokenizer, batch, sampling, bf16=bf16)
+    mask = completion_mask(completion, tokenizer.eos_token_id)
+    tokens = completion_tokens(completion, mask)
+    return Rollout([list(p) for p in prompts], batch["input_ids"], batch["attention_mask"], completion, mask,
+                   (completion == tokenizer.eos_token_id).any(-1), tokens, decode_completions(tokenizer, tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs on completion tokens
+# --------------------------------------------------------------------------------------------
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(y_t | x, y_<t) and entropy H_t at the completion positions.
+
+    input_ids, attention_mask: (B, P + T) with the prompt left-padded to width P.
+    Returns (B, T) log-probs (with gradient when the model has one) and (B, T) entropies (no gradient).
+    """
+    # Logits only where they are read (the last prompt position predicts the first completion token):
+    # the LM head over a 49k vocabulary at prompt positions would be ~12% of this pass, wasted.
+    n_completion = input_ids.shape[1] - prompt_width
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                logits_to_keep=n_completion + 1)
+    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+    targets = input_ids[:, prompt_width:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+    return token_logp, entropy
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t log pi(y_t | x, y_<t), mean token entropy) over the masked completion tokens.
+
+    input_ids, attention_mask: (B, P + T); mask: (B, T). Returns (B,) summed log-probs and (B,) mean
+    entropy of the masked positions.
+    """
+    token_logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_width)
+    mean_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    return (token_logp * mask).sum(-1), mean_entropy
+
+
+@torch.no_grad()
+def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                     mask: torch.Tensor, chunk: int, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logprobs`` without gradient, ``chunk`` sequences at a time: (B,) log-probs and (B,)
+    mean entropies, on CPU. Inputs may live on the CPU; each chunk moves to the model's device."""
+    device = next(model.parameters()).device
+    logps, entropies = [], []
+    for s in range(0, input_ids.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            lp, ent = completion_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
+                                          prompt_width, mask[sl].to(device))
+        logps.append(lp.float().cpu())
+        entropies.append(ent.float().cpu())
+    return torch.cat(logps), torch.cat(entropies)
+
+
+# --------------------------------------------------------------------------------------------
+# Text health (collapse metrics)
+# --------------------------------------------------------------------------------------------
+def ngrams(tokens: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def text_health(completions: Sequence[Sequence[int]]) -> dict[str, float]:
+    """distinct-1/2 over the batch (unique n-grams / all n-grams) and the repetition rate:
+    the mean, over completions, of the share of 3-grams that already occurred earlier in the same one."""
+    stats = {}
+    for n in (1, 2):
+        grams = [g for c in completions for g in ngrams(c, n)]
+        stats[f"distinct{n}"] = len(set(grams)) / len(grams) if grams else 0.0
+    reps = []
+    for c in completions:
+        grams = ngrams(c, 3)
+        if grams:
+            reps.append(1.0 - len(set(grams)) / len(grams))
+    stats["repetition"] = float(np.mean(reps)) if reps else 0.0
+    return stats

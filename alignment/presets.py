@@ -1,0 +1,57 @@
+"""The one preset table: preset name -> pipeline section -> field overrides over the stage defaults.
+
+``align run --preset NAME`` takes a whole row; ``align <stage> --preset NAME`` takes that stage's
+section of the same row (:func:`stage_preset`), so a stage run alone and the same stage inside the
+pipeline cannot drift apart (same preset, same config, same stage key, same folder).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+# The demo reward models: small subsets so both train on a CPU in minutes.
+_DEMO_RM = {"max_length": 256, "max_train_pairs": 64, "max_eval_pairs": 32, "epochs": 1.0, "batch_size": 8,
+            "learning_rate": 5e-5}
+_HS2_RM = {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5, "gradient_checkpointing": True,
+           "device": "cuda"}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The embedded demo set on a CPU in minutes: small subsets, short generations, the local judge.
+    "demo": {
+        "data": {"source": "demo"},
+        "rm_scalar": {"kind": "scalar", **_DEMO_RM},
+        "rm_distributional": {"kind": "distributional", **_DEMO_RM},
+        "reinforce": {"steps": 8, "batch_size": 4, "max_new_tokens": 32, "max_prompt_length": 256,
+                      "learning_rate": 1e-5, "checkpoint_every": 4, "eval_prompts": 8},
+        "score": {"n_prompts": 16, "max_new_tokens": 64},
+        "judge": {"backend": "local", "max_pairs": 16},
+    },
+    # HelpSteer2 from the hub at full size: needs a GPU and a Gemini key.
+    "helpsteer2": {
+        "data": {"source": "esfrankel17/HelpSteer2_binarized", "split": "average_rating_split"},
+        "rm_scalar": {"kind": "scalar", **_HS2_RM},
+        "rm_distributional": {"kind": "distributional", **_HS2_RM},
+        "reinforce": {"steps": 500, "batch_size": 32, "micro_batch_size": 16, "max_new_tokens": 256,
+                      "max_prompt_length": 1024, "learning_rate": 1e-6, "checkpoint_every": 50, "eval_prompts": 128,
+                      "device": "cuda"},
+        "score": {"n_prompts": 256, "max_new_tokens": 256, "batch_size": 32, "device": "cuda"},
+        "judge": {"backend": "gemini", "max_pairs": 256},
+    },
+}
+
+SECTIONS = ("data", "rm_scalar", "rm_distributional", "reinforce", "score", "judge")
+
+
+def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:
+    """A copy of one preset row (every section)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
+
+
+def stage_preset(name: str, section: str) -> dict[str, Any]:
+    """One stage's overrides in preset ``name`` (empty when the row leaves that stage at its defaults)."""
+    if section not in SECTIONS:
+        raise ValueError(f"unknown pipeline section {section!r} (known: {', '.join(SECTIONS)})")
+    return pipeline_preset(name).get(section, {})

@@ -1,0 +1,102 @@
+"""The stage contract every stage follows (data, reward model, REINFORCE, scoring, judge, ...).
+
+* A stage's output depends on its **stage key**: a hash of its config and of its inputs' manifests.
+* Its default folder is ``<runs_dir>/<stage>/[<name>-]<key[:12]>`` (:func:`stage_folder`); the
+  pipeline's planning and the stage itself both take it from the stage's ``plan_*`` function.
+* A folder is **complete** when its ``manifest.json`` (written last) carries the key and every file it
+  lists is intact (:func:`complete_manifest`); a complete folder is reused, not recomputed.
+* A folder holding another config's output is never overwritten by accident (:func:`reuse_or_guard`):
+  the stage refuses, naming the folder, unless told to overwrite. Resumable stages (REINFORCE, the
+  judge) record their key in ``run.json`` when they start (:func:`claim_output`), so a re-run with the
+  same key continues and one with another key is refused.
+* Every stage returns a :class:`StageResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from alignment.io import files_intact, read_manifest, write_json
+
+RUN_RECORD = "run.json"
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage returns: its output folder, its summary, and whether an earlier output was reused."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    reused: bool = False
+
+
+class StagePlan(NamedTuple):
+    """Where a stage writes, decided before it runs."""
+
+    key: str  # the stage key: config + input manifests + schema
+    out: Path  # the folder the stage writes
+    done: Path  # the folder whose manifest marks completion (``out``, or REINFORCE's ``out/final``)
+
+
+def stage_folder(runs_dir: str | Path, stage: str, key: str, name: str | None = None) -> Path:
+    """The one rule for a stage's default output folder: ``<runs_dir>/<stage>/[<name>-]<key[:12]>``."""
+    return Path(runs_dir) / stage / (f"{name}-{key[:12]}" if name else key[:12])
+
+
+def complete_manifest(folder: str | Path, key: str) -> dict[str, Any] | None:
+    """The manifest of a finished output for ``key`` (written last, every listed file intact), else None."""
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("stage_key") != key or not files_intact(folder, manifest):
+        return None
+    return manifest
+
+
+def is_complete(plan: StagePlan) -> bool:
+    return complete_manifest(plan.done, plan.key) is not None
+
+
+def _recorded_key(folder: Path) -> str | None:
+    """The stage key a folder says it belongs to: its run record (resumable stages) or its manifest."""
+    for path in (folder / RUN_RECORD, folder / "manifest.json"):
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8")).get("stage_key")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                return None
+    return None
+
+
+def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, overwrite: bool = False,
+                   done: str | Path | None = None, resumable: bool = False) -> dict[str, Any] | None:
+    """The manifest of a complete output for ``key`` (reuse it), else None after checking the folder is ours.
+
+    ``done``: the folder whose manifest marks completion (default ``folder``). Raises ``error`` when
+    ``folder`` holds another config's output or unrecognised files, unless ``overwrite`` (the stage then
+    replaces it atomically). ``resumable``: a folder started by a run with the same key is continued.
+    """
+    folder = Path(folder)
+    if not overwrite:
+        manifest = complete_manifest(done if done is not None else folder, key)
+        if manifest is not None:
+            return manifest
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    owner = _recorded_key(folder)
+    if owner == key and resumable:
+        return None
+    if owner is not None and owner != key:
+        what = "a different output of this stage (made with a different config or inputs)"
+    else:
+        what = "files that are not a complete output of this stage"
+    hint = "" if resumable else " or pass --overwrite"
+    raise error(f"{folder} already holds {what}; choose another --out{hint}")
+
+
+def claim_output(folder: str | Path, key: str, config: dict[str, Any], **extra: Any) -> None:
+    """Record in ``folder/run.json`` that a resumable stage with ``key`` writes here (call after the guard)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / RUN_RECORD, {"stage_key": key, "config": config, **extra})
