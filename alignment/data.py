@@ -45,6 +45,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alignment import __version__
 from alignment.config import StageConfig
+from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
 from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 N_BINS = 10
 ROLES = frozenset({"system", "user", "assistant"})
-CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "chosen_rating", "rejected_rating", "response", *ATTRIBUTES)
+GOLD_COLUMNS = ("gold_answer", "gold_checker")  # optional, per prompt: a checkable answer and how to check it
+CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "chosen_rating", "rejected_rating", "response", *ATTRIBUTES,
+                     *GOLD_COLUMNS)
 BUILTIN_SOURCES = {"demo": "demo_helpsteer.jsonl"}
 # Splits a hub dataset is read from when the config names none.
 DEFAULT_HUB_SPLITS = {"esfrankel17/HelpSteer2_binarized": "average_rating_split", "nvidia/HelpSteer2": "train"}
@@ -63,7 +66,7 @@ _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
-SCHEMA_VERSION = 2  # 2: raw responses grouped by the exact prompt string. Bump when the output files change shape or meaning: invalidates reuse
+SCHEMA_VERSION = 3  # 2: raw responses grouped by the exact prompt string; 3: gold columns. Bump when the output files change shape or meaning: invalidates reuse
 Message = dict[str, str]
 Format = Literal["raw", "pairs", "hh"]
 
@@ -293,6 +296,23 @@ def _rating(value: Any, field: str, config: DataConfig, coerce_text: bool) -> fl
     return value
 
 
+def _gold(rec: dict) -> tuple[str | None, str | None]:
+    """(gold_answer, gold_checker) of a row: both absent, or a valid pair (checked by ``alignment.gold``)."""
+    answer, checker = rec.get("gold_answer"), rec.get("gold_checker")
+    if _is_missing(answer) and _is_missing(checker):
+        return None, None
+    if _is_missing(checker):
+        raise _Bad("gold_checker", f"gold_answer is given but gold_checker is missing (one of {', '.join(CHECKERS)})")
+    if _is_missing(answer):
+        raise _Bad("gold_answer", "gold_checker is given but gold_answer is missing")
+    answer = _text(str(answer) if isinstance(answer, (int, float)) else answer, "gold_answer")
+    try:
+        validate_reference(answer, checker)
+    except GoldCheckError as exc:
+        raise _Bad("gold_checker" if checker not in CHECKERS else "gold_answer", str(exc)) from None
+    return answer, checker
+
+
 def parse_hh_transcript(text: Any, field: str) -> tuple[list[Message], str]:
     """Split an hh-rlhf transcript into (prompt messages, final assistant response)."""
     text = _text(text, field)
@@ -322,6 +342,8 @@ class PreferencePair:
     chosen_rating: float | None = None
     rejected_rating: float | None = None
     source_rows: tuple[int, ...] = ()
+    gold_answer: str | None = None
+    gold_checker: str | None = None
 
     @property
     def prompt_key(self) -> str:
@@ -339,6 +361,7 @@ class RawResponse:
     score: float
     row: int
     prompt_key: str  # the prompt exactly as the source wrote it: what binarisation groups by
+    gold: tuple[str | None, str | None] = (None, None)
 
 
 @dataclass
@@ -585,7 +608,7 @@ def _parse_pair(rec: dict, fmt: Format, config: DataConfig, with_ratings: bool, 
                        _rating(rec.get("rejected_rating"), "rejected_rating", config, not typed))
     if chosen == rejected:
         raise _Bad("rejected", "chosen and rejected are the same text")
-    return PreferencePair(prompt, chosen, rejected, *ratings)
+    return PreferencePair(prompt, chosen, rejected, *ratings, (), *_gold(rec))
 
 
 def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: bool, row: int) -> RawResponse:
@@ -596,7 +619,7 @@ def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: 
     raw = rec.get("prompt")
     exact = raw if isinstance(raw, str) else json.dumps(raw.tolist() if isinstance(raw, np.ndarray) else raw,
                                                         sort_keys=True, ensure_ascii=False)
-    return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row, exact)
+    return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row, exact, _gold(rec))
 
 
 def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: float = 1e-9
@@ -619,7 +642,8 @@ def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: flo
 
     def make(a: RawResponse, b: RawResponse) -> PreferencePair:
         hi, lo = (a, b) if a.score > b.score else (b, a)
-        return PreferencePair(hi.prompt, hi.response, lo.response, hi.score, lo.score, (hi.row, lo.row))
+        gold = hi.gold if hi.gold[0] is not None else lo.gold
+        return PreferencePair(hi.prompt, hi.response, lo.response, hi.score, lo.score, (hi.row, lo.row), *gold)
 
     for group in groups.values():
         if len(group) < 2:
@@ -673,7 +697,7 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
             else:
                 item = _parse_pair(rec, fmt, config, with_ratings, source.typed)
                 item = PreferencePair(item.prompt, item.chosen, item.rejected, item.chosen_rating,
-                                      item.rejected_rating, (row,))
+                                      item.rejected_rating, (row,), item.gold_answer, item.gold_checker)
                 key = item.pair_key
             if key in seen:
                 what = "response to the same prompt" if fmt == "raw" else "pair"
@@ -719,6 +743,8 @@ PAIR_SCHEMA = pa.schema([
     ("chosen_dist", pa.list_(pa.float64())),
     ("rejected_dist", pa.list_(pa.float64())),
     ("source_rows", pa.list_(pa.int64())),
+    ("gold_answer", pa.string()),
+    ("gold_checker", pa.string()),
 ])
 
 
@@ -737,6 +763,8 @@ def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
         "chosen_dist": [dist(p.chosen_rating) for p in pairs],
         "rejected_dist": [dist(p.rejected_rating) for p in pairs],
         "source_rows": [list(p.source_rows) for p in pairs],
+        "gold_answer": [p.gold_answer for p in pairs],
+        "gold_checker": [p.gold_checker for p in pairs],
     }
     return pa.table(columns, schema=PAIR_SCHEMA)
 
@@ -744,6 +772,15 @@ def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
 def read_pairs(path: str | Path) -> pa.Table:
     """Read a split written by the data stage."""
     return pq.read_table(path)
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt with its optional gold answer and the checker kind that decides it."""
+
+    messages: list[Message]
+    gold_answer: str | None = None
+    gold_checker: str | None = None
 
 
 @dataclass
@@ -757,6 +794,8 @@ class PairData:
     rejected_rating: list[float | None]
     chosen_dist: list[list[float] | None]
     rejected_dist: list[list[float] | None]
+    gold_answer: list[str | None]
+    gold_checker: list[str | None]
 
     @classmethod
     def load(cls, path: str | Path, limit: int | None = None, seed: int = 0) -> PairData:
@@ -764,8 +803,10 @@ class PairData:
         if limit is not None and len(rows) > limit:
             keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
             rows = [rows[i] for i in keep]
-        return cls(*([r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "chosen_rating",
-                                                      "rejected_rating", "chosen_dist", "rejected_dist")))
+        # .get: splits written before the gold columns existed read as "no gold answer"
+        return cls([r["prompt"] for r in rows], *([r.get(k) for r in rows] for k in (
+            "chosen", "rejected", "chosen_rating", "rejected_rating", "chosen_dist", "rejected_dist",
+            "gold_answer", "gold_checker")))
 
     @classmethod
     def concat(cls, parts: Sequence[PairData]) -> PairData:
@@ -776,13 +817,16 @@ class PairData:
 
     def unique_prompts(self) -> list[list[Message]]:
         """The distinct prompts in first-seen order (several pairs can share a prompt)."""
-        seen, out = set(), []
-        for p in self.prompts:
+        return [p.messages for p in self.prompt_items()]
+
+    def prompt_items(self) -> list[PromptItem]:
+        """The distinct prompts in first-seen order, each with its gold answer and checker (or None)."""
+        seen: dict[str, PromptItem] = {}
+        for p, answer, checker in zip(self.prompts, self.gold_answer, self.gold_checker, strict=True):
             key = json.dumps(p, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                out.append(p)
-        return out
+            if key not in seen or seen[key].gold_answer is None and answer is not None:
+                seen[key] = PromptItem(p, answer, checker)
+        return list(seen.values())
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -875,6 +919,8 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "n_validation": len(val_idx),
             "n_train_prompts": len({p.prompt_key for p in splits["train"]}),
             "n_validation_prompts": len({p.prompt_key for p in splits["validation"]}),
+            "n_gold_prompts": {name: len({p.prompt_key for p in subset if p.gold_answer is not None})
+                               for name, subset in splits.items()},
             "has_ratings": pairs[0].chosen_rating is not None,
             "files": files,
             "created_by": f"alignment {__version__}",

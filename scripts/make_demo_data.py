@@ -10,7 +10,10 @@ reward model can learn something real from it:
   off-topic, or degenerate -- a run of repeated symbols, the exact collapse mode REINFORCE policies
   fell into on this task, so the reward model sees it rated at the bottom;
 * some prompts are multi-turn in HelpSteer2's ``<extra_id_1>User/Assistant`` marker form, and a few
-  have two equally good answers with equal scores, which binarisation must drop as ties.
+  have two equally good answers with equal scores, which binarisation must drop as ties;
+* every prompt whose answer is computed or known carries it for gold checks: ``gold_answer`` and
+  ``gold_checker`` (``number`` for arithmetic, follow-ups, conversions and letter counts; ``exact``
+  for reversals; ``contains`` for capitals), on each of its rows.
 
 Scores follow HelpSteer2's rubric loosely: helpfulness/correctness/coherence judge the answer,
 complexity and verbosity describe it. Deterministic: ``python scripts/make_demo_data.py`` rewrites
@@ -207,8 +210,11 @@ def _bad(kind: str, rng: random.Random, wrong: str, seed_text: str = "") -> str:
             "degenerate": _degenerate(rng, seed_text), "evasive": wrong}[kind]
 
 
-def _row(prompt: str, response: str, kind: str, rng: random.Random) -> dict:
-    return {"prompt": prompt, "response": response, **_scores(kind, rng)}
+def _row(prompt: str, response: str, kind: str, rng: random.Random, gold: tuple[str, str] | None = None) -> dict:
+    row = {"prompt": prompt, "response": response, **_scores(kind, rng)}
+    if gold is not None:
+        row["gold_answer"], row["gold_checker"] = gold
+    return row
 
 
 def build(seed: int = 0) -> list[dict]:
@@ -218,8 +224,10 @@ def build(seed: int = 0) -> list[dict]:
 
     seen: set[str] = set()
 
-    def add(prompt: str, good: str, wrong: str, seed_text: str = "", third: bool = False) -> bool:
-        """Add a prompt's answers; False (and nothing added) if the prompt was drawn before."""
+    def add(prompt: str, good: str, wrong: str, seed_text: str = "", third: bool = False,
+            gold: tuple[str, str] | None = None) -> bool:
+        """Add a prompt's answers (with its gold answer and checker, if any); False (and nothing added) if
+        the prompt was drawn before."""
         if prompt in seen:
             return False
         seen.add(prompt)
@@ -228,7 +236,7 @@ def build(seed: int = 0) -> list[dict]:
         if third:  # a third, degenerate answer: exercises >2 responses per prompt
             items.append((_degenerate(rng, seed_text), "degenerate"))
         rng.shuffle(items)
-        rows.extend(_row(prompt, text, k, rng) for text, k in items)
+        rows.extend(_row(prompt, text, k, rng, gold) for text, k in items)
         return True
 
     # 1. Arithmetic (60 prompts, every 10th with a third answer).
@@ -243,13 +251,15 @@ def build(seed: int = 0) -> list[dict]:
         good = f"{a} {op} {b} = {result}."
         if op == "*":
             good += f" ({a} groups of {b} make {result}.)"
-        i += add(prompt, good, f"{a} {op} {b} = {result + off}.", str(result), third=i % 10 == 0)
+        i += add(prompt, good, f"{a} {op} {b} = {result + off}.", str(result), third=i % 10 == 0,
+                 gold=(str(result), "number"))
 
     # 2. Capitals (48 prompts).
     for country, capital in CAPITALS:
         other = rng.choice([c for _, c in CAPITALS if c != capital])
         prompt = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?"])
-        add(prompt, f"The capital of {country} is {capital}.", f"The capital of {country} is {other}.", capital)
+        add(prompt, f"The capital of {country} is {capital}.", f"The capital of {country} is {other}.", capital,
+            gold=(capital, "contains"))
 
     # 3. Unit conversions (30 prompts).
     i = 0
@@ -258,13 +268,13 @@ def build(seed: int = 0) -> list[dict]:
             m = rng.randint(2, 60)
             i += add(f"How many centimetres are in {m} metres?",
                 f"There are {m * 100} centimetres in {m} metres, because 1 metre is 100 centimetres.",
-                f"There are {m * 10} centimetres in {m} metres.")
+                f"There are {m * 10} centimetres in {m} metres.", gold=(str(m * 100), "number"))
         else:
             c = rng.randint(-30, 45)
             f = c * 9 / 5 + 32
             i += add(f"Convert {c} degrees Celsius to Fahrenheit.",
                 f"{c} °C is {f:g} °F (multiply by 9/5, then add 32).",
-                f"{c} °C is {c + 32:g} °F.")
+                f"{c} °C is {c + 32:g} °F.", gold=(f"{f:g}", "number"))
 
     # 4. Word tasks (30 prompts).
     for i, word in enumerate(WORDS):
@@ -273,10 +283,10 @@ def build(seed: int = 0) -> list[dict]:
             while scrambled == word[::-1]:
                 scrambled = "".join(rng.sample(word, len(word)))
             add(f"Spell the word '{word}' backwards.", f"'{word}' backwards is '{word[::-1]}'.",
-                f"'{word}' backwards is '{scrambled}'.")
+                f"'{word}' backwards is '{scrambled}'.", gold=(word[::-1], "exact"))
         else:
             add(f"How many letters are in the word '{word}'?", f"The word '{word}' has {len(word)} letters.",
-                f"The word '{word}' has {len(word) + rng.choice([-2, -1, 1, 3])} letters.")
+                f"The word '{word}' has {len(word) + rng.choice([-2, -1, 1, 3])} letters.", gold=(str(len(word)), "number"))
 
     # 5. Explanations and facts (25 prompts, hand-written).
     for question, good, worse, kind in EXPLANATIONS:
@@ -292,14 +302,16 @@ def build(seed: int = 0) -> list[dict]:
         a, b, k = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 5)
         prompt = (f"What is {a} plus {b}?\n<extra_id_1>Assistant\n{a} plus {b} is {a + b}.\n"
                   f"<extra_id_1>User\nNow multiply that by {k}.")
-        i += add(prompt, f"{a + b} times {k} is {(a + b) * k}.", f"{a + b} times {k} is {(a + b) * k + k}.", str(a + b))
+        i += add(prompt, f"{a + b} times {k} is {(a + b) * k}.", f"{a + b} times {k} is {(a + b) * k + k}.", str(a + b),
+                 gold=(str((a + b) * k), "number"))
 
     # 8. Ties: two equally good phrasings with identical scores (10 prompts, dropped by binarisation).
     for country, capital in CAPITALS[:10]:
         prompt = f"Name the capital city of {country}."
         scores = _scores("good", rng)
-        rows.append({"prompt": prompt, "response": f"{capital} is the capital of {country}.", **scores})
-        rows.append({"prompt": prompt, "response": f"The capital city of {country} is {capital}.", **scores})
+        gold = {"gold_answer": capital, "gold_checker": "contains"}
+        rows.append({"prompt": prompt, "response": f"{capital} is the capital of {country}.", **scores, **gold})
+        rows.append({"prompt": prompt, "response": f"The capital city of {country} is {capital}.", **scores, **gold})
     return rows
 
 

@@ -57,6 +57,33 @@ def test_binarise_groups_by_the_exact_prompt_string(tmp_path):
     assert len(sides) == 1
 
 
+def test_gold_answers_travel_with_their_prompt(tmp_path):
+    rows = [{**raw_row("What is 2+2?", "4", 4, 4, 4, 2, 2), "gold_answer": "4", "gold_checker": "number"},
+            {**raw_row("What is 2+2?", "5", 1, 0, 2, 1, 1), "gold_answer": "4", "gold_checker": "number"},
+            raw_row("Tell me a joke.", "A pun.", 3, 3, 3, 2, 2), raw_row("Tell me a joke.", "No.", 0, 0, 1, 0, 0)]
+    res = run_data_stage(DataConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows)), validation_fraction=0.5),
+                         tmp_path / "out")
+    assert sum(res.summary["n_gold_prompts"].values()) == 1
+    items = D.PairData.concat([D.PairData.load(tmp_path / "out" / f"{s}.parquet") for s in ("train", "validation")]
+                              ).prompt_items()
+    gold = {item.messages[-1]["content"]: (item.gold_answer, item.gold_checker) for item in items}
+    assert gold == {"What is 2+2?": ("4", "number"), "Tell me a joke.": (None, None)}
+
+
+@pytest.mark.parametrize("extra, field, reason", [
+    ({"gold_answer": "4"}, "gold_checker", "gold_checker is missing"),
+    ({"gold_checker": "number"}, "gold_answer", "gold_answer is missing"),
+    ({"gold_answer": "four", "gold_checker": "number"}, "gold_answer", "'four' is not a number"),
+    ({"gold_answer": "4", "gold_checker": "regex"}, "gold_checker", "unknown gold checker 'regex'"),
+])
+def test_bad_gold_answers_name_row_and_field(tmp_path, extra, field, reason):
+    rows = [raw_row("q1", "a", 4, 4, 4, 2, 2), {**raw_row("q1", "b", 0, 0, 0, 0, 0), **extra},
+            raw_row("q2", "c", 4, 4, 4, 2, 2), raw_row("q2", "d", 0, 0, 0, 0, 0)]
+    with pytest.raises(D.BadRowsError) as err:
+        run_data_stage(DataConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows))), tmp_path / "out")
+    assert f"row 2, field '{field}'" in str(err.value) and reason in str(err.value)
+
+
 def test_binarise_drops_ties_and_counts_them():
     pairs, stats = binarise([raw("a", 2.0, 1), raw("a", 2.0, 2), raw("b", 1.0, 3), raw("b", 3.0, 4), raw("c", 1.0, 5)])
     assert len(pairs) == 1 and pairs[0].prompt == USER("b")

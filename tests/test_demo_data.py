@@ -49,3 +49,20 @@ def test_demo_pairs_carry_a_learnable_signal(tmp_path):
         expr, _, value = r["chosen"].split(" (")[0].rstrip(".").partition(" = ")
         if value.lstrip("-").isdigit():
             assert eval(expr) == int(value), r["chosen"]  # noqa: S307 - our own generated arithmetic
+
+
+def test_demo_gold_answers_check_the_chosen_answers(tmp_path):
+    """Every computed or known answer carries its gold answer; the chosen (correct) answers pass their
+    checks and the wrong rejected ones mostly fail them."""
+    from alignment.gold import check_answer
+
+    res = run_data_stage(DataConfig(source="demo"), tmp_path / "out")
+    rows = [r for f in ("train.parquet", "validation.parquet") for r in pq.read_table(res.out_dir / f).to_pylist()]
+    gold = [r for r in rows if r["gold_answer"] is not None]
+    assert len(gold) >= 180 and {r["gold_checker"] for r in gold} == {"number", "exact", "contains"}
+    assert sum(res.summary["n_gold_prompts"].values()) == len({json.dumps(r["prompt"]) for r in gold})
+    for r in gold:
+        assert check_answer(r["chosen"], r["gold_answer"], r["gold_checker"], prompt=r["prompt"][-1]["content"]), r
+    wrong = sum(check_answer(r["rejected"], r["gold_answer"], r["gold_checker"], prompt=r["prompt"][-1]["content"])
+                for r in gold)
+    assert wrong <= len(gold) // 10, wrong  # a rejected answer is right only by accident (e.g. an evasion)

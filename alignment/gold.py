@@ -1,0 +1,260 @@
+"""Gold checks: does a free-form completion state a prompt's reference answer?
+
+A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS`:
+
+``number``
+    The reference is a number ("26", "-3.5", "1,200", "0.25", "3/4"). The completion is right when its
+    final stated number (:func:`extract_number`) equals it within
+    ``abs(got - ref) <= max(tolerance, 1e-9 * max(abs(got), abs(ref)))`` -- an absolute tolerance
+    (default 1e-6) or a relative one of 1e-9, whichever is looser (``math.isclose``).
+``exact``
+    The completion's final short answer (:func:`extract_answer`) equals the reference after
+    :func:`normalise`.
+``contains``
+    The normalised reference occurs in the normalised completion as whole words ("Parisian" does not
+    contain "paris"), and its last occurrence is not directly negated ("not Paris", "isn't Paris").
+
+With ``prompt`` given, text in the completion that restates the question is ignored: a verbatim copy
+of the prompt, and copies of its arithmetic expressions or assignments (``13 + 13``, ``x = 5``).
+
+Decisions: simple fractions ``a/b`` without spaces (and LaTeX ``\\frac{a}{b}``) are read as their value,
+so "3/4" gives 0.75. Not supported: numbers in words ("twenty-six"), scientific notation in
+completions, thousands separated by spaces.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+CHECKERS = ("number", "exact", "contains")
+
+
+class GoldCheckError(ValueError):
+    """An unknown checker kind, or a reference the checker cannot use."""
+
+
+# A number in free text: not glued to a word on its left ("COVID19", "COVID-19"), a "-" is a sign only
+# when it does not follow a word ("99-28" is 99 and 28), a "." is a decimal point only before a digit.
+_BODY = r"\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?"
+_NUM = rf"(?<![\w./])(?<![A-Za-z]-)-?{_BODY}(?![\d/_]|[.,]\d)"
+_NUM_RE = re.compile(_NUM)
+_QUAL = r"(?:(?:approximately|about|roughly|around|exactly|just|equal to|:)\s*)*"
+# Explicit answers: "\boxed{X}", "the answer is X", "final answer: X", "result = X", "X is the answer".
+_STRONG = re.compile(
+    rf"\\boxed\{{\s*({_NUM})"
+    rf"|\b(?:answer|result)\b[^\d.?!\n]{{0,40}}?(?:\bis|\bwas|\bbe|\bequals|=|:)\s*{_QUAL}({_NUM})"
+    rf"|({_NUM})\s+is\s+(?:the\s+|my\s+)?(?:final\s+|correct\s+)?answer\b",
+    re.I,
+)
+# Statements: "is X", "equals X", "= X", "makes X", "it's X".
+_WEAK = re.compile(
+    rf"(?:\bis|\bequals|\bequal to|\bmakes|\bgives|\bcomes to|\b(?:it|that)['’]s|=)\s*{_QUAL}({_NUM})", re.I
+)
+_OPERATOR_NEXT = re.compile(r"\s*[-+*/x^]\s*\d")  # "is 13 + 13" starts an expression, not an answer
+_NEGATION_BEFORE = re.compile(
+    r"(?:\bnot|n['’]t|\bnever|\binstead of|\brather than)\s+(?:(?!but\b)[a-z]+\s+){0,2}$", re.I
+)
+# Justification is not the answer: "(multiply by 9/5, then add 32)", "because 1 metre is 100 centimetres".
+_JUSTIFICATION = re.compile(r"\([^()]*\)|\b(?:because|since|given that)\b[^.!?\n]*", re.I)
+_EXPRESSION = re.compile(rf"{_NUM}(?:\s*[-+*/x^]\s*{_NUM})+|\b[A-Za-z]\w*\s*=\s*{_NUM}")
+_LATEX = (
+    (r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2"),
+    (r"\\text\{([^{}]*)\}", r" \1"),
+    (r"\$([^$]*)\$", r"\1"),
+    (r"\{,\}", ","),
+    (r"\*\*|__|\\[()\[\],!;]|\\left|\\right", ""),
+    (r"\\times|\\cdot|[×·]", "*"),
+    (r"\\div|÷", "/"),
+    ("[−–]", "-"),
+)
+_QUOTED = re.compile(r"\"([^\"\n]+)\"|“([^”\n]+)”|‘([^’\n]+)’|`([^`\n]+)`|(?<!\w)'([^'\n]+)'(?!\w)")
+_STATED = re.compile(r"\b(?:answer|result)\s*(?:is|:|=)\s*:?\s*([^.,;!?\n]+)", re.I)
+_SENTENCE_END = re.compile(r".*(?:\bis|\bare|:|=)\s*(.+?)[.!\s]*$", re.I)
+_NEGATIONS = {"not", "no", "never", "nor", "neither", "isnt", "arent", "wasnt", "werent"}
+_FILLERS = {"the", "a", "an", "in", "at", "actually", "really", "called"}
+_SHORT = 5  # most words in a short answer
+
+
+def normalise(text: str) -> str:
+    """Case-folded, accents removed (NFKD), punctuation and surrounding quotes stripped, whitespace
+    collapsed.
+
+    Apostrophes are deleted ("isn't" -> "isnt"); other punctuation becomes a space ("Port-au-Prince" ->
+    "port au prince"); symbols such as "+" or "$" are kept.
+    """
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    text = re.sub("['’]", "", text.casefold())
+    return " ".join("".join(" " if unicodedata.category(c).startswith("P") else c for c in text).split())
+
+
+def _clean(text: str) -> str:
+    """Markdown and LaTeX markup removed ("**26**", "$26$", "\\frac{3}{4}" -> "3/4"); "\\boxed" is kept."""
+    for pattern, replacement in _LATEX:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def _loose(piece: str) -> str:
+    """A regex for ``piece`` that ignores whitespace and case, anchored at word edges."""
+    body = r"\s*".join(re.escape(c) for c in piece if not c.isspace())
+    before = "(?<![\\w.])" if piece[0].isalnum() else ""
+    return before + body + ("(?![\\w]|\\.\\d)" if piece[-1].isalnum() else "")
+
+
+def _mask_question(text: str, prompt: str | None) -> str:
+    """``text`` (already cleaned) with restatements of the prompt and its expressions replaced by " § "."""
+    if not prompt or not prompt.strip():
+        return text
+    prompt = _clean(prompt).strip()
+    for piece in sorted({prompt, *(m.group() for m in _EXPRESSION.finditer(prompt))}, key=len, reverse=True):
+        text = re.sub(_loose(piece), " § ", text, flags=re.I)
+    return text
+
+
+def _value(token: str) -> float | None:
+    token = token.replace(",", "")
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        return float(numerator) / float(denominator) if float(denominator) else None
+    return float(token)
+
+
+def _negated(text: str, at: int) -> bool:
+    return bool(_NEGATION_BEFORE.search(text[max(0, at - 40):at]))
+
+
+def extract_number(text: str, prompt: str | None = None) -> float | None:
+    """The final numeric answer stated in a free-form completion, or None.
+
+    Rules, in order (restatements of ``prompt`` are masked out first, see the module docstring):
+
+    1. the last explicit answer: ``\\boxed{X}``, "the answer is X", "final answer: X", "X is the answer";
+    2. the last statement "is X", "equals X", "= X", "makes X", "it's X" -- so "13 + 13 = 26" gives 26 --
+       unless X starts an expression ("is 13 + 13") or the statement is negated ("is not equal to 23");
+    3. the last number that is not negated ("not 23", "instead of 23") and does not merely repeat a
+       number of the prompt (an operand of the question).
+
+    Numbers: "1,200" is 1200, "26." is 26 (a sentence-final period), "-7" is -7, "3/4" is 0.75, units
+    may follow ("26 cm"), a number glued to a word ("COVID19") is not one.
+
+    Justifications -- parentheses and "because / since ..." clauses -- are read only when the rest
+    states no number: "There are 3100 cm in 31 m, because 1 m is 100 cm" gives 3100.
+    """
+    text = _mask_question(_clean(text or ""), prompt)
+    stated = _JUSTIFICATION.sub(" ", text)
+    if stated != text:
+        found = _final_number(stated, prompt)
+        if found is not None:
+            return found
+    return _final_number(text, prompt)
+
+
+def _final_number(text: str, prompt: str | None) -> float | None:
+    """Rules 1-3 of :func:`extract_number` on masked, cleaned text."""
+    strong = [m for m in _STRONG.finditer(text) if not _negated(text, m.start())]
+    if strong:
+        return _value(next(g for g in strong[-1].groups() if g))
+    for m in reversed(list(_WEAK.finditer(text))):
+        if not _negated(text, m.start()) and not _OPERATOR_NEXT.match(text, m.end()):
+            return _value(m.group(1))
+    operands = {_value(m.group()) for m in _NUM_RE.finditer(_clean(prompt or ""))}
+    for m in reversed(list(_NUM_RE.finditer(text))):
+        value = _value(m.group())
+        if value is not None and value not in operands and not _negated(text, m.start()):
+            return value
+    return None
+
+
+def _in_prompt(answer: str, prompt: str | None) -> bool:
+    return bool(prompt) and f" {normalise(answer)} " in f" {normalise(prompt)} "
+
+
+def extract_answer(text: str, prompt: str | None = None) -> str | None:
+    """The final short answer stated in a completion (for string checkers), normalised, or None.
+
+    Rules, in order (restatements of ``prompt`` are masked out first):
+
+    1. after "answer is" / "answer:" / "result is": a quoted span, or up to the next punctuation when
+       that is at most five words;
+    2. the last quoted span ('x', "x", curly quotes, backticks) that is not a word of the prompt, else the
+       last quoted span;
+    3. after the last "is" / "are" / ":" / "=" of the last sentence that does not end in "?", when that is
+       at most five words ("The reversed word is olleh.");
+    4. the whole completion when it is at most five words.
+    """
+    text = _mask_question(_clean(text or ""), prompt)
+    candidates = []
+    for m in reversed(list(_STATED.finditer(text))):
+        quoted = _QUOTED.match(m.group(1).strip())
+        candidates.append(next(g for g in quoted.groups() if g) if quoted else m.group(1))
+    quotes = [next(g for g in m.groups() if g) for m in _QUOTED.finditer(text)]
+    candidates += [q for q in quotes if not _in_prompt(q, prompt)][-1:] or quotes[-1:]
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s and not s.endswith("?")]
+    end = _SENTENCE_END.match(sentences[-1]) if sentences else None
+    candidates += [end.group(1)] if end else []
+    candidates.append(text)
+    for candidate in candidates:
+        answer = normalise(candidate)
+        if answer and len(answer.split()) <= _SHORT:
+            return answer
+    return None
+
+
+def _contains(completion: str, reference: str, prompt: str | None) -> bool:
+    text = normalise(_mask_question(_clean(completion or ""), prompt))
+    hits = list(re.finditer(rf"(?<!\w){re.escape(reference)}(?!\w)", text))
+    if not hits:
+        return False
+    before = text[: hits[-1].start()].split()
+    while before and before[-1] in _FILLERS:
+        before.pop()
+    return not (before and before[-1] in _NEGATIONS)
+
+
+def _parse_reference(reference: str) -> float:
+    text = reference.strip()
+    try:
+        value = _value(text) if re.fullmatch(rf"[-+]?{_BODY}", text) else float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise GoldCheckError(f"gold reference {reference!r} is not a number (checker 'number')")
+    return value
+
+
+def check_answer(completion: str, reference: str, checker: str, *, prompt: str | None = None,
+                 tolerance: float = 1e-6) -> bool:
+    """True when the completion's final answer matches the reference under the checker kind.
+
+    ``number``: :func:`extract_number` within ``math.isclose(got, ref, rel_tol=1e-9, abs_tol=tolerance)``;
+    ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
+    reference appears as whole words and its last occurrence is not negated. Raises :class:`GoldCheckError`
+    for an unknown checker, a ``number`` reference that does not parse, or a reference that normalises
+    to nothing.
+    """
+    if checker not in CHECKERS:
+        raise GoldCheckError(f"unknown gold checker {checker!r}; known checkers: {', '.join(CHECKERS)}")
+    reference = str(reference)
+    if checker == "number":
+        expected = _parse_reference(reference)
+        got = extract_number(completion, prompt)
+        return got is not None and math.isclose(got, expected, rel_tol=1e-9, abs_tol=tolerance)
+    expected = normalise(reference)
+    if not expected:
+        raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
+    if checker == "exact":
+        return extract_answer(completion, prompt) == expected
+    return _contains(completion, expected, prompt)
+
+
+def validate_reference(reference: str, checker: str) -> None:
+    """Raise :class:`GoldCheckError` when ``checker`` is unknown or ``reference`` cannot be checked with it
+    (what the data stage runs on every row that carries a gold answer)."""
+    if checker not in CHECKERS:
+        raise GoldCheckError(f"unknown gold checker {checker!r}; known checkers: {', '.join(CHECKERS)}")
+    if checker == "number":
+        _parse_reference(str(reference))
+    elif not normalise(str(reference)):
+        raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
