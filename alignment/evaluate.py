@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,9 @@ import torch
 from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
-from alignment.data import Message, PairData
+from alignment.data import Message, PairData, PromptItem
 from alignment.generation import (
+    Rollout,
     SamplingConfig,
     batched_logprobs,
     encode_prompts,
@@ -38,15 +39,17 @@ from alignment.generation import (
     rollout,
     text_health,
 )
+from alignment.gold import check_answer
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
 from alignment.reward import RewardModelError, RewardScorer
 from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
+from alignment.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: gold checks, proxy/independent roles
 GENERATIONS = "generations"
 
 
@@ -77,6 +80,9 @@ class ScoreConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
     kl: bool = Field(True, description="Also compute the k1 KL of each model's answers to the first model.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% CIs.")
+    proxy_reward_model: str | None = Field(None, description="Name (in reward_models) of the reward model the "
+                                           "tuned policy was trained against; every other one is independent "
+                                           "(filled in by the pipeline).")
     bf16: bool | None = None
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
 
@@ -96,35 +102,47 @@ class ScoreConfig(StageConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample the n values with replacement ``n_resamples`` times."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
-
-
-# --------------------------------------------------------------------------------------------
 # Prompts, generation, scoring
 # --------------------------------------------------------------------------------------------
-def select_prompts(data_dir: str | Path, n: int, seed: int) -> list[list[Message]]:
-    """A fixed, seeded subset of the unique validation prompts, in file order."""
+def select_prompt_items(data_dir: str | Path, n: int, seed: int) -> list[PromptItem]:
+    """A fixed, seeded subset of the unique validation prompts (with their gold answers), in file order."""
     path = Path(data_dir) / "validation.parquet"
     if not path.is_file():
         raise EvaluationError(f"{data_dir} is not a data stage output (no validation.parquet)")
-    prompts = PairData.load(path).unique_prompts()
-    if not prompts:
+    items = PairData.load(path).prompt_items()
+    if not items:
         raise EvaluationError(f"{path} holds no prompts")
-    if len(prompts) > n:
-        keep = np.sort(np.random.default_rng(seed).choice(len(prompts), n, replace=False))
-        prompts = [prompts[i] for i in keep]
-    return prompts
+    if len(items) > n:
+        keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+        items = [items[i] for i in keep]
+    return items
+
+
+def select_prompts(data_dir: str | Path, n: int, seed: int) -> list[list[Message]]:
+    """The messages of :func:`select_prompt_items`."""
+    return [item.messages for item in select_prompt_items(data_dir, n, seed)]
+
+
+def gold_results(items: Sequence[PromptItem], completions: Sequence[str]) -> list[bool | None]:
+    """Per prompt: whether the completion states its gold answer (None for a prompt without one)."""
+    return [None if item.gold_answer is None else
+            check_answer(text, item.gold_answer, item.gold_checker, prompt=item.messages[-1]["content"])
+            for item, text in zip(items, completions, strict=True)]
+
+
+def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None] | None = None) -> dict[str, Any] | None:
+    """Accuracy on the prompts with a gold answer (Wilson 95% CI) and, given the reference model's
+    results on the same prompts, the paired difference with its 95% CI; None without gold prompts."""
+    graded = [i for i, c in enumerate(correct) if c is not None]
+    if not graded:
+        return None
+    hits = [bool(correct[i]) for i in graded]
+    out: dict[str, Any] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits),
+                           "ci95": wilson_interval(sum(hits), len(hits))}
+    if reference is not None:
+        diff, ci = paired_proportion_diff(hits, [bool(reference[i]) for i in graded])
+        out.update(paired_diff=diff, paired_diff_ci95=ci)
+    return out
 
 
 def model_fingerprint(spec: str) -> str:
@@ -201,7 +219,10 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], toke
 # --------------------------------------------------------------------------------------------
 @dataclass
 class PolicyEval:
-    mean_reward: float
+    """Held-out greedy answers of a policy, scored: the proxy (trained-against) reward, independent reward
+    models, gold accuracy, KL to the start, and text health. Means over the prompts."""
+
+    mean_reward: float  # the proxy: E[r] - lambda Var[r] of the reward model trained against
     reward_std: float
     eos_rate: float
     mean_length: float
@@ -209,24 +230,47 @@ class PolicyEval:
     repetition: float
     n: int
     samples: list[dict[str, str]] = field(default_factory=list)
+    independent: dict[str, float] = field(default_factory=dict)  # name -> mean E[r]
+    independent_std: dict[str, float] = field(default_factory=dict)
+    gold_accuracy: float | None = None
+    gold_n: int = 0
+    kl: float | None = None  # mean k1 sum_t (log pi - log pi_ref) of the answers
 
 
-def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[Sequence[Message]],
+def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[Sequence[Message] | PromptItem],
                     sampling: SamplingConfig, max_prompt_length: int, *, var_lambda: float = 0.0, bf16: bool = False,
-                    batch_size: int = 8) -> PolicyEval:
-    """Answer ``prompts`` and score them: reward E[r] - lambda Var[r], EOS rate, length, text health."""
-    rewards, lengths, eos, token_lists, samples = [], [], [], [], []
-    for start in range(0, len(prompts), batch_size):
-        ro = rollout(policy, tokenizer, prompts[start:start + batch_size], sampling, max_prompt_length, bf16=bf16)
+                    batch_size: int = 8, independent: dict[str, RewardScorer] | None = None,
+                    reference_logprobs: Callable[[Rollout], torch.Tensor | None] | None = None) -> PolicyEval:
+    """Answer ``prompts`` (messages, or PromptItems with gold answers) and score the answers."""
+    items = [p if isinstance(p, PromptItem) else PromptItem(list(p)) for p in prompts]
+    independent = independent or {}
+    rewards, lengths, eos, token_lists, texts, kls = [], [], [], [], [], []
+    others: dict[str, list[float]] = {name: [] for name in independent}
+    for start in range(0, len(items), batch_size):
+        chunk = [item.messages for item in items[start:start + batch_size]]
+        ro = rollout(policy, tokenizer, chunk, sampling, max_prompt_length, bf16=bf16)
         scores = scorer.score(ro.prompts, ro.texts)
         rewards += (scores.mean - var_lambda * scores.var).tolist()
+        for name, other in independent.items():
+            others[name] += other.score(ro.prompts, ro.texts).mean.tolist()
+        if reference_logprobs is not None:
+            ref = reference_logprobs(ro)
+            if ref is not None:
+                mine, _ = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
+                                           batch_size, bf16=bf16)
+                kls += (mine - ref).tolist()
         lengths += ro.lengths.tolist()
         eos += ro.has_eos.float().tolist()
         token_lists += ro.tokens
-        samples += [{"prompt": p[-1]["content"], "completion": t} for p, t in zip(ro.prompts, ro.texts, strict=True)]
+        texts += ro.texts
     health = text_health(token_lists)
+    gold = gold_summary(gold_results(items, texts))
+    samples = [{"prompt": item.messages[-1]["content"], "completion": t} for item, t in zip(items, texts, strict=True)]
     return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
-                      health["distinct2"], health["repetition"], len(rewards), samples[:8])
+                      health["distinct2"], health["repetition"], len(rewards), samples[:8],
+                      {k: float(np.mean(v)) for k, v in others.items()}, {k: float(np.std(v)) for k, v in others.items()},
+                      gold["accuracy"] if gold else None, gold["n"] if gold else 0,
+                      float(np.mean(kls)) if kls else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,14 +293,18 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     for name, folder in config.reward_models.items():
         if not (Path(folder) / "config.json").is_file():
             raise EvaluationError(f"score: reward model {name!r}: {folder} is not a saved reward model")
+    if config.proxy_reward_model is not None and config.proxy_reward_model not in config.reward_models:
+        raise EvaluationError(f"score: proxy_reward_model={config.proxy_reward_model!r} is not one of the reward "
+                              f"models ({', '.join(config.reward_models)})")
     plan = plan_score(config, runs_root)
     key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
     if reuse_or_guard(out, key, EvaluationError, overwrite=overwrite) is not None:
         log.info("scores already computed in %s (same models, reward models and prompts): reusing them", out)
         return StageResult(out, json.loads((out / "scores.json").read_text()), reused=True)
 
-    # 1. The fixed prompt set.
-    prompts = select_prompts(config.data, config.n_prompts, config.seed)
+    # 1. The fixed prompt set (with gold answers where the data has them).
+    items = select_prompt_items(config.data, config.n_prompts, config.seed)
+    prompts = [item.messages for item in items]
     device = resolve_device(config.device)
     bf16 = bf16_enabled(config.bf16, device)
     names = list(config.models)
@@ -298,9 +346,12 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             rewards[name][rm_name] = (s.mean.tolist(), s.var.tolist())
         del scorer
 
-    # 4. Summaries: per model, per reward model; paired differences against the reference.
+    # 4. Summaries: per model, per reward model and gold; paired differences against the reference.
+    gold = {name: gold_results(items, gens[name].texts) for name in names}
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
-                               "max_new_tokens": config.max_new_tokens, "models": {}}
+                               "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
+                               "independent": [rm for rm in config.reward_models if rm != config.proxy_reward_model],
+                               "n_gold_prompts": sum(g is not None for g in gold[reference]), "models": {}}
     for name in names:
         g = gens[name]
         health = text_health(g.tokens)
@@ -309,6 +360,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "eos_rate": float(np.mean(g.eos)), "distinct2": health["distinct2"], "repetition": health["repetition"],
             "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
             "generation_seconds": round(g.seconds, 1), "rewards": {},
+            "gold": gold_summary(gold[name], gold[reference] if name != reference else None),
         }
         for rm_name, (mean, var) in rewards[name].items():
             r = entry["rewards"][rm_name] = {
@@ -320,6 +372,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 r["paired_diff"] = float(diff.mean())
                 r["paired_diff_ci95"] = bootstrap_ci(diff, config.bootstrap, config.seed)
                 r["win_rate_vs_reference"] = float((diff > 0).mean())
+            r["role"] = "proxy" if rm_name == config.proxy_reward_model else "independent"
         summary["models"][name] = entry
 
     # 5. Write everything atomically (manifest last).
@@ -332,6 +385,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 for i, p in enumerate(prompts):
                     row = {"id": i, "prompt": p, "completion": g.texts[i], "n_tokens": len(g.tokens[i]),
                            "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
+                           "gold_answer": items[i].gold_answer, "gold_correct": gold[name][i],
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
                                        for rm in config.reward_models}}
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -354,9 +408,14 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def scores_markdown(summary: dict[str, Any]) -> str:
-    """The scores table in markdown, one row per (model, reward model)."""
-    lines = [f"Validation prompts: {summary['n_prompts']} ({'greedy' if summary['greedy'] else 'sampled'}, "
+def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
+    """The verdict block, then the scores table (one row per model and reward model) and gold accuracy."""
+    from alignment.verdict import verdict, verdict_markdown
+
+    lines = []
+    if with_verdict and len(summary["models"]) > 1:
+        lines += [verdict_markdown(verdict(summary)), ""]
+    lines += [f"Validation prompts: {summary['n_prompts']} ({'greedy' if summary['greedy'] else 'sampled'}, "
              f"up to {summary['max_new_tokens']} new tokens); reference model: `{summary['reference']}`.", "",
              "| model | reward model | mean reward (95% CI) | paired diff vs reference (95% CI) | length | EOS rate "
              "| distinct-2 | repetition | KL to reference |",
@@ -365,8 +424,16 @@ def scores_markdown(summary: dict[str, Any]) -> str:
         for rm, r in m["rewards"].items():
             diff = (f"{r['paired_diff']:+.3f} {_fmt_ci(r['paired_diff_ci95'])}" if "paired_diff" in r else "—")
             kl = "—" if m["kl_to_reference"] is None else f"{m['kl_to_reference']:.3f}"
-            lines.append(f"| {name} | {rm} | {r['mean']:.3f} {_fmt_ci(r['ci95'])} | {diff} | {m['mean_length']:.1f} "
+            role = f" ({r['role']})" if summary.get("proxy") else ""
+            lines.append(f"| {name} | {rm}{role} | {r['mean']:.3f} {_fmt_ci(r['ci95'])} | {diff} | {m['mean_length']:.1f} "
                          f"| {m['eos_rate']:.2f} | {m['distinct2']:.3f} | {m['repetition']:.3f} | {kl} |")
+    if summary.get("n_gold_prompts"):
+        lines += ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
+                  "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) |", "|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            g = m["gold"]
+            diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
+            lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,6 @@ import concurrent.futures as cf
 import email.utils
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -39,10 +38,12 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
-from alignment.evaluate import GENERATIONS, bootstrap_ci, read_generations
+from alignment.evaluate import GENERATIONS, read_generations
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
+from alignment.stats import bootstrap_ci, wilson_interval
+from alignment.verdict import verdict
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +103,6 @@ class JudgeConfig(StageConfig):
 # --------------------------------------------------------------------------------------------
 # Statistics (hand-checked in tests)
 # --------------------------------------------------------------------------------------------
-def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a proportion p = successes / n (successes may be fractional).
-
-    center = (p + z^2/2n) / (1 + z^2/n),  half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
-    """
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
 def final_verdict(first_shown_a: str, first_shown_b: str) -> str:
     """Combine the two orders into a verdict about model A: 'win', 'loss' or 'tie'.
 
@@ -562,6 +549,7 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
         summary["debiased"] = debias
     versions = sorted({r.get("model_version", "") for r in done.values()} - {""})
     summary["judge_model_versions"] = versions
+    summary["verdict"] = verdict(json.loads((Path(config.scores) / "scores.json").read_text()), summary, model_a)
     write_json(out / "summary.json", summary)
     if rows:
         plot_judge(summary, out / "judge.png")
@@ -623,11 +611,14 @@ def write_report(score_dir: Path, judge_dir: Path, summary: dict[str, Any]) -> P
     import markdown
 
     from alignment.evaluate import scores_markdown
+    from alignment.verdict import verdict_markdown
 
     scores = json.loads((score_dir / "scores.json").read_text())
     if (score_dir / "rewards.png").is_file():
         shutil.copy(score_dir / "rewards.png", judge_dir / "rewards.png")
-    lines = ["# Evaluation report", "", "## Mean reward on held-out validation prompts", "", scores_markdown(scores),
+    block = verdict_markdown(summary.get("verdict") or verdict(scores, summary, summary["model_a"]))
+    lines = ["# Evaluation report", "", block, "## Mean reward on held-out validation prompts", "",
+             scores_markdown(scores, with_verdict=False),
              "![reward distributions](rewards.png)", "", "## Pairwise judge", ""]
     if summary.get("note"):
         lines += [f"> **{summary['note']}**", ""]

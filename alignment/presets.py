@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rm_scalar": {"kind": "scalar", **_DEMO_RM},
         "rm_distributional": {"kind": "distributional", **_DEMO_RM},
         "reinforce": {"steps": 8, "batch_size": 4, "max_new_tokens": 32, "max_prompt_length": 256,
-                      "learning_rate": 1e-5, "checkpoint_every": 4, "eval_prompts": 8},
+                      "learning_rate": 1e-5, "checkpoint_every": 4, "eval_prompts": 8, "eval_every": 4},
         "score": {"n_prompts": 16, "max_new_tokens": 64},
         "judge": {"backend": "local", "max_pairs": 16},
     },

@@ -21,6 +21,7 @@ Departures from the paper, stated once:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
@@ -52,14 +53,19 @@ from alignment.models import DEFAULT_MODEL, load_causal_lm
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer
 from alignment.rl import (
+    HELDOUT,
     METRICS,
     CollapseDetected,
     CollapseGuard,
+    OverOptimisationDetected,
     PromptSampler,
     append_metrics,
+    best_score,
     latest_checkpoint,
     load_checkpoint,
+    overoptimisation_alarm,
     plot_curves,
+    plot_overoptimisation,
     rng_state,
     save_checkpoint,
     truncate_metrics,
@@ -68,7 +74,7 @@ from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CollapseDetected", "ReinforceConfig", "ReinforceError", "ReinforceRecipe", "train_reinforce"]
+__all__ = ["CollapseDetected", "OverOptimisationDetected", "ReinforceConfig", "ReinforceError", "ReinforceRecipe", "train_reinforce"]
 
 
 class ReinforceError(ValueError):
@@ -114,7 +120,20 @@ class ReinforceConfig(StageConfig):
     guard_max_repetition: float = Field(0.6, ge=0.0, le=1.0, description="Collapse if repetition stays above.")
     guard_patience: int = Field(3, ge=1, description="Consecutive unhealthy steps that stop the run.")
     checkpoint_every: int = Field(10, ge=1)
-    eval_prompts: int = Field(32, ge=0, description="Held-out validation prompts scored before and after (greedy).")
+    eval_prompts: int = Field(32, ge=0, description="Held-out validation prompts scored before, every eval_every "
+                              "steps and after (greedy).")
+    eval_every: int = Field(10, ge=0, description="Held-out evaluation every N steps (0: before and after only): "
+                            "proxy reward, independent reward models, gold accuracy, KL to the start.")
+    independent_reward_models: dict[str, str] = Field(
+        default_factory=dict, description="name -> folder written by `align rm`: reward models evaluated on the "
+        "held-out answers but never trained against (filled in by the pipeline).")
+    alarm_window: int = Field(3, ge=2, description="Over-optimisation alarm: held-out evaluations compared.")
+    alarm_gold_margin: float = Field(0.05, ge=0.0, description="Alarm when the proxy rose over the window while "
+                                     "gold accuracy fell by more than this.")
+    alarm_rm_margin_sd: float = Field(0.25, ge=0.0, description="... or an independent RM fell by more than this "
+                                      "many of its standard deviations (over prompts, at the first evaluation).")
+    alarm_action: Literal["warn", "stop"] = Field("warn", description="What the alarm does: log a warning, or stop "
+                                                  "the run (best/ and the checkpoints are kept).")
     seed: int = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
@@ -225,8 +244,10 @@ def compute_advantages(rewards: torch.Tensor, config: ReinforceConfig, baseline_
 def reinforce_stage_key(config: ReinforceConfig) -> str:
     rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
     data = (read_manifest(config.data) if config.data else None) or {}
-    cfg = config.model_dump(mode="json", exclude={"reward_model", "data"})
-    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), "reinforce-schema=2"],
+    others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
+              for name, folder in config.independent_reward_models.items()}
+    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
+    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, "reinforce-schema=3"],
                                   sort_keys=True))
 
 
@@ -287,10 +308,13 @@ class ReinforceRecipe:
             self.reference, _ = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
             self.reference.eval().requires_grad_(False)
         self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
+        # Reward models the policy never trains against, for the held-out evaluations (first process only).
+        self.independent = {name: RewardScorer.from_pretrained(folder, device=str(self.device), bf16=self.bf16)
+                            for name, folder in cfg.independent_reward_models.items()} if dist.is_main else {}
 
         data_dir = Path(cfg.data)
         self.train_prompts = PairData.load(data_dir / "train.parquet").unique_prompts()
-        self.eval_prompts = PairData.load(data_dir / "validation.parquet").unique_prompts()[: cfg.eval_prompts]
+        self.eval_prompts = PairData.load(data_dir / "validation.parquet").prompt_items()[: cfg.eval_prompts]
         if len(self.train_prompts) < cfg.batch_size:
             raise ReinforceError(f"{data_dir}: {len(self.train_prompts)} train prompts, fewer than "
                                  f"batch_size={cfg.batch_size}")
@@ -301,6 +325,9 @@ class ReinforceRecipe:
         self.guard = CollapseGuard(cfg.guard_min_distinct2, cfg.guard_max_repetition, cfg.guard_patience)
         self.last_healthy: str | None = None
         self.eval_before: dict[str, Any] | None = None
+        self.heldout: list[dict[str, Any]] = []  # one entry per held-out evaluation: the over-optimisation curves
+        self.alarms: list[str] = []
+        self.best: dict[str, Any] | None = None  # {"step", "score"} of the policy saved in best/
         self.start_step = 0
         ckpt = latest_checkpoint(self.out)
         if ckpt is not None:
@@ -312,6 +339,7 @@ class ReinforceRecipe:
         self.metrics_path = self.out / METRICS
         if dist.is_main:
             truncate_metrics(self.metrics_path, self.start_step)
+            truncate_metrics(self.out / HELDOUT, self.start_step)
 
     def _load_policy(self):
         cfg = self.config
@@ -330,13 +358,15 @@ class ReinforceRecipe:
     def _state(self) -> dict[str, Any]:
         """The trainer state a checkpoint carries beside weights, optimizer and RNG."""
         return {"epoch": self.sampler.epoch, "position": self.sampler.position, "unhealthy_streak": self.guard.streak,
-                "last_healthy": self.last_healthy, "eval_before": self.eval_before, "baseline": asdict(self.baseline)}
+                "last_healthy": self.last_healthy, "eval_before": self.eval_before, "baseline": asdict(self.baseline),
+                "heldout": self.heldout, "alarms": self.alarms, "best": self.best}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.start_step = state["step"]
         self.sampler.epoch, self.sampler.position = state["epoch"], state["position"]
         self.guard.streak, self.last_healthy = state["unhealthy_streak"], state["last_healthy"]
         self.eval_before = state.get("eval_before")
+        self.heldout, self.alarms, self.best = state.get("heldout", []), state.get("alarms", []), state.get("best")
         for k, v in state["baseline"].items():
             setattr(self.baseline, k, v)
 
@@ -345,7 +375,7 @@ class ReinforceRecipe:
         """The loop: rollout -> rewards -> shaping -> advantages -> update -> metrics and guard -> checkpoint."""
         cfg, dist = self.config, self.dist
         if self.eval_before is None and self.eval_prompts and dist.is_main:  # the others wait at their first collective
-            self.eval_before = asdict(self.evaluate())
+            self.eval_before = self.heldout_evaluation(0)
             log.info("held-out mean reward before training: %.4f", self.eval_before["mean_reward"])
         self.policy.train()
         for step in range(self.start_step, cfg.steps):
@@ -392,7 +422,11 @@ class ReinforceRecipe:
                          timer)
             self.guard.check(health, step + 1, self.last_healthy, ro.texts[0])
 
-            # 8. Checkpoint (atomic) every N steps and at the end.
+            # 8. Held-out evaluation every N steps: proxy, independent RMs, gold, KL; the over-optimisation alarm.
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and self.eval_prompts:
+                self.watch_overoptimisation(step + 1)
+
+            # 9. Checkpoint (atomic) every N steps and at the end.
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 self.checkpoint(step + 1, healthy)
             if stop_after is not None and step + 1 - self.start_step >= stop_after:
@@ -497,10 +531,55 @@ class ReinforceRecipe:
         self.dist.barrier()
 
     def evaluate(self) -> PolicyEval:
-        """Greedy answers to the held-out prompts, scored as in training (E[r] - lambda Var[r])."""
+        """Greedy answers to the held-out prompts: the proxy scored as in training (E[r] - lambda Var[r]),
+        the independent reward models, gold accuracy and the KL to the start."""
         cfg = self.config
         return evaluate_policy(self.policy, self.tokenizer, self.scorer, self.eval_prompts, cfg.sampling(greedy=True),
-                               cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda, bf16=self.bf16)
+                               cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda, bf16=self.bf16,
+                               independent=self.independent, reference_logprobs=self.reference_logprobs)
+
+    def heldout_evaluation(self, step: int) -> dict[str, Any]:
+        """Evaluate (first process), append to the held-out history and ``heldout.jsonl``, keep ``best/``."""
+        result = asdict(self.evaluate())
+        entry = {"step": step, "proxy": result["mean_reward"], "proxy_std": result["reward_std"],
+                 "independent": result["independent"], "independent_std": result["independent_std"],
+                 "gold": result["gold_accuracy"], "gold_n": result["gold_n"], "kl": result["kl"],
+                 **{k: result[k] for k in ("eos_rate", "mean_length", "distinct2", "repetition")}}
+        self.heldout.append(entry)
+        append_metrics(self.out / HELDOUT, entry)
+        score = best_score(entry)
+        if score is not None and (self.best is None or score > self.best["score"]):
+            self.save_best(step, score)
+        log.info("held-out at step %d: proxy %.3f%s%s kl %s", step, entry["proxy"],
+                 "".join(f", {k} {v:.3f}" for k, v in entry["independent"].items()),
+                 "" if entry["gold"] is None else f", gold {entry['gold']:.3f} (n={entry['gold_n']})",
+                 "-" if entry["kl"] is None else f"{entry['kl']:.3f}")
+        cfg = self.config
+        message = overoptimisation_alarm(self.heldout, cfg.alarm_window, cfg.alarm_gold_margin, cfg.alarm_rm_margin_sd)
+        if message:
+            self.alarms.append(f"step {step}: {message}")
+            log.warning("%s (best/ holds step %s)", message, self.best["step"] if self.best else "none")
+        result["alarm"] = message
+        return result
+
+    def watch_overoptimisation(self, step: int) -> None:
+        """A held-out evaluation and the alarm; with alarm_action='stop' every process stops together."""
+        message = self.heldout_evaluation(step)["alarm"] if self.dist.is_main else None
+        if self.dist.world > 1:
+            message = self.dist.gather_objects([message])[0]
+        if message and self.config.alarm_action == "stop":
+            self.checkpoint(step, healthy=True)
+            raise OverOptimisationDetected(f"{message}; stopped (alarm_action='stop'). Best held-out policy: "
+                                           f"{self.out / 'best' if self.best else 'none saved'}")
+
+    def save_best(self, step: int, score: float) -> None:
+        """The policy with the best gold / independent score so far, as a plain transformers folder."""
+        policy = copy.deepcopy(self.policy).merge_and_unload() if self.config.lora else self.policy
+        with atomic_directory(self.out / "best") as tmp:
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "best.json", {"step": step, "score": score, "heldout": self.heldout[-1]})
+        self.best = {"step": step, "score": score}
 
     def finish(self) -> StageResult:
         """Held-out evaluation, then the final folder (first process; the others wait and read its summary)."""
@@ -509,9 +588,10 @@ class ReinforceRecipe:
             self.dist.barrier()
             return StageResult(self.out, json.loads((final / "summary.json").read_text()))
         before = self.eval_before
-        after = asdict(self.evaluate()) if self.eval_prompts else None
+        after = self.heldout_evaluation(self.config.steps) if self.eval_prompts else None
         summary = {"steps": self.config.steps, "processes": self.dist.world, "eval_before": before, "eval_after": after,
-                   "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None}
+                   "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None,
+                   "heldout": self.heldout, "alarms": self.alarms, "best": self.best}
         policy = self.policy.merge_and_unload() if self.config.lora else self.policy  # a plain transformers model
         with atomic_directory(final) as tmp:
             policy.save_pretrained(tmp)
@@ -519,6 +599,9 @@ class ReinforceRecipe:
             shutil.copy(self.metrics_path, tmp / METRICS)
             write_json(tmp / "summary.json", summary)
             plot_curves(tmp / METRICS, tmp / "curves.png")
+            if self.heldout:
+                shutil.copy(self.out / HELDOUT, tmp / HELDOUT)
+                plot_overoptimisation(self.heldout, tmp / "overoptimisation.png")
             write_json(tmp / MANIFEST, {
                 "stage": "reinforce", "stage_key": self.key, "config": self.config.model_dump(mode="json"),
                 "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})

@@ -273,7 +273,12 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reinforce(args: argparse.Namespace) -> int:
-    from alignment.reinforce import CollapseDetected, ReinforceConfig, train_reinforce
+    from alignment.reinforce import (
+        CollapseDetected,
+        OverOptimisationDetected,
+        ReinforceConfig,
+        train_reinforce,
+    )
 
     config = _stage_config(args, ReinforceConfig, "reinforce", {"reward_model": args.reward_model, "data": args.data,
                                                                 "policy": args.policy})
@@ -281,7 +286,7 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
         return 0
     try:
         result = train_reinforce(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
-    except CollapseDetected as exc:
+    except (CollapseDetected, OverOptimisationDetected) as exc:
         print(f"align reinforce: stopped: {exc}", file=sys.stderr)
         return 3
     from alignment.parallel import launched_rank
@@ -372,6 +377,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s:")
     for name, info in result["stages"].items():
         print(f"  {name:<18} {info['state']:<10} {info['path']}")
+    v = result["verdict"]
+    print(f"verdict ({v['model']} vs {v['reference']}):")
+    for c in v["checks"]:
+        value = f"{c['value']:.3f}" if c["kind"] == "judge" else f"{c['value']:+.3f}"
+        print(f"  {c['name']:<34} {value} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]  ({c['unit']})")
+    print(f"  reading: {v['reading']}")
     if result["report"]:
         print(f"report: {result['report']}  (and report.html beside it)")
     return 0

@@ -8,6 +8,7 @@ those paths is replaced.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from alignment.pipeline import PipelineConfig, PipelineOptions
 from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
+from alignment.verdict import verdict, verdict_markdown
 from tasks.stages import (
     data_task,
     judge_task,
@@ -77,14 +79,17 @@ def alignment_pipeline(
             reward_model_task, rm_distributional.model_copy(update={"kind": "distributional", "data": data_dir}),
             options, stages, "rm_distributional", task_kwargs={"num_processes": options.num_processes})
 
-    # 3. REINFORCE against the chosen reward model.
-    policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[options.reinforce_reward],
-                                                               "data": data_dir}), options, stages, "reinforce",
-                  task_kwargs={"num_processes": options.num_processes})
+    # 3. REINFORCE against the chosen reward model (the proxy); the others watch as independent judges.
+    proxy = options.reinforce_reward
+    independent = {name: folder for name, folder in rms.items() if name != proxy}
+    policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[proxy], "data": data_dir,
+                                                               "independent_reward_models": independent}),
+                  options, stages, "reinforce", task_kwargs={"num_processes": options.num_processes})
 
     # 4. Both models on the same validation prompts, scored by every reward model.
     score_dir = _run(score_task, score.model_copy(update={
-        "data": data_dir, "models": {"base": reinforce.policy, "tuned": policy}, "reward_models": rms}),
+        "data": data_dir, "models": {"base": reinforce.policy, "tuned": policy}, "reward_models": rms,
+        "proxy_reward_model": proxy}),
         options, stages, "score")
 
     # 5. Tuned vs starting model, judged pairwise.
@@ -94,9 +99,15 @@ def alignment_pipeline(
                                                              "model_b": "base"}), options, stages, "judge",
                          retries=options.judge_retries, retry_delay_seconds=options.judge_retry_delay_s)
         report = str(Path(judge_dir) / "report.md")
-    create_markdown_artifact(markdown=summary_markdown(stages, report), key="alignment-pipeline-summary",
-                             description="stages, their state (Completed or Cached) and outputs")
-    return {"stages": stages, "report": report}
+    # 6. The verdict: proxy, independent reward model, gold and judge, each with its interval.
+    scores = json.loads((Path(score_dir) / "scores.json").read_text())
+    judged = json.loads((Path(judge_dir) / "summary.json").read_text()) if options.judge else None
+    result = verdict(scores, judged, "tuned")
+    get_run_logger().info("verdict: %s", result["reading"])
+    create_markdown_artifact(markdown=summary_markdown(stages, report, verdict_markdown(result)),
+                             key="alignment-pipeline-summary",
+                             description=f"verdict: {result['reading']}")
+    return {"stages": stages, "report": report, "verdict": result}
 
 
 # --------------------------------------------------------------------------------------------

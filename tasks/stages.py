@@ -207,8 +207,19 @@ def reinforce_task(config: ReinforceConfig, runs_dir: str, plan: StagePlan | Non
         lines.append("| held-out (greedy) | before | after |\n|---|---|---|")
         for k in ("mean_reward", "eos_rate", "mean_length", "distinct2", "repetition"):
             lines.append(f"| {k} | {b[k]:.4f} | {a[k]:.4f} |")
-    _publish("reinforce", "\n".join(lines) + embed_png(final / "curves.png", "training curves"),
-             "REINFORCE: held-out reward before and after")
+    if s.get("heldout"):
+        lines.append("\n| held-out at step | proxy | " + " | ".join(s["heldout"][0]["independent"]) + " | gold | KL |\n"
+                     + "|---" * (4 + len(s["heldout"][0]["independent"])) + "|")
+        for h in s["heldout"]:
+            gold = "—" if h["gold"] is None else f"{h['gold']:.3f}"
+            kl = "—" if h["kl"] is None else f"{h['kl']:.3f}"
+            lines.append(f"| {h['step']} | {h['proxy']:.3f} | " + "".join(f"{v:.3f} | " for v in h["independent"].values())
+                         + f"{gold} | {kl} |")
+    for alarm in s.get("alarms", []):
+        lines.append(f"\n**Over-optimisation alarm** at {alarm}")
+    _publish("reinforce", "\n".join(lines) + embed_png(final / "curves.png", "training curves")
+             + embed_png(final / "overoptimisation.png", "proxy, independent RMs and gold against KL"),
+             "REINFORCE: held-out reward before and after, over-optimisation curves")
     return str(final)
 
 
@@ -245,9 +256,10 @@ def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None
     return str(result.out_dir)
 
 
-def summary_markdown(stages: dict[str, dict[str, str]], report: str | None) -> str:
+def summary_markdown(stages: dict[str, dict[str, str]], report: str | None, verdict: str = "") -> str:
+    """The pipeline's summary artifact: the verdict block first, then each stage's state and folder."""
     rows = "\n".join(f"| {name} | {info['state']} | `{info['path']}` |" for name, info in stages.items())
-    text = f"# Alignment pipeline\n\n| stage | state | output |\n|---|---|---|\n{rows}\n"
+    text = f"# Alignment pipeline\n\n{verdict}\n## Stages\n\n| stage | state | output |\n|---|---|---|\n{rows}\n"
     if report:
         text += f"\nReport: `{report}`\n"
     return text

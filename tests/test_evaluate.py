@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from alignment.evaluate import EvaluationError, ScoreConfig, bootstrap_ci, run_score_stage, select_prompts
+from alignment.evaluate import EvaluationError, ScoreConfig, run_score_stage, select_prompts
 from alignment.reward import RewardScorer
+from alignment.stats import bootstrap_ci
 
 
 def test_bootstrap_ci_hand_cases():
@@ -45,9 +46,17 @@ def test_score_stage_outputs(eval_stack):
     again = scorer.score([row["prompt"] for row in rows[:5]], [row["completion"] for row in rows[:5]]).mean
     assert again.tolist() == pytest.approx([row["rewards"]["scalar"]["mean"] for row in rows[:5]], abs=1e-4)
     assert np.mean([row["rewards"]["scalar"]["mean"] for row in rows]) == pytest.approx(r["mean"], abs=1e-6)
+    # Gold: the demo validation prompts carry answers; accuracy with a Wilson interval, paired difference.
+    assert summary["n_gold_prompts"] > 0 and summary["proxy"] is None
+    g = tuned["gold"]
+    assert g["n"] == summary["n_gold_prompts"] and g["ci95"][0] <= g["accuracy"] <= g["ci95"][1]
+    assert g["paired_diff_ci95"][0] <= g["paired_diff"] <= g["paired_diff_ci95"][1] and "paired_diff" not in base["gold"]
+    graded = [row for row in rows if row["gold_answer"] is not None]
+    assert len(graded) == g["n"] and sum(row["gold_correct"] for row in graded) == g["correct"]
     # The table and the plot.
     table = (out / "scores.md").read_text()
-    assert "| tuned | scalar |" in table and "paired diff" in table
+    assert "| tuned | scalar |" in table and "paired diff" in table and "| tuned | " in table.split("Gold checks")[1]
+    assert table.startswith("## Verdict: `tuned` against `base`")
     assert (out / "rewards.png").stat().st_size > 1000
 
 

@@ -136,7 +136,11 @@ def test_request_shape_and_both_orders(eval_stack, gemini_env, tmp_path):
     assert len(csv) == 5 and csv["explanation_ab"].str.contains("answer lengths").all()
     report = (tmp_path / "j" / "report.md").read_text()
     assert "Pairwise judge" in report and "Mean reward" in report and "judge.png" in report
-    assert (tmp_path / "j" / "report.html").read_text().count("<table>") == 2
+    assert report.index("## Verdict: `tuned` against `base`") < report.index("Mean reward")  # the verdict opens it
+    assert "| gemini judge |" in report and "| gold accuracy |" in report and "**Reading:**" in report
+    assert s["verdict"]["checks"][-1]["kind"] == "judge"
+    # verdict, rewards, gold accuracy, judge
+    assert (tmp_path / "j" / "report.html").read_text().count("<table>") == 4
     assert (tmp_path / "j" / "judge.png").stat().st_size > 1000
 
 

@@ -38,6 +38,15 @@ def test_pipeline_runs_end_to_end(pipeline):
     score = json.loads(Path(result["stages"]["score"]["path"] + "/scores.json").read_text())
     assert set(score["models"]) == {"base", "tuned"}
     assert set(score["models"]["tuned"]["rewards"]) == {"scalar", "distributional"}  # both RMs score both models
+    # The proxy is the RM REINFORCE trained against; the other one is independent, during training too.
+    assert score["proxy"] == "scalar" and score["independent"] == ["distributional"]
+    assert score["models"]["tuned"]["gold"]["n"] == score["n_gold_prompts"] > 0  # the demo prompts carry gold
+    heldout = json.loads(Path(result["stages"]["reinforce"]["path"] + "/summary.json").read_text())["heldout"]
+    assert set(heldout[-1]["independent"]) == {"distributional"} and heldout[-1]["gold_n"] > 0
+    # The verdict: returned, logged in the summary artifact's description, and opening the report.
+    kinds = [c["kind"] for c in result["verdict"]["checks"]]
+    assert kinds == ["proxy", "independent", "gold", "judge"] and result["verdict"]["reading"]
+    assert text.index("## Verdict") < text.index("Mean reward")
 
 
 def test_second_run_is_fully_cached(pipeline, monkeypatch):

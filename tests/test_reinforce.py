@@ -294,3 +294,39 @@ def test_a_few_steps_on_cuda(tmp_path, tiny_stack):
     after = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k].to(before[k].dtype)) for k in before if k in after)
     assert result.summary["eval_after"]["n"] == 2
+
+
+def test_heldout_evaluations_curves_and_best(tmp_path, tiny_stack):
+    """Every eval_every steps: proxy, independent RM, gold accuracy and KL on the held-out prompts; best/ keeps
+    the best gold (the demo validation prompts have gold answers)."""
+    _, rm, _ = tiny_stack
+    config = _config(tiny_stack, steps=4, eval_every=2, eval_prompts=6, independent_reward_models={"other": str(rm)})
+    result = train_reinforce(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(set(r["independent"]) == {"other"} and r["gold_n"] > 0 and 0 <= r["gold"] <= 1 for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and rows[-1]["kl"] is not None
+    # The same RM as proxy and as "independent" scores the same answers the same (no var for a scalar RM).
+    assert all(r["independent"]["other"] == pytest.approx(r["proxy"], abs=1e-4) for r in rows)
+    s = result.summary
+    assert [h["step"] for h in s["heldout"]] == [0, 2, 4] and s["eval_after"]["gold_n"] == rows[-1]["gold_n"]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] == s["best"]["step"] and best["score"] == max(r["gold"] for r in rows)
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "final" / "overoptimisation.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "final" / "heldout.jsonl").is_file()
+
+
+def test_overoptimisation_alarm_stops_when_asked(tmp_path, tiny_stack, monkeypatch):
+    import alignment.reinforce as R
+
+    monkeypatch.setattr(R, "overoptimisation_alarm", lambda history, *a: "over-optimisation: test" if len(history) > 1
+                        else None)
+    config = _config(tiny_stack, steps=6, eval_every=2, eval_prompts=2, alarm_action="stop", checkpoint_every=10)
+    with pytest.raises(R.OverOptimisationDetected, match="over-optimisation: test; stopped"):
+        train_reinforce(config, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()  # kept for inspection
+    assert (tmp_path / "run" / "best" / "best.json").is_file() and not (tmp_path / "run" / "final").exists()
+    warned = _config(tiny_stack, steps=4, eval_every=2, eval_prompts=2)
+    assert train_reinforce(warned, tmp_path / "warn").summary["alarms"] == ["step 2: over-optimisation: test",
+                                                                           "step 4: over-optimisation: test"]

@@ -1,0 +1,63 @@
+"""Interval statistics every verdict uses (each hand-checked in tests).
+
+* :func:`bootstrap_ci` -- percentile bootstrap of a mean (rewards, paired reward differences).
+* :func:`wilson_interval` -- a proportion (gold accuracy, a judge's win rate).
+* :func:`paired_proportion_diff` -- the difference of two proportions measured on the same items
+  (gold accuracy of the tuned vs the starting model on the same prompts), Wald interval for paired
+  binary data (Agresti, "Categorical Data Analysis", sec. 10.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def bootstrap_ci(values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean: resample the n values with replacement ``n_resamples`` times."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion p = successes / n (successes may be fractional).
+
+    center = (p + z^2/2n) / (1 + z^2/n),  half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    """
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
+    # At p = 0 (or 1) the bound is exactly 0 (or 1); float rounding would leave it a hair inside.
+    return (0.0 if p <= 0 else max(0.0, center - half), 1.0 if p >= 1 else min(1.0, center + half))
+
+
+def paired_proportion_diff(after: Sequence[bool], before: Sequence[bool], z: float = Z95
+                           ) -> tuple[float, tuple[float, float]]:
+    """(d, CI) for d = p_after - p_before on the same n items.
+
+    With b = #(after right, before wrong) and c = #(after wrong, before right): d = (b - c) / n and
+    se = sqrt(b + c - (b - c)^2 / n) / n; CI = d -+ z se, clipped to [-1, 1].
+    """
+    if len(after) != len(before):
+        raise ValueError(f"paired proportions need the same items: {len(after)} != {len(before)}")
+    n = len(after)
+    if n == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    b = sum(bool(a) and not bool(o) for a, o in zip(after, before, strict=True))
+    c = sum(bool(o) and not bool(a) for a, o in zip(after, before, strict=True))
+    d = (b - c) / n
+    se = math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
+    return d, (max(-1.0, d - z * se), min(1.0, d + z * se))

@@ -1,0 +1,105 @@
+"""The verdict block: did the tuned model get better, or only learn to please its reward model?
+
+RLHF research measures this with a gold reward beside the proxy (Gao et al. 2023, "Scaling Laws for
+Reward Model Overoptimization") and with reward models the policy never trained against (Coste et
+al. 2024). From the scoring stage's summary (and the judge's, when there is one) this module lists
+each check's change against the starting model with its 95% interval -- the proxy reward model (the
+one trained against), every independent reward model, gold accuracy, the pairwise judge -- and reads
+them together in one line. A change counts as up or down only when its interval excludes no-change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Direction = Literal["up", "down", "flat"]
+ARROWS = {"up": "↑ rose", "down": "↓ fell", "flat": "≈ no clear change"}
+
+
+def direction(ci: tuple[float, float] | list[float], null: float = 0.0) -> Direction:
+    """'up' when the whole interval is above ``null``, 'down' when below, else 'flat'."""
+    lo, hi = ci
+    return "up" if lo > null else "down" if hi < null else "flat"
+
+
+def _names(checks: list[dict[str, Any]]) -> str:
+    names = [c["name"] for c in checks]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def reading(checks: list[dict[str, Any]]) -> str:
+    """One line from the checks' directions. ``checks``: dicts with ``kind`` ('proxy', 'independent',
+    'gold', 'judge'), ``name`` and ``direction``."""
+    proxy = next((c for c in checks if c["kind"] == "proxy"), None)
+    others = [c for c in checks if c["kind"] != "proxy"]
+    up = [c for c in others if c["direction"] == "up"]
+    down = [c for c in others if c["direction"] == "down"]
+    if proxy is None:
+        if down:
+            return f"{_names(down)} fell against the starting model (no proxy reward model named)"
+        if up:
+            return f"{_names(up)} rose against the starting model (no proxy reward model named)"
+        return "no check changed clearly at this sample size (every interval includes no-change)"
+    if proxy["direction"] == "up":
+        if down:
+            return (f"proxy reward rose while {_names(down)} fell: the policy is likely exploiting the reward "
+                    f"model (over-optimisation)")
+        if up:
+            flat = [c for c in others if c["direction"] == "flat"]
+            tail = f"; {_names(flat)} did not move clearly" if flat else ""
+            return f"proxy reward rose and {_names(up)} confirm{'s' if len(up) == 1 else ''} it{tail}"
+        if not others:
+            return "proxy reward rose; nothing independent was measured, so the gain is unconfirmed"
+        return (f"proxy reward rose, {_names(others)} did not: the policy is likely exploiting the reward model "
+                f"rather than getting better")
+    if proxy["direction"] == "down":
+        return "proxy reward fell" + (f", and {_names(down)} fell too: the model got worse" if down else
+                                      f"; {_names(up)} rose" if up else "")
+    if down:
+        return f"no clear proxy gain, and {_names(down)} fell: the model got worse"
+    if up:
+        return f"no clear proxy gain, but {_names(up)} rose"
+    return "no clear change on any check at this sample size (every interval includes no-change)"
+
+
+def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: str | None = None) -> dict[str, Any]:
+    """The checks of ``model`` (default: the last scored model) against the reference, and the reading.
+
+    ``scores``: the scoring stage's summary (``scores.json``); ``judge``: the judge stage's summary,
+    whose model A should be ``model``.
+    """
+    reference = scores["reference"]
+    tuned = model or [m for m in scores["models"] if m != reference][-1]
+    m = scores["models"][tuned]
+    proxy = scores.get("proxy")
+    checks: list[dict[str, Any]] = []
+    for rm, r in m["rewards"].items():
+        if "paired_diff" not in r:
+            continue
+        kind = "proxy" if rm == proxy else "independent"
+        checks.append({"kind": kind, "name": f"{kind} RM '{rm}'" if kind == "independent" else f"proxy RM '{rm}'",
+                       "value": r["paired_diff"], "ci95": list(r["paired_diff_ci95"]),
+                       "direction": direction(r["paired_diff_ci95"]), "unit": "reward"})
+    checks.sort(key=lambda c: c["kind"] != "proxy")
+    gold = m.get("gold")
+    if gold and "paired_diff" in gold:
+        checks.append({"kind": "gold", "name": "gold accuracy", "value": gold["paired_diff"],
+                       "ci95": list(gold["paired_diff_ci95"]), "direction": direction(gold["paired_diff_ci95"]),
+                       "unit": f"accuracy, {gold['n']} prompts", "accuracy": gold["accuracy"]})
+    if judge and judge.get("n"):
+        ci = judge["win_rate_ci95_wilson"]
+        checks.append({"kind": "judge", "name": f"{judge['backend']} judge", "value": judge["win_rate"],
+                       "ci95": list(ci), "direction": direction(ci, 0.5), "unit": f"win rate, {judge['n']} pairs"})
+    return {"model": tuned, "reference": reference, "checks": checks, "reading": reading(checks)}
+
+
+def verdict_markdown(v: dict[str, Any]) -> str:
+    """The verdict block: one row per check, then the reading."""
+    lines = [f"## Verdict: `{v['model']}` against `{v['reference']}`", "",
+             "| check | change (95% CI) | measured as | reading |", "|---|---|---|---|"]
+    for c in v["checks"]:
+        value = f"{c['value']:.3f}" if c["kind"] == "judge" else f"{c['value']:+.3f}"
+        lines.append(f"| {c['name']} | {value} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['unit']} "
+                     f"| {ARROWS[c['direction']]} |")
+    lines += ["", f"**Reading:** {v['reading']}."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""Independent verdicts: interval statistics by hand, the verdict's reading, the over-optimisation alarm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from alignment.rl import best_score, overoptimisation_alarm
+from alignment.stats import paired_proportion_diff, wilson_interval
+from alignment.verdict import direction, reading, verdict, verdict_markdown
+
+
+def test_paired_proportion_diff_hand_values():
+    # 10 prompts: 3 fixed by the tuned model (b), 1 broken (c), 6 unchanged -> d = 2/10;
+    # se = sqrt(3 + 1 - 2^2/10) / 10 = sqrt(3.6) / 10 = 0.18974; CI = 0.2 -+ 1.96 * 0.18974.
+    after = [1, 1, 1, 0, 1, 1, 0, 0, 1, 0]
+    before = [0, 0, 0, 1, 1, 1, 0, 0, 1, 0]
+    d, (lo, hi) = paired_proportion_diff(after, before)
+    assert d == pytest.approx(0.2)
+    assert (lo, hi) == pytest.approx((0.2 - 1.959964 * math.sqrt(3.6) / 10, 0.2 + 1.959964 * math.sqrt(3.6) / 10),
+                                     abs=1e-6)
+    assert paired_proportion_diff([1, 1], [1, 1]) == (0.0, (0.0, 0.0))  # nothing changed: no width
+    assert paired_proportion_diff([1] * 5, [0] * 5)[1] == (1.0, 1.0)  # all fixed: clipped at 1
+    with pytest.raises(ValueError, match="same items"):
+        paired_proportion_diff([1], [1, 0])
+
+
+def test_wilson_hand_value():
+    assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
+    assert wilson_interval(0, 48)[0] == 0.0 and wilson_interval(48, 48)[1] == 1.0  # exact at the edges
+
+
+def test_direction():
+    assert direction((0.1, 0.5)) == "up" and direction((-0.5, -0.1)) == "down" and direction((-0.1, 0.2)) == "flat"
+    assert direction((0.55, 0.7), 0.5) == "up" and direction((0.3, 0.6), 0.5) == "flat"
+
+
+def _c(kind, d, name=None):
+    return {"kind": kind, "name": name or kind, "direction": d}
+
+
+@pytest.mark.parametrize("checks, expected", [
+    ([_c("proxy", "up"), _c("gold", "flat"), _c("independent", "flat", "independent RM")],
+     "proxy reward rose, gold and independent RM did not: the policy is likely exploiting the reward model"),
+    ([_c("proxy", "up"), _c("gold", "down")], "proxy reward rose while gold fell: the policy is likely exploiting"),
+    ([_c("proxy", "up"), _c("gold", "up"), _c("judge", "flat")], "proxy reward rose and gold confirms it; judge did not"),
+    ([_c("proxy", "up")], "proxy reward rose; nothing independent was measured"),
+    ([_c("proxy", "flat"), _c("gold", "flat")], "no clear change on any check"),
+    ([_c("proxy", "flat"), _c("gold", "down")], "no clear proxy gain, and gold fell: the model got worse"),
+    ([_c("proxy", "down"), _c("gold", "down")], "proxy reward fell, and gold fell too"),
+])
+def test_reading(checks, expected):
+    assert reading(checks).startswith(expected)
+
+
+def _scores(proxy_ci, other_ci, gold_ci):
+    def rm(ci):
+        return {"mean": 1.0, "ci95": [0, 2], "paired_diff": (ci[0] + ci[1]) / 2, "paired_diff_ci95": ci}
+
+    return {"reference": "base", "proxy": "scalar", "models": {
+        "base": {"rewards": {"scalar": {"mean": 1.0, "ci95": [0, 2]}, "dist": {"mean": 5.0, "ci95": [4, 6]}},
+                 "gold": {"n": 20, "correct": 5, "accuracy": 0.25, "ci95": [0.1, 0.4]}},
+        "tuned": {"rewards": {"scalar": rm(proxy_ci), "dist": rm(other_ci)},
+                  "gold": {"n": 20, "correct": 5, "accuracy": 0.25, "ci95": [0.1, 0.4], "paired_diff": 0.0,
+                           "paired_diff_ci95": gold_ci}}}}
+
+
+def test_verdict_from_a_scores_summary_and_a_judge():
+    v = verdict(_scores([0.3, 0.9], [-0.1, 0.2], [-0.1, 0.1]),
+                {"n": 16, "backend": "local", "win_rate": 0.47, "win_rate_ci95_wilson": [0.3, 0.65]})
+    assert [c["kind"] for c in v["checks"]] == ["proxy", "independent", "gold", "judge"]
+    assert [c["direction"] for c in v["checks"]] == ["up", "flat", "flat", "flat"]
+    assert v["model"] == "tuned" and "likely exploiting the reward model" in v["reading"]
+    md = verdict_markdown(v)
+    assert "| proxy RM 'scalar' | +0.600 [0.300, 0.900] | reward | ↑ rose |" in md
+    assert "| local judge | 0.470 [0.300, 0.650] | win rate, 16 pairs | ≈ no clear change |" in md
+    assert "**Reading:** proxy reward rose" in md
+    # Gold falls: over-optimisation named.
+    v = verdict(_scores([0.3, 0.9], [-0.1, 0.2], [-0.4, -0.1]))
+    assert v["reading"].startswith("proxy reward rose while gold accuracy fell")
+
+
+def _history(proxy, gold, independent):
+    return [{"step": 10 * i, "proxy": p, "gold": g, "independent": {"dist": r}, "independent_std": {"dist": 0.4}}
+            for i, (p, g, r) in enumerate(zip(proxy, gold, independent, strict=True))]
+
+
+def test_alarm_fires_when_the_proxy_rises_and_gold_falls():
+    history = _history([1.0, 1.5, 2.0], [0.50, 0.45, 0.40], [5.0, 5.0, 5.0])
+    message = overoptimisation_alarm(history, window=3, gold_margin=0.05, rm_margin_sd=0.25)
+    assert message == ("over-optimisation: from step 0 to 20 the proxy reward rose 1.000 -> 2.000 while gold "
+                       "accuracy 0.500 -> 0.400")
+
+
+def test_alarm_fires_when_an_independent_rm_falls_by_more_than_its_margin():
+    history = _history([1.0, 1.5, 2.0], [None] * 3, [5.0, 4.95, 4.85])  # fell 0.15 > 0.25 * 0.4 = 0.10
+    assert "independent RM 'dist' 5.000 -> 4.850" in overoptimisation_alarm(history, 3, 0.05, 0.25)
+    history = _history([1.0, 1.5, 2.0], [None] * 3, [5.0, 4.95, 4.92])  # fell 0.08 < 0.10: noise
+    assert overoptimisation_alarm(history, 3, 0.05, 0.25) is None
+
+
+def test_no_alarm_when_both_rise_or_the_proxy_does_not():
+    assert overoptimisation_alarm(_history([1.0, 1.5, 2.0], [0.4, 0.45, 0.5], [5.0, 5.1, 5.2]), 3, 0.05, 0.25) is None
+    assert overoptimisation_alarm(_history([2.0, 1.5, 1.0], [0.5, 0.4, 0.3], [5.0, 4.0, 3.0]), 3, 0.05, 0.25) is None
+    assert overoptimisation_alarm(_history([1.0, 2.0], [0.5, 0.3], [5.0, 4.0]), 3, 0.05, 0.25) is None  # too short
+    # Only the last window counts: an early fall followed by a recovery does not fire.
+    history = _history([0.5, 0.6, 1.0, 1.5, 2.0], [0.9, 0.2, 0.40, 0.42, 0.44], [5.0] * 5)
+    assert overoptimisation_alarm(history, 3, 0.05, 0.25) is None
+
+
+def test_best_score_prefers_gold_then_the_first_independent_rm():
+    assert best_score({"gold": 0.4, "independent": {"a": 5.0}}) == 0.4
+    assert best_score({"gold": None, "independent": {"a": 5.0, "b": 1.0}}) == 5.0
+    assert best_score({"gold": None, "independent": {}}) is None
