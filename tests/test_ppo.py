@@ -1,0 +1,93 @@
+"""PPO and REINFORCE++ pieces against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment.ppo import (
+    AdaptiveKLController,
+    discounted_returns,
+    explained_variance,
+    gae,
+    group_normalised_scores,
+    masked_whiten,
+    per_token_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reinforce_pp_advantages,
+)
+
+T = torch.tensor
+
+
+def flat(nested):
+    return [x for row in nested for x in row]
+
+
+def test_per_token_rewards_put_the_score_on_the_last_token():
+    r = per_token_rewards(T([2.0, -1.0]), T([[0.1, 0.2, 9.0], [0.4, 0.0, 0.0]]), T([[1.0, 1, 0], [1, 0, 0]]), 0.5)
+    assert r.flatten().tolist() == pytest.approx(flat([[-0.05, -0.1 + 2.0, 0.0], [-0.2 - 1.0, 0.0, 0.0]]))
+
+
+def test_gae_hand_values():
+    # gamma 1, lambda 0.5, V = 0.5 everywhere, reward 1 at the end:
+    # A2 = 1 - 0.5 = 0.5; A1 = 0 + 0.5 * 0.5 = 0.25; A0 = 0.5 * 0.25 = 0.125; R = A + V.
+    adv, ret = gae(T([[0.0, 0.0, 1.0]]), T([[0.5, 0.5, 0.5]]), T([[1.0, 1.0, 1.0]]), gamma=1.0, lam=0.5)
+    assert adv.flatten().tolist() == pytest.approx(flat([[0.125, 0.25, 0.5]])) and ret.flatten().tolist() == pytest.approx(flat([[0.625, 0.75, 1.0]]))
+    # A masked last token: its value is ignored (V after the end is 0), gamma 0.9, lambda 1:
+    # A1 = 1.9 + 0 - 2 = -0.1; A0 = (-0.05 + 0.9 * 2 - 1) + 0.9 * (-0.1) = 0.66.
+    rewards = per_token_rewards(T([2.0]), T([[0.1, 0.2, 9.0]]), T([[1.0, 1, 0]]), 0.5)
+    adv, ret = gae(rewards, T([[1.0, 2.0, 7.0]]), T([[1.0, 1, 0]]), gamma=0.9, lam=1.0)
+    assert adv.flatten().tolist() == pytest.approx(flat([[0.66, -0.1, 0.0]])) and ret.flatten().tolist() == pytest.approx(flat([[1.66, 1.9, 0.0]]))
+
+
+def test_discounted_returns_and_reinforce_pp():
+    assert discounted_returns(T([[1.0, 2.0, 3.0]]), T([[1.0, 1, 0]]), 0.5).tolist() == [[2.0, 2.0, 0.0]]
+    # Returns [[1, 1], [0, -]] over 3 tokens: mean 2/3, unbiased std sqrt(1/3).
+    adv = reinforce_pp_advantages(T([1.0, 0.0]), torch.zeros(2, 2), T([[1.0, 1], [1, 0]]), beta=0.0)
+    s = math.sqrt(1 / 3)
+    assert adv.flatten().tolist() == pytest.approx(flat([[(1 / 3) / s, (1 / 3) / s], [(-2 / 3) / s, 0.0]]), abs=1e-5)
+    # The group option normalises the score within each prompt's k samples first.
+    assert group_normalised_scores(T([1.0, 3.0, 2.0, 2.0]), 2).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], abs=1e-5)
+    grouped = reinforce_pp_advantages(T([1.0, 3.0, 2.0, 2.0]), torch.zeros(4, 1), torch.ones(4, 1), 0.0, k=2,
+                                      group_norm=True)
+    # then whitened over the 4 tokens: mean 0, unbiased variance (1 + 1) / 3.
+    assert grouped[:, 0].tolist() == pytest.approx([-math.sqrt(1.5), math.sqrt(1.5), 0.0, 0.0], abs=1e-4)
+
+
+def test_masked_whiten_hand_values():
+    out = masked_whiten(T([[1.0, 3.0, 100.0]]), T([[1.0, 1.0, 0.0]]))
+    assert out.flatten().tolist() == pytest.approx(flat([[-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]]), abs=1e-6)
+
+
+def test_clipped_policy_loss_clip_fraction_and_approx_kl():
+    logp = torch.log(T([[1.5, 0.5]])).requires_grad_(True)
+    out = ppo_policy_loss(logp, torch.zeros(1, 2), T([[1.0, 1.0]]), torch.ones(1, 2), clip=0.2)
+    # rho = 1.5 (clipped to 1.2, the max of -1.5 and -1.2) and 0.5 (unclipped -0.5 beats -0.8).
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert out.clip_fraction == pytest.approx(0.5)
+    assert out.approx_kl == pytest.approx(((0.5 - math.log(1.5)) + (-0.5 - math.log(0.5))) / 2)
+    out.loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx(flat([[0.0, -0.5 / 2]]))  # no gradient through the clipped token
+    neg = ppo_policy_loss(torch.log(T([[0.5]])), torch.zeros(1, 1), T([[-2.0]]), torch.ones(1, 1), clip=0.2)
+    assert neg.loss.item() == pytest.approx(2.0 * 0.8)  # A < 0: the ratio is clipped from below
+
+
+def test_clipped_value_loss_hand_values():
+    assert ppo_value_loss(T([[1.0, 3.0]]), T([[1.0, 1.0]]), T([[2.0, 2.0]]), torch.ones(1, 2), 0.5).item() == 0.5
+    assert ppo_value_loss(T([[2.5]]), T([[1.0]]), T([[3.0]]), torch.ones(1, 1), 0.5).item() == pytest.approx(1.125)
+
+
+def test_explained_variance():
+    m = torch.ones(1, 3)
+    assert explained_variance(T([[1.0, 2.0, 3.0]]), T([[1.0, 2.0, 3.0]]), m) == pytest.approx(1.0)
+    assert explained_variance(T([[2.0, 2.0, 2.0]]), T([[1.0, 2.0, 3.0]]), m) == pytest.approx(0.0)
+
+
+def test_adaptive_kl_controller():
+    c = AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
+    assert c.update(12.0, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.01))  # error clipped at +0.2
+    assert c.update(4.5, 100) == pytest.approx(0.1 * 1.002 * (1 - 0.25 * 0.01 * 0.8))  # error -0.25 -> -0.2
