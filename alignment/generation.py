@@ -165,19 +165,23 @@ def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: S
 # --------------------------------------------------------------------------------------------
 # Log-probs on completion tokens
 # --------------------------------------------------------------------------------------------
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, *,
+                   hidden: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(y_t | x, y_<t) and entropy H_t at the completion positions.
 
     input_ids, attention_mask: (B, P + T) with the prompt left-padded to width P.
     Returns (B, T) log-probs (with gradient when the model has one) and (B, T) entropies (no gradient).
+    ``hidden``: a list to receive the (B, T, H) last hidden states at the positions that predict the
+    completion tokens (what a value head reads: V_t is the value of the state before token t).
     """
     # Logits only where they are read (the last prompt position predicts the first completion token):
     # the LM head over a 49k vocabulary at prompt positions would be ~12% of this pass, wasted.
     n_completion = input_ids.shape[1] - prompt_width
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=n_completion + 1)
+                logits_to_keep=n_completion + 1, output_hidden_states=hidden is not None)
+    if hidden is not None:
+        hidden.append(out.hidden_states[-1][:, prompt_width - 1:-1])
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1
     targets = input_ids[:, prompt_width:]
     log_norm = torch.logsumexp(logits, dim=-1)

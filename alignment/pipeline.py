@@ -55,6 +55,11 @@ class PipelineConfig(StageConfig):
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(backend="local"))
     options: PipelineOptions = Field(default_factory=PipelineOptions)
 
+    @classmethod
+    def preset(cls, name: str = "demo") -> dict[str, Any]:
+        """The sections of preset ``name`` this pipeline runs (the table also holds other stages, e.g. ppo)."""
+        return {k: v for k, v in pipeline_preset(name).items() if k in cls.model_fields}
+
     def flow_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
                 ("data", "rm_scalar", "rm_distributional", "reinforce", "score", "judge", "options")}

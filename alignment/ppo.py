@@ -17,9 +17,19 @@ the completion tokens through the first EOS. All functions work on the completio
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import Field
+
+from alignment.generation import Rollout, rollout, text_health, token_logprobs
+from alignment.io import read_manifest, sha256_text
+from alignment.rl import OnlineConfig, OnlineRecipe, StepTimer, shape_rewards
+from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,3 +169,216 @@ class AdaptiveKLController:
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n / self.horizon
         return self.beta
+
+
+# --------------------------------------------------------------------------------------------
+# Config, value head and the recipe
+# --------------------------------------------------------------------------------------------
+class PPOError(ValueError):
+    """The PPO stage cannot run as configured (the message says why)."""
+
+
+class PPOConfig(OnlineConfig):
+    """PPO (InstructGPT / trlx form) against a trained reward model: a value head on the policy's last
+    hidden state, per-token KL rewards, GAE, clipped policy and value losses, several epochs per batch."""
+
+    section: str = "ppo"
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(4, ge=1, description="Sequences per PPO minibatch (per process).")
+    clip_range: float = Field(0.2, gt=0.0, description="epsilon of the clipped surrogate.")
+    value_clip: float = Field(0.2, gt=0.0, description="Clip of the value update around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0.0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0.0, description="Entropy bonus (0: off).")
+    gamma: float = Field(1.0, gt=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True
+    adaptive_kl: bool = Field(False, description="Adapt kl_beta towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = Field(6.0, gt=0.0, description="Target sequence KL (nats) of the adaptive controller.")
+    kl_horizon: int = Field(10000, ge=1)
+
+
+class PolicyWithValueHead(torch.nn.Module):
+    """The policy and a scalar value head on its last hidden state; ``forward`` gives (B, T) per-token
+    log-probs, entropies and values at the completion positions. The head starts at zero (V = 0)."""
+
+    def __init__(self, policy: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.policy = policy
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden: list[torch.Tensor] = []
+        logp, entropy = token_logprobs(self.policy, input_ids, attention_mask, prompt_width, hidden=hidden)
+        values = self.value_head(hidden[0].float()).squeeze(-1)
+        return logp, entropy, values
+
+
+class PPORecipe(OnlineRecipe):
+    """PPO: the shared house (``OnlineRecipe``) and this loop."""
+
+    stage = "ppo"
+    error = PPOError
+
+    def build_trainable(self) -> torch.nn.Module:
+        return PolicyWithValueHead(self.policy, self.policy.config.hidden_size).to(self.device)
+
+    def setup_algorithm(self) -> None:
+        cfg = self.config
+        self.kl_ctl = AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
+
+    def algorithm_state(self) -> dict[str, Any]:
+        return {"kl_beta": self.kl_ctl.beta}
+
+    def restore_algorithm(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.beta = state["kl_beta"]
+
+    @torch.no_grad()
+    def score_tokens(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log pi_old, values, log pi_ref), each (B, T): the rollout's per-token terms, no gradient."""
+        ids, attn, width = ro.input_ids.to(self.device), ro.attention_mask.to(self.device), ro.prompt_width
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            old_logp, _, values = self.trainable(ids, attn, width)
+            if self.reference is not None:
+                ref_logp, _ = token_logprobs(self.reference, ids, attn, width)
+            elif self.config.lora:
+                with self.policy.disable_adapter():
+                    ref_logp, _ = token_logprobs(self.policy, ids, attn, width)
+            else:  # kl_beta = 0 and no reference loaded: KL counted as 0
+                ref_logp = old_logp
+        return old_logp.float().cpu(), values.float().cpu(), ref_logp.float().cpu()
+
+    def train(self, stop_after: int | None = None) -> StageResult:
+        """The loop: rollout -> rewards -> per-token shaping -> GAE -> PPO epochs -> metrics and guard -> checkpoint."""
+        cfg, dist = self.config, self.dist
+        self.heldout_before()
+        self.policy.train()
+        for step in range(self.start_step, cfg.steps):
+            timer = StepTimer()
+            # 1. Rollout: this process's share of the batch, k samples per prompt, prompt-major.
+            idx = dist.shard(self.sampler.next(cfg.batch_size))
+            prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+            ro = rollout(self.policy, self.tokenizer, prompts, cfg.sampling(), cfg.max_prompt_length, bf16=self.bf16)
+            mask = ro.mask  # (B, T)
+            timer.mark("generate")
+
+            # 2. The reward model's score, shaped (E[r] - lambda Var[r] - eos penalty, clipped). (B,)
+            scores = self.scorer.score(ro.prompts, ro.texts)
+            score = shape_rewards(scores.mean, scores.var, torch.zeros(len(prompts)), ro.has_eos,
+                                  var_lambda=cfg.reward_var_lambda, kl_beta=0.0,
+                                  missing_eos_penalty=cfg.missing_eos_penalty, clip=cfg.reward_clip)
+            timer.mark("reward")
+
+            # 3. Per-token log pi_old, V and log pi_ref (B, T); r_t = -beta KL_t, + score at the last token.
+            old_logp, old_values, ref_logp = self.score_tokens(ro)
+            kl_t = (old_logp - ref_logp) * mask
+            rewards = per_token_rewards(score, kl_t, mask, self.kl_ctl.beta)
+            timer.mark("reference")
+
+            # 4. GAE advantages and returns (B, T), whitened over the batch's tokens.
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+
+            # 5. PPO epochs over shuffled minibatches: clipped surrogate + vf_coef * clipped value loss.
+            stats = self.update(ro, old_logp, old_values, advantages, returns)
+            timer.mark("forward_backward")
+            timer.mark("optimizer")  # inside the epochs; kept for the same metric keys as REINFORCE
+
+            # 6. The adaptive KL coefficient follows the batch's mean sequence KL.
+            seq_kl = dist.gather(kl_t.sum(-1))
+            if cfg.adaptive_kl:
+                self.kl_ctl.update(float(seq_kl.mean()), len(seq_kl))
+
+            # 7. Metrics and the collapse guard, over the whole batch.
+            health = text_health(dist.gather_objects(ro.tokens))
+            healthy = self.guard.update(health)
+            lengths, has_eos = dist.gather(ro.lengths), dist.gather(ro.has_eos)
+            record = {
+                "step": step + 1, "reward": float(dist.gather(score).mean()),
+                "rm_reward": float(dist.gather(scores.mean - cfg.reward_var_lambda * scores.var).mean()),
+                "kl": float(seq_kl.mean()), "kl_beta": self.kl_ctl.beta, **stats,
+                "value_explained_variance": explained_variance(old_values, returns, mask),
+                "length": float(lengths.mean()), "eos_rate": float(has_eos.float().mean()), **health,
+                "seconds": dict(timer.seconds), "sample": ro.texts[0][:200], "healthy": healthy,
+            }
+            self.write_record(record, f"loss {stats['loss']:.4f} reward {record['reward']:.3f} kl {record['kl']:.3f} "
+                                      f"clipfrac {stats['clip_fraction']:.2f} approx_kl {stats['approx_kl']:.4f} "
+                                      f"ev {record['value_explained_variance']:.2f} len {record['length']:.1f}")
+            self.guard.check(health, step + 1, self.last_healthy, ro.texts[0])
+
+            # 8. Held-out evaluation every N steps and the over-optimisation alarm; 9. checkpoint.
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and self.eval_prompts:
+                self.watch_overoptimisation(step + 1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                self.checkpoint(step + 1, healthy)
+            if stop_after is not None and step + 1 - self.start_step >= stop_after:
+                return StageResult(self.out, {"stopped_at": step + 1})
+        return self.finish()
+
+    def update(self, ro: Rollout, old_logp: torch.Tensor, old_values: torch.Tensor, advantages: torch.Tensor,
+               returns: torch.Tensor) -> dict[str, float]:
+        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step each; the means of their stats."""
+        cfg, dist, device = self.config, self.dist, self.device
+        ids, attn, mask = ro.input_ids, ro.attention_mask, ro.mask
+        logs: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy",
+                                                        "clip_fraction", "approx_kl", "grad_norm")}
+        n = ids.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, cfg.minibatch_size):
+                mb = order[start:start + cfg.minibatch_size]
+                m = mask[mb].to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    logp, entropy, values = self.model(ids[mb].to(device), attn[mb].to(device), ro.prompt_width)
+                pl = ppo_policy_loss(logp, old_logp[mb].to(device), advantages[mb].to(device), m, cfg.clip_range)
+                vl = ppo_value_loss(values, old_values[mb].to(device), returns[mb].to(device), m, cfg.value_clip)
+                ent = masked_mean(entropy, m)
+                loss = pl.loss + cfg.vf_coef * vl - cfg.entropy_coef * ent
+                self.optimizer.zero_grad(set_to_none=True)
+                dist.backward(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                for k, v in (("loss", loss), ("policy_loss", pl.loss), ("value_loss", vl), ("entropy", ent),
+                             ("clip_fraction", pl.clip_fraction), ("approx_kl", pl.approx_kl),
+                             ("grad_norm", grad_norm)):
+                    logs[k].append(float(v))
+        return {k: dist.mean(sum(v) / len(v)) for k, v in logs.items()}
+
+
+def ppo_stage_key(config: PPOConfig) -> str:
+    rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
+    data = (read_manifest(config.data) if config.data else None) or {}
+    others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
+              for name, folder in config.independent_reward_models.items()}
+    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
+    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, "ppo-schema=1"],
+                                  sort_keys=True))
+
+
+def plan_ppo(config: PPOConfig, runs_dir: str | Path = "runs") -> StagePlan:
+    """Key and default folder ``<runs_dir>/ppo/<key[:12]>``; ``final/`` marks completion."""
+    key = ppo_stage_key(config)
+    out = stage_folder(runs_dir, "ppo", key)
+    return StagePlan(key, out, out / "final")
+
+
+def train_ppo(config: PPOConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
+              stop_after: int | None = None,
+              progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> StageResult:
+    """Run (or resume) PPO; writes the final policy folder (without the value head), metrics, curves and
+    summary, like ``train_reinforce``."""
+    if config.reward_model is None or config.data is None:
+        raise PPOError("ppo needs both reward_model (a folder written by `align rm`) and data "
+                       "(a folder written by `align data`)")
+    plan = plan_ppo(config, runs_root)
+    out = Path(out_dir) if out_dir is not None else plan.out
+    if reuse_or_guard(out, plan.key, PPOError, done=out / "final", resumable=True) is not None:
+        return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
+    recipe = PPORecipe(config, out, plan.key, progress)
+    recipe.setup()
+    if recipe.dist.is_main:
+        claim_output(out, plan.key, config.model_dump(mode="json"))
+    return recipe.train(stop_after)

@@ -12,18 +12,34 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from alignment.io import atomic_directory, write_json
+from alignment.config import StageConfig
+from alignment.data import PairData
+from alignment.evaluate import PolicyEval, evaluate_policy
+from alignment.generation import Rollout, SamplingConfig, batched_logprobs
+from alignment.hardware import bf16_enabled, resolve_device
+from alignment.io import MANIFEST, atomic_directory, sha256_file, write_json
+from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.parallel import DataParallel
+from alignment.reward import RewardScorer
+from alignment.stage import StageResult
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -275,3 +291,327 @@ def plot_overoptimisation(history: list[dict[str, Any]], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The config and the recipe every online algorithm shares
+# --------------------------------------------------------------------------------------------
+class OnlineConfig(StageConfig):
+    """What every online algorithm's config holds: the policy, the reward model and data, sampling,
+    optimisation, reward shaping, the collapse guard, held-out evaluations and the alarm, checkpoints,
+    LoRA and the device. Each algorithm adds its own fields (and its ``section``)."""
+
+    policy: str = Field(DEFAULT_MODEL, description="Starting policy: hub id, local folder or .gguf file.")
+    reward_model: str | None = Field(None, description="Folder written by `align rm` (scalar or distributional); "
+                                     "filled in by the pipeline.")
+    data: str | None = Field(None, description="Folder written by `align data`: prompts from train, held-out from "
+                             "validation; filled in by the pipeline.")
+    steps: int = Field(40, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Prompts per step, over all processes: with N data-parallel "
+                            "processes each takes batch_size / N of them (must divide evenly).")
+    samples_per_prompt: int = Field(1, ge=1, description="Completions per prompt (k; rloo and group baselines need >= 2).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward (gradient accumulation). "
+                                  "Below the batch size, activations of one micro-batch live at a time, for "
+                                  "one extra no-grad forward of the batch.")
+    max_prompt_length: int = Field(256, ge=8, description="Prompt tokens; longer prompts are cut from the left.")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    learning_rate: float = Field(5e-6, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    reward_var_lambda: float = Field(0.1, ge=0.0, description="Distributional RM: R = E[r] - lambda Var[r].")
+    kl_beta: float = Field(0.02, ge=0.0, description="KL penalty to the starting policy (k1, in the reward).")
+    missing_eos_penalty: float = Field(1.0, ge=0.0, description="Subtracted from R when a completion has no EOS.")
+    reward_clip: float | None = Field(10.0, gt=0.0, description="Clip R to [-c, c] (after shaping).")
+    guard_min_distinct2: float = Field(0.2, ge=0.0, le=1.0, description="Collapse if distinct-2 stays below.")
+    guard_max_repetition: float = Field(0.6, ge=0.0, le=1.0, description="Collapse if repetition stays above.")
+    guard_patience: int = Field(3, ge=1, description="Consecutive unhealthy steps that stop the run.")
+    checkpoint_every: int = Field(10, ge=1)
+    eval_prompts: int = Field(32, ge=0, description="Held-out validation prompts scored before, every eval_every "
+                              "steps and after (greedy).")
+    eval_every: int = Field(10, ge=0, description="Held-out evaluation every N steps (0: before and after only): "
+                            "proxy reward, independent reward models, gold accuracy, KL to the start.")
+    independent_reward_models: dict[str, str] = Field(
+        default_factory=dict, description="name -> folder written by `align rm`: reward models evaluated on the "
+        "held-out answers but never trained against (filled in by the pipeline).")
+    alarm_window: int = Field(3, ge=2, description="Over-optimisation alarm: held-out evaluations compared.")
+    alarm_gold_margin: float = Field(0.05, ge=0.0, description="Alarm when the proxy rose over the window while "
+                                     "gold accuracy fell by more than this.")
+    alarm_rm_margin_sd: float = Field(0.25, ge=0.0, description="... or an independent RM fell by more than this "
+                                      "many of its standard deviations (over prompts, at the first evaluation).")
+    alarm_action: Literal["warn", "stop"] = Field("warn", description="What the alarm does: log a warning, or stop "
+                                                  "the run (best/ and the checkpoints are kept).")
+    seed: int = 0
+    bf16: bool | None = None
+    gradient_checkpointing: bool = False
+    lora: bool = Field(False, description="Train LoRA adapters (peft); the KL reference is the adapter-free model.")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def sampling(self, greedy: bool = False) -> SamplingConfig:
+        """The rollout settings (greedy for the held-out evaluation)."""
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=greedy, temperature=self.temperature,
+                              top_p=self.top_p, top_k=self.top_k)
+
+
+def shape_rewards(rm_mean: torch.Tensor, rm_var: torch.Tensor, kl: torch.Tensor, has_eos: torch.Tensor, *,
+                  var_lambda: float, kl_beta: float, missing_eos_penalty: float, clip: float | None
+                  ) -> torch.Tensor:
+    """R = clip(E[r] - lambda Var[r] - beta KL - p * 1[no EOS], -c, c).
+
+    rm_mean, rm_var: (B,) the reward model's E[r] and Var[r] (Var = 0 for a scalar RM); kl: (B,) the
+    k1 estimate sum_t (log pi - log pi_ref) of each completion (Ziegler et al. 2019); has_eos: (B,)
+    bool. Returns (B,). ``clip=None`` leaves R unclipped.
+    """
+    reward = rm_mean - var_lambda * rm_var - kl_beta * kl - missing_eos_penalty * (~has_eos).float()
+    return reward if clip is None else reward.clamp(-clip, clip)
+
+
+class StepTimer:
+    """Seconds between named marks: ``mark("generate")`` closes the phase that began at the last mark."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self.last
+        self.last = now
+
+
+class OnlineRecipe:
+    """The house every online algorithm lives in: ``setup()`` (models, data, optimizer, resume), the
+    held-out evaluations with the over-optimisation alarm and ``best/``, checkpoints with exact resume,
+    and ``finish()`` (the final folder). An algorithm subclasses it with its ``train()`` loop and hooks:
+    ``build_trainable`` (what the optimizer updates and checkpoints save: the policy, or the policy with
+    a value head), ``setup_algorithm``, ``algorithm_state`` / ``restore_algorithm`` (its own state in
+    checkpoints, e.g. a baseline or an adaptive KL coefficient).
+
+    Under a multi-process launcher (see ``alignment.parallel``) every process samples and scores its
+    shard of the batch, gradients are all-reduced, and the algorithm's batch statistics, the metrics and
+    the collapse guard see the whole batch, so all processes hold the same weights and take the same
+    decisions; only the first one writes metrics, checkpoints and the final folder.
+    """
+
+    stage = "online"
+    error: type[Exception] = ValueError
+
+    def __init__(self, config: OnlineConfig, out_dir: str | Path, key: str,
+                 progress: Callable[[int, int, dict[str, Any]], None] | None = None):
+        self.config, self.out, self.key, self.progress = config, Path(out_dir), key, progress
+
+    def setup(self) -> None:
+        """Models, data, optimizer, algorithm state, guard; then resume from the newest checkpoint if any."""
+        cfg = self.config
+        self.dist = dist = DataParallel(resolve_device(cfg.device))
+        if cfg.batch_size % dist.world:
+            raise self.error(f"batch_size={cfg.batch_size} prompts do not split evenly over {dist.world} processes")
+        self.device, self.bf16 = dist.device, bf16_enabled(cfg.bf16, dist.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        # Each process draws its own completions; process 0 keeps the single-process seed. (LoRA's random
+        # init differs per process too, but DDP copies process 0's weights to all when it wraps the model.)
+        torch.manual_seed(cfg.seed + dist.rank)
+
+        self.policy, self.tokenizer = self._load_policy()
+        # The KL reference: with LoRA the same model with its adapters switched off, else a frozen copy.
+        self.reference = None
+        if cfg.kl_beta > 0 and not cfg.lora:
+            self.reference, _ = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
+            self.reference.eval().requires_grad_(False)
+        self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
+        # Reward models the policy never trains against, for the held-out evaluations (first process only).
+        self.independent = {name: RewardScorer.from_pretrained(folder, device=str(self.device), bf16=self.bf16)
+                            for name, folder in cfg.independent_reward_models.items()} if dist.is_main else {}
+
+        data_dir = Path(cfg.data)
+        self.train_prompts = PairData.load(data_dir / "train.parquet").unique_prompts()
+        self.eval_prompts = PairData.load(data_dir / "validation.parquet").prompt_items()[: cfg.eval_prompts]
+        if len(self.train_prompts) < cfg.batch_size:
+            raise self.error(f"{data_dir}: {len(self.train_prompts)} train prompts, fewer than "
+                                 f"batch_size={cfg.batch_size}")
+        self.sampler = PromptSampler(len(self.train_prompts), cfg.seed)
+        self.trainable = self.build_trainable()
+        self.optimizer = torch.optim.AdamW([p for p in self.trainable.parameters() if p.requires_grad],
+                                           lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.setup_algorithm()
+        self.guard = CollapseGuard(cfg.guard_min_distinct2, cfg.guard_max_repetition, cfg.guard_patience)
+        self.last_healthy: str | None = None
+        self.eval_before: dict[str, Any] | None = None
+        self.heldout: list[dict[str, Any]] = []  # one entry per held-out evaluation: the over-optimisation curves
+        self.alarms: list[str] = []
+        self.best: dict[str, Any] | None = None  # {"step", "score"} of the policy saved in best/
+        self.start_step = 0
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None:
+            self._restore(load_checkpoint(ckpt, self.trainable, self.optimizer, dist.rank, dist.world))
+            log.info("resuming from %s (step %d)", ckpt, self.start_step)
+        # ``model`` (DDP-wrapped when data-parallel) runs the gradient forward passes; ``policy`` stays the
+        # plain model for generate, the adapter-free reference and saving.
+        self.model, self.optimizer = dist.prepare(self.trainable, self.optimizer)
+        self.metrics_path = self.out / METRICS
+        if dist.is_main:
+            truncate_metrics(self.metrics_path, self.start_step)
+            truncate_metrics(self.out / HELDOUT, self.start_step)
+
+    def _load_policy(self):
+        cfg = self.config
+        policy, tokenizer = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
+        if cfg.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+            policy.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input (LoRA too)
+        policy.config.use_cache = True
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                       lora_dropout=cfg.lora_dropout, target_modules="all-linear"))
+        return policy, tokenizer
+
+    def _state(self) -> dict[str, Any]:
+        """The trainer state a checkpoint carries beside weights, optimizer and RNG."""
+        return {"epoch": self.sampler.epoch, "position": self.sampler.position, "unhealthy_streak": self.guard.streak,
+                "last_healthy": self.last_healthy, "eval_before": self.eval_before, "heldout": self.heldout,
+                "alarms": self.alarms, "best": self.best, "algorithm": self.algorithm_state()}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.start_step = state["step"]
+        self.sampler.epoch, self.sampler.position = state["epoch"], state["position"]
+        self.guard.streak, self.last_healthy = state["unhealthy_streak"], state["last_healthy"]
+        self.eval_before = state.get("eval_before")
+        self.heldout, self.alarms, self.best = state.get("heldout", []), state.get("alarms", []), state.get("best")
+        self.restore_algorithm(state["algorithm"])
+
+    def reference_logprobs(self, ro: Rollout) -> torch.Tensor | None:
+        """(B,) log pi_ref(y | x) under the frozen start (LoRA: the adapter-free model); None without KL."""
+        if self.config.kl_beta <= 0:
+            return None
+        args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, self.config.micro_batch_size)
+        if self.reference is not None:
+            return batched_logprobs(self.reference, *args, bf16=self.bf16)[0]
+        with self.policy.disable_adapter():
+            return batched_logprobs(self.policy, *args, bf16=self.bf16)[0]
+
+    def checkpoint(self, step: int, healthy: bool) -> None:
+        """Atomic checkpoint with every process's RNG; the last healthy one is protected from deletion."""
+        if healthy:
+            self.last_healthy = f"step-{step:06d}"
+        state = {**self._state(), "protected": [self.last_healthy] if self.last_healthy else []}
+        # Every process's RNG state, so a resumed run continues each one's sampling exactly.
+        rng = {"ranks": self.dist.gather_objects([rng_state()])} if self.dist.world > 1 else None
+        if self.dist.is_main:
+            save_checkpoint(self.out, step, self.trainable, self.optimizer, state, rng=rng)
+        self.dist.barrier()
+
+    def evaluate(self) -> PolicyEval:
+        """Greedy answers to the held-out prompts: the proxy scored as in training (E[r] - lambda Var[r]),
+        the independent reward models, gold accuracy and the KL to the start."""
+        cfg = self.config
+        return evaluate_policy(self.policy, self.tokenizer, self.scorer, self.eval_prompts, cfg.sampling(greedy=True),
+                               cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda, bf16=self.bf16,
+                               independent=self.independent, reference_logprobs=self.reference_logprobs)
+
+    def heldout_evaluation(self, step: int) -> dict[str, Any]:
+        """Evaluate (first process), append to the held-out history and ``heldout.jsonl``, keep ``best/``."""
+        result = asdict(self.evaluate())
+        entry = {"step": step, "proxy": result["mean_reward"], "proxy_std": result["reward_std"],
+                 "independent": result["independent"], "independent_std": result["independent_std"],
+                 "gold": result["gold_accuracy"], "gold_n": result["gold_n"], "kl": result["kl"],
+                 **{k: result[k] for k in ("eos_rate", "mean_length", "distinct2", "repetition")}}
+        self.heldout.append(entry)
+        append_metrics(self.out / HELDOUT, entry)
+        score = best_score(entry)
+        if score is not None and (self.best is None or score > self.best["score"]):
+            self.save_best(step, score)
+        log.info("held-out at step %d: proxy %.3f%s%s kl %s", step, entry["proxy"],
+                 "".join(f", {k} {v:.3f}" for k, v in entry["independent"].items()),
+                 "" if entry["gold"] is None else f", gold {entry['gold']:.3f} (n={entry['gold_n']})",
+                 "-" if entry["kl"] is None else f"{entry['kl']:.3f}")
+        cfg = self.config
+        message = overoptimisation_alarm(self.heldout, cfg.alarm_window, cfg.alarm_gold_margin, cfg.alarm_rm_margin_sd)
+        if message:
+            self.alarms.append(f"step {step}: {message}")
+            log.warning("%s (best/ holds step %s)", message, self.best["step"] if self.best else "none")
+        result["alarm"] = message
+        return result
+
+    def watch_overoptimisation(self, step: int) -> None:
+        """A held-out evaluation and the alarm; with alarm_action='stop' every process stops together."""
+        message = self.heldout_evaluation(step)["alarm"] if self.dist.is_main else None
+        if self.dist.world > 1:
+            message = self.dist.gather_objects([message])[0]
+        if message and self.config.alarm_action == "stop":
+            self.checkpoint(step, healthy=True)
+            raise OverOptimisationDetected(f"{message}; stopped (alarm_action='stop'). Best held-out policy: "
+                                           f"{self.out / 'best' if self.best else 'none saved'}")
+
+    def save_best(self, step: int, score: float) -> None:
+        """The policy with the best gold / independent score so far, as a plain transformers folder."""
+        policy = copy.deepcopy(self.policy).merge_and_unload() if self.config.lora else self.policy
+        with atomic_directory(self.out / "best") as tmp:
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "best.json", {"step": step, "score": score, "heldout": self.heldout[-1]})
+        self.best = {"step": step, "score": score}
+
+    def finish(self) -> StageResult:
+        """Held-out evaluation, then the final folder (first process; the others wait and read its summary)."""
+        final = self.out / "final"
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return StageResult(self.out, json.loads((final / "summary.json").read_text()))
+        before = self.eval_before
+        after = self.heldout_evaluation(self.config.steps) if self.eval_prompts else None
+        summary = {"steps": self.config.steps, "processes": self.dist.world, "eval_before": before, "eval_after": after,
+                   "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None,
+                   "heldout": self.heldout, "alarms": self.alarms, "best": self.best}
+        policy = self.policy.merge_and_unload() if self.config.lora else self.policy  # a plain transformers model
+        with atomic_directory(final) as tmp:
+            policy.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.copy(self.metrics_path, tmp / METRICS)
+            write_json(tmp / "summary.json", summary)
+            plot_curves(tmp / METRICS, tmp / "curves.png")
+            if self.heldout:
+                shutil.copy(self.out / HELDOUT, tmp / HELDOUT)
+                plot_overoptimisation(self.heldout, tmp / "overoptimisation.png")
+            write_json(tmp / MANIFEST, {
+                "stage": self.stage, "stage_key": self.key, "config": self.config.model_dump(mode="json"),
+                "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})
+        self.dist.barrier()
+        return StageResult(self.out, summary)
+
+
+    # ---------------------------------------------------------------------------------------
+    # Hooks an algorithm overrides
+    # ---------------------------------------------------------------------------------------
+    def build_trainable(self) -> torch.nn.Module:
+        return self.policy
+
+    def setup_algorithm(self) -> None:
+        pass
+
+    def algorithm_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_algorithm(self, state: dict[str, Any]) -> None:
+        pass
+
+    def heldout_before(self) -> None:
+        """The held-out evaluation at step 0 (first process; the others wait at their first collective)."""
+        if self.eval_before is None and self.eval_prompts and self.dist.is_main:
+            self.eval_before = self.heldout_evaluation(0)
+            log.info("held-out mean reward before training: %.4f", self.eval_before["mean_reward"])
+
+    def write_record(self, record: dict[str, Any], line: str) -> None:
+        """One metrics line (first process), the progress callback and a log line."""
+        if self.dist.is_main:
+            append_metrics(self.metrics_path, record)
+            if self.progress is not None:
+                self.progress(record["step"], self.config.steps, record)
+            log.info("step %d/%d %s", record["step"], self.config.steps, line)

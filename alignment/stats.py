@@ -3,8 +3,8 @@
 * :func:`bootstrap_ci` -- percentile bootstrap of a mean (rewards, paired reward differences).
 * :func:`wilson_interval` -- a proportion (gold accuracy, a judge's win rate).
 * :func:`paired_proportion_diff` -- the difference of two proportions measured on the same items
-  (gold accuracy of the tuned vs the starting model on the same prompts), Wald interval for paired
-  binary data (Agresti, "Categorical Data Analysis", sec. 10.1).
+  (gold accuracy of the tuned vs the starting model on the same prompts), Agresti and Min's adjusted
+  Wald interval for paired binary data.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def paired_proportion_diff(after: Sequence[bool], before: Sequence[bool], z: flo
                            ) -> tuple[float, tuple[float, float]]:
     """(d, CI) for d = p_after - p_before on the same n items.
 
-    With b = #(after right, before wrong) and c = #(after wrong, before right): d = (b - c) / n and
-    se = sqrt(b + c - (b - c)^2 / n) / n; CI = d -+ z se, clipped to [-1, 1].
+    With b = #(after right, before wrong) and c = #(after wrong, before right): d = (b - c) / n. The
+    interval is Agresti and Min's (2005) adjusted Wald interval: with b' = b + 1/2, c' = c + 1/2,
+    n' = n + 2, d' = (b' - c') / n' and se = sqrt(b' + c' - (b' - c')^2 / n') / n', CI = d' -+ z se,
+    clipped to [-1, 1] (the plain Wald interval has zero width when no item changed).
     """
     if len(after) != len(before):
         raise ValueError(f"paired proportions need the same items: {len(after)} != {len(before)}")
@@ -58,6 +60,7 @@ def paired_proportion_diff(after: Sequence[bool], before: Sequence[bool], z: flo
         return float("nan"), (float("nan"), float("nan"))
     b = sum(bool(a) and not bool(o) for a, o in zip(after, before, strict=True))
     c = sum(bool(o) and not bool(a) for a, o in zip(after, before, strict=True))
-    d = (b - c) / n
-    se = math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
-    return d, (max(-1.0, d - z * se), min(1.0, d + z * se))
+    b2, c2, n2 = b + 0.5, c + 0.5, n + 2
+    d2 = (b2 - c2) / n2
+    se = math.sqrt(max(b2 + c2 - (b2 - c2) ** 2 / n2, 0.0)) / n2
+    return (b - c) / n, (max(-1.0, d2 - z * se), min(1.0, d2 + z * se))

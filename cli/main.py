@@ -32,6 +32,7 @@ EPILOG = textwrap.dedent("""\
       rm-eval evaluate a saved reward model on a data stage's pairs
       reinforce  fine-tune the policy with REINFORCE (moving-average baseline) against a reward
               model, with a collapse guard and exact resume from checkpoints
+      ppo     fine-tune the policy with PPO (value head, GAE, clipped losses) against a reward model
       score   answer fixed validation prompts with each model (default: starting and tuned) and
               score them with the reward model(s): mean reward with CI, paired difference, KL
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
@@ -124,11 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  align reinforce --rm RM --data DATA baseline=rloo samples_per_prompt=4 kl_beta=0.05",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rl.add_argument("--rm", dest="reward_model", metavar="DIR", help="folder written by `align rm`")
-    rl.add_argument("--data", metavar="DIR", help="folder written by `align data`")
-    rl.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
-    rl.add_argument("--out", metavar="DIR", help="run folder (default: runs/reinforce/<hash>)")
-    _add_common(rl, sorted(PRESETS))
+    ppo = sub.add_parser(
+        "ppo", help="fine-tune the policy with PPO against a reward model",
+        description="PPO in the InstructGPT / trlx form: a value head on the policy, per-token KL rewards with the "
+        "reward model's score at the last token, GAE, clipped policy and value losses, several epochs per batch, "
+        "optional adaptive KL. Same rollouts, guard, held-out evaluations, checkpoints and resume as reinforce.",
+        epilog="examples:\n  align ppo --rm runs/rm/scalar-<hash> --data runs/data/demo-<hash> steps=40\n"
+        "  align ppo --rm RM --data DATA ppo_epochs=2 adaptive_kl=true kl_target=4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for p in (rl, ppo):
+        p.add_argument("--rm", dest="reward_model", metavar="DIR", help="folder written by `align rm`")
+        p.add_argument("--data", metavar="DIR", help="folder written by `align data`")
+        p.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
+        p.add_argument("--out", metavar="DIR", help=f"run folder (default: runs/{p.prog.split()[-1]}/<hash>)")
+        _add_common(p, sorted(PRESETS))
 
     score = sub.add_parser(
         "score", help="answer validation prompts with each model and score them with the reward model(s)",
@@ -273,6 +284,7 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reinforce(args: argparse.Namespace) -> int:
+    from alignment.ppo import PPOConfig, train_ppo
     from alignment.reinforce import (
         CollapseDetected,
         OverOptimisationDetected,
@@ -280,14 +292,15 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
         train_reinforce,
     )
 
-    config = _stage_config(args, ReinforceConfig, "reinforce", {"reward_model": args.reward_model, "data": args.data,
-                                                                "policy": args.policy})
+    cls, train = (PPOConfig, train_ppo) if args.command == "ppo" else (ReinforceConfig, train_reinforce)
+    config = _stage_config(args, cls, args.command, {"reward_model": args.reward_model, "data": args.data,
+                                                     "policy": args.policy})
     if config is None:
         return 0
     try:
-        result = train_reinforce(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+        result = train(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
     except (CollapseDetected, OverOptimisationDetected) as exc:
-        print(f"align reinforce: stopped: {exc}", file=sys.stderr)
+        print(f"align {args.command}: stopped: {exc}", file=sys.stderr)
         return 3
     from alignment.parallel import launched_rank
 
@@ -361,11 +374,10 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from alignment.pipeline import PipelineConfig
-    from alignment.presets import pipeline_preset
 
     preset = args.preset or "demo"
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    config = build_config(PipelineConfig, base=pipeline_preset(preset), config_file=args.config,
+    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
                           overrides=args.overrides, explicit=explicit)
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
@@ -431,16 +443,17 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.hardware import DeviceError
     from alignment.judge import JudgeError
     from alignment.models import ModelSourceError
+    from alignment.ppo import PPOError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
     from alignment.rl import ResumeError
 
-    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce,
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError) as exc:
+            EvaluationError, JudgeError, ResumeError, PPOError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

@@ -17,7 +17,6 @@ from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 
 from alignment.pipeline import PipelineConfig
-from alignment.presets import pipeline_preset
 from deployments.options import add_serve_arguments
 from flows.pipeline import (  # importing flows sets Prefect's environment (telemetry off, stage logs forwarded)
     alignment_pipeline,
@@ -30,7 +29,7 @@ from flows.pipeline import (  # importing flows sets Prefect's environment (tele
 
 
 def _parameters(preset: str, runs_dir: str) -> dict:
-    config = PipelineConfig(**pipeline_preset(preset))
+    config = PipelineConfig(**PipelineConfig.preset(preset))
     config.options.runs_dir = runs_dir
     return {k: v.model_dump(mode="json") for k, v in config.flow_parameters().items()}
 

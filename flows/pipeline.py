@@ -19,7 +19,6 @@ from alignment.data import DataConfig
 from alignment.evaluate import ScoreConfig
 from alignment.judge import JudgeConfig
 from alignment.pipeline import PipelineConfig, PipelineOptions
-from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
 from alignment.verdict import verdict, verdict_markdown
@@ -33,7 +32,7 @@ from tasks.stages import (
     summary_markdown,
 )
 
-DEMO = PipelineConfig(**pipeline_preset("demo"))
+DEMO = PipelineConfig(**PipelineConfig.preset("demo"))
 
 
 def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str]], name: str, *,

@@ -91,3 +91,60 @@ def test_adaptive_kl_controller():
     c = AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
     assert c.update(12.0, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.01))  # error clipped at +0.2
     assert c.update(4.5, 100) == pytest.approx(0.1 * 1.002 * (1 - 0.25 * 0.01 * 0.8))  # error -0.25 -> -0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# The PPO loop on the tiny model
+# ---------------------------------------------------------------------------------------------
+def _ppo_config(stack, **kw):
+    from alignment.ppo import PPOConfig
+
+    policy, rm, data = stack
+    base = dict(policy=str(policy), reward_model=str(rm), data=str(data), steps=4, batch_size=4, max_new_tokens=10,
+                learning_rate=1e-3, checkpoint_every=2, eval_prompts=2, eval_every=0, seed=0, ppo_epochs=2,
+                minibatch_size=2, guard_min_distinct2=0.0, guard_max_repetition=1.0, bf16=False)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_ppo_trains_policy_and_value_head(tmp_path, tiny_stack):
+    import json
+
+    from safetensors.torch import load_file
+
+    from alignment.ppo import train_ppo
+
+    result = train_ppo(_ppo_config(tiny_stack, adaptive_kl=True, kl_target=0.01), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "value_explained_variance",
+                "entropy", "kl"):
+        assert all(math.isfinite(r[key]) for r in rows if not (key == "value_explained_variance"
+                                                                and math.isnan(r[key]))), key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and any(abs(r["kl"]) > 1e-4 for r in rows[1:])
+    assert any(r["clip_fraction"] > 0 for r in rows) and len({round(r["loss"], 6) for r in rows}) > 1
+    assert rows[-1]["kl_beta"] != pytest.approx(0.02)  # the adaptive controller moved beta
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    assert not any("value_head" in k for k in after)  # the final folder is a plain policy
+    ckpt = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "policy.safetensors")
+    assert ckpt["value_head.weight"].abs().sum() > 0  # the value head learned (it starts at zero)
+    assert result.summary["eval_after"]["n"] == 2 and train_ppo(_ppo_config(
+        tiny_stack, adaptive_kl=True, kl_target=0.01), tmp_path / "run").reused
+
+
+def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_stack):
+    import json
+
+    from alignment.ppo import train_ppo
+
+    config = _ppo_config(tiny_stack, eval_prompts=0)
+    train_ppo(config, tmp_path / "straight")
+    assert train_ppo(config, tmp_path / "resumed", stop_after=3).summary == {"stopped_at": 3}
+    train_ppo(config, tmp_path / "resumed")  # restarts from the step-2 checkpoint
+    a = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert x["sample"] == y["sample"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), x["step"]

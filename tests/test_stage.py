@@ -93,7 +93,7 @@ def test_cli_stage_preset_equals_the_pipeline_section(capsys):
     from alignment.pipeline import PipelineConfig
     from cli.main import main
 
-    pipeline = PipelineConfig(**pipeline_preset("demo"))
+    pipeline = PipelineConfig(**PipelineConfig.preset("demo"))
     for argv, section in ((["rm", "--preset", "demo"], "rm_scalar"),
                           (["rm", "--preset", "demo", "--kind", "distributional"], "rm_distributional"),
                           (["reinforce", "--preset", "demo"], "reinforce"), (["score", "--preset", "demo"], "score"),

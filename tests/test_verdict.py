@@ -12,16 +12,18 @@ from alignment.verdict import direction, reading, verdict, verdict_markdown
 
 
 def test_paired_proportion_diff_hand_values():
-    # 10 prompts: 3 fixed by the tuned model (b), 1 broken (c), 6 unchanged -> d = 2/10;
-    # se = sqrt(3 + 1 - 2^2/10) / 10 = sqrt(3.6) / 10 = 0.18974; CI = 0.2 -+ 1.96 * 0.18974.
+    # 10 prompts: 3 fixed by the tuned model (b), 1 broken (c), 6 unchanged -> d = 2/10. Agresti-Min:
+    # b' = 3.5, c' = 1.5, n' = 12, d' = 2/12, se = sqrt(5 - 2^2/12) / 12; CI = d' -+ 1.96 se.
     after = [1, 1, 1, 0, 1, 1, 0, 0, 1, 0]
     before = [0, 0, 0, 1, 1, 1, 0, 0, 1, 0]
     d, (lo, hi) = paired_proportion_diff(after, before)
+    se = math.sqrt(5 - 4 / 12) / 12
     assert d == pytest.approx(0.2)
-    assert (lo, hi) == pytest.approx((0.2 - 1.959964 * math.sqrt(3.6) / 10, 0.2 + 1.959964 * math.sqrt(3.6) / 10),
-                                     abs=1e-6)
-    assert paired_proportion_diff([1, 1], [1, 1]) == (0.0, (0.0, 0.0))  # nothing changed: no width
-    assert paired_proportion_diff([1] * 5, [0] * 5)[1] == (1.0, 1.0)  # all fixed: clipped at 1
+    assert (lo, hi) == pytest.approx((2 / 12 - 1.959964 * se, 2 / 12 + 1.959964 * se), abs=1e-6)
+    # Nothing changed on 15 prompts: d = 0 with a real width, +-1.96 * sqrt(1) / 17 (plain Wald would give 0).
+    d, (lo, hi) = paired_proportion_diff([1] * 4 + [0] * 11, [1] * 4 + [0] * 11)
+    assert d == 0.0 and (lo, hi) == pytest.approx((-1.959964 / 17, 1.959964 / 17), abs=1e-6)
+    assert paired_proportion_diff([1] * 5, [0] * 5)[1][1] == 1.0  # all fixed: clipped at 1
     with pytest.raises(ValueError, match="same items"):
         paired_proportion_diff([1], [1, 0])
 
