@@ -17,7 +17,6 @@ the completion tokens through the first EOS. All functions work on the completio
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,17 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from alignment.generation import Rollout, rollout, text_health, token_logprobs
-from alignment.io import read_manifest, sha256_text
-from alignment.rl import OnlineConfig, OnlineRecipe, StepTimer, shape_rewards
-from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
+from alignment.generation import Rollout, text_health, token_logprobs
+from alignment.rl import (
+    OnlineConfig,
+    OnlineRecipe,
+    StepTimer,
+    online_stage_key,
+    plan_online,
+    run_online,
+    shape_rewards,
+)
+from alignment.stage import StagePlan, StageResult
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,15 +264,13 @@ class PPORecipe(OnlineRecipe):
         for step in range(self.start_step, cfg.steps):
             timer = StepTimer()
             # 1. Rollout: this process's share of the batch, k samples per prompt, prompt-major.
-            idx = dist.shard(self.sampler.next(cfg.batch_size))
-            prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-            ro = rollout(self.policy, self.tokenizer, prompts, cfg.sampling(), cfg.max_prompt_length, bf16=self.bf16)
+            ro = self.next_rollout()
             mask = ro.mask  # (B, T)
             timer.mark("generate")
 
             # 2. The reward model's score, shaped (E[r] - lambda Var[r] - eos penalty, clipped). (B,)
             scores = self.scorer.score(ro.prompts, ro.texts)
-            score = shape_rewards(scores.mean, scores.var, torch.zeros(len(prompts)), ro.has_eos,
+            score = shape_rewards(scores.mean, scores.var, torch.zeros(len(ro.prompts)), ro.has_eos,
                                   var_lambda=cfg.reward_var_lambda, kl_beta=0.0,
                                   missing_eos_penalty=cfg.missing_eos_penalty, clip=cfg.reward_clip)
             timer.mark("reward")
@@ -309,12 +313,8 @@ class PPORecipe(OnlineRecipe):
                                       f"ev {record['value_explained_variance']:.2f} len {record['length']:.1f}")
             self.guard.check(health, step + 1, self.last_healthy, ro.texts[0])
 
-            # 8. Held-out evaluation every N steps and the over-optimisation alarm; 9. checkpoint.
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and self.eval_prompts:
-                self.watch_overoptimisation(step + 1)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self.checkpoint(step + 1, healthy)
-            if stop_after is not None and step + 1 - self.start_step >= stop_after:
+            # 8. Held-out evaluation every N steps (and the over-optimisation alarm); checkpoint every N steps.
+            if self.end_step(step + 1, healthy, stop_after):
                 return StageResult(self.out, {"stopped_at": step + 1})
         return self.finish()
 
@@ -349,20 +349,12 @@ class PPORecipe(OnlineRecipe):
 
 
 def ppo_stage_key(config: PPOConfig) -> str:
-    rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
-    data = (read_manifest(config.data) if config.data else None) or {}
-    others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
-              for name, folder in config.independent_reward_models.items()}
-    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
-    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, "ppo-schema=1"],
-                                  sort_keys=True))
+    return online_stage_key(config, "ppo-schema=1")
 
 
 def plan_ppo(config: PPOConfig, runs_dir: str | Path = "runs") -> StagePlan:
     """Key and default folder ``<runs_dir>/ppo/<key[:12]>``; ``final/`` marks completion."""
-    key = ppo_stage_key(config)
-    out = stage_folder(runs_dir, "ppo", key)
-    return StagePlan(key, out, out / "final")
+    return plan_online(config, ppo_stage_key(config), runs_dir)
 
 
 def train_ppo(config: PPOConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
@@ -370,15 +362,4 @@ def train_ppo(config: PPOConfig, out_dir: str | Path | None = None, *, runs_root
               progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> StageResult:
     """Run (or resume) PPO; writes the final policy folder (without the value head), metrics, curves and
     summary, like ``train_reinforce``."""
-    if config.reward_model is None or config.data is None:
-        raise PPOError("ppo needs both reward_model (a folder written by `align rm`) and data "
-                       "(a folder written by `align data`)")
-    plan = plan_ppo(config, runs_root)
-    out = Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, plan.key, PPOError, done=out / "final", resumable=True) is not None:
-        return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
-    recipe = PPORecipe(config, out, plan.key, progress)
-    recipe.setup()
-    if recipe.dist.is_main:
-        claim_output(out, plan.key, config.model_dump(mode="json"))
-    return recipe.train(stop_after)
+    return run_online(PPORecipe, config, plan_ppo(config, runs_root), out_dir, stop_after, progress)

@@ -21,7 +21,6 @@ Departures from the paper, stated once:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,21 +30,24 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignment.generation import Rollout, batched_logprobs, completion_logprobs, rollout, text_health
-from alignment.io import read_manifest, sha256_text
+from alignment.generation import Rollout, batched_logprobs, completion_logprobs, text_health
 from alignment.rl import (
     CollapseDetected,
     OnlineConfig,
     OnlineRecipe,
     OverOptimisationDetected,
     StepTimer,
+    online_stage_key,
+    plan_online,
+    run_online,
     shape_rewards,
 )
-from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
+from alignment.stage import StagePlan, StageResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CollapseDetected", "OverOptimisationDetected", "ReinforceConfig", "ReinforceError", "ReinforceRecipe", "train_reinforce"]
+__all__ = ["CollapseDetected", "OverOptimisationDetected", "ReinforceConfig", "ReinforceError", "ReinforceRecipe",
+           "train_reinforce"]
 
 
 class ReinforceError(ValueError):
@@ -145,20 +147,12 @@ def compute_advantages(rewards: torch.Tensor, config: ReinforceConfig, baseline_
 # Stage key and folder
 # --------------------------------------------------------------------------------------------
 def reinforce_stage_key(config: ReinforceConfig) -> str:
-    rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
-    data = (read_manifest(config.data) if config.data else None) or {}
-    others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
-              for name, folder in config.independent_reward_models.items()}
-    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
-    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, "reinforce-schema=3"],
-                                  sort_keys=True))
+    return online_stage_key(config, "reinforce-schema=3")
 
 
 def plan_reinforce(config: ReinforceConfig, runs_dir: str | Path = "runs") -> StagePlan:
     """Key and default folder ``<runs_dir>/reinforce/<key[:12]>``; ``final/`` marks completion."""
-    key = reinforce_stage_key(config)
-    out = stage_folder(runs_dir, "reinforce", key)
-    return StagePlan(key, out, out / "final")
+    return plan_online(config, reinforce_stage_key(config), runs_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,9 +184,7 @@ class ReinforceRecipe(OnlineRecipe):
         for step in range(self.start_step, cfg.steps):
             timer = StepTimer()
             # 1. Rollout: this process's share of the batch, k samples per prompt, prompt-major.
-            idx = dist.shard(self.sampler.next(cfg.batch_size))
-            prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-            ro = rollout(self.policy, self.tokenizer, prompts, cfg.sampling(), cfg.max_prompt_length, bf16=self.bf16)
+            ro = self.next_rollout()
             timer.mark("generate")
 
             # 2. Rewards from the reward-model stage's scorer: E[r] and Var[r], (B,) each.
@@ -207,7 +199,7 @@ class ReinforceRecipe(OnlineRecipe):
             graph, logp, entropy = self.policy_logprobs(ro)
 
             # 4. Shaping: R = E[r] - lambda Var[r] - beta KL - eos penalty, clipped. (B,)
-            kl = logp - ref_logp if ref_logp is not None else torch.zeros(len(prompts))
+            kl = logp - ref_logp if ref_logp is not None else torch.zeros(len(ro.prompts))
             reward = shape_rewards(scores.mean, scores.var, kl, ro.has_eos, var_lambda=cfg.reward_var_lambda,
                                    kl_beta=cfg.kl_beta, missing_eos_penalty=cfg.missing_eos_penalty,
                                    clip=cfg.reward_clip)
@@ -231,14 +223,8 @@ class ReinforceRecipe(OnlineRecipe):
                          timer)
             self.guard.check(health, step + 1, self.last_healthy, ro.texts[0])
 
-            # 8. Held-out evaluation every N steps: proxy, independent RMs, gold, KL; the over-optimisation alarm.
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and self.eval_prompts:
-                self.watch_overoptimisation(step + 1)
-
-            # 9. Checkpoint (atomic) every N steps and at the end.
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                self.checkpoint(step + 1, healthy)
-            if stop_after is not None and step + 1 - self.start_step >= stop_after:
+            # 8. Held-out evaluation every N steps (and the over-optimisation alarm); checkpoint every N steps.
+            if self.end_step(step + 1, healthy, stop_after):
                 return StageResult(self.out, {"stopped_at": step + 1})
         return self.finish()
 
@@ -323,15 +309,4 @@ def train_reinforce(config: ReinforceConfig, out_dir: str | Path | None = None, 
     tests). ``progress`` is called after every step with (step, steps, metrics record), on the first
     process only.
     """
-    if config.reward_model is None or config.data is None:
-        raise ReinforceError("reinforce needs both reward_model (a folder written by `align rm`) and data "
-                             "(a folder written by `align data`)")
-    plan = plan_reinforce(config, runs_root)
-    out = Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, plan.key, ReinforceError, done=out / "final", resumable=True) is not None:
-        return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
-    recipe = ReinforceRecipe(config, out, plan.key, progress)
-    recipe.setup()
-    if recipe.dist.is_main:
-        claim_output(out, plan.key, config.model_dump(mode="json"))
-    return recipe.train(stop_after)
+    return run_online(ReinforceRecipe, config, plan_reinforce(config, runs_root), out_dir, stop_after, progress)

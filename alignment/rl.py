@@ -31,13 +31,13 @@ from pydantic import Field
 from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.evaluate import PolicyEval, evaluate_policy
-from alignment.generation import Rollout, SamplingConfig, batched_logprobs
+from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
-from alignment.io import MANIFEST, atomic_directory, sha256_file, write_json
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer
-from alignment.stage import StageResult
+from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +602,25 @@ class OnlineRecipe:
     def restore_algorithm(self, state: dict[str, Any]) -> None:
         pass
 
+    def next_rollout(self) -> Rollout:
+        """This process's share of the next batch of prompts, ``samples_per_prompt`` completions each
+        (prompt-major: the k samples of a prompt are neighbours)."""
+        cfg = self.config
+        idx = self.dist.shard(self.sampler.next(cfg.batch_size))
+        prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
+        return rollout(self.policy, self.tokenizer, prompts, cfg.sampling(), cfg.max_prompt_length, bf16=self.bf16)
+
+    def end_step(self, step: int, healthy: bool, stop_after: int | None) -> bool:
+        """After step ``step``: the held-out evaluation every ``eval_every`` steps (with the alarm), the
+        checkpoint every ``checkpoint_every`` steps and at the end; True when ``stop_after`` steps of
+        this call are done (a controlled interruption, for tests)."""
+        cfg = self.config
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and self.eval_prompts:
+            self.watch_overoptimisation(step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            self.checkpoint(step, healthy)
+        return stop_after is not None and step - self.start_step >= stop_after
+
     def heldout_before(self) -> None:
         """The held-out evaluation at step 0 (first process; the others wait at their first collective)."""
         if self.eval_before is None and self.eval_prompts and self.dist.is_main:
@@ -615,3 +634,38 @@ class OnlineRecipe:
             if self.progress is not None:
                 self.progress(record["step"], self.config.steps, record)
             log.info("step %d/%d %s", record["step"], self.config.steps, line)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage key, folder and entry point of every online algorithm
+# --------------------------------------------------------------------------------------------
+def online_stage_key(config: OnlineConfig, schema: str) -> str:
+    """The config (less its input folders) and the stage keys of the reward models and data it reads."""
+    rm = (read_manifest(config.reward_model) if config.reward_model else None) or {}
+    data = (read_manifest(config.data) if config.data else None) or {}
+    others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
+              for name, folder in config.independent_reward_models.items()}
+    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
+    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, schema], sort_keys=True))
+
+
+def plan_online(config: OnlineConfig, key: str, runs_dir: str | Path) -> StagePlan:
+    """Key and default folder ``<runs_dir>/<section>/<key[:12]>``; ``final/`` marks completion."""
+    out = stage_folder(runs_dir, config.section, key)
+    return StagePlan(key, out, out / "final")
+
+
+def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: StagePlan, out_dir: str | Path | None,
+               stop_after: int | None, progress: Callable[[int, int, dict[str, Any]], None] | None) -> StageResult:
+    """Reuse a finished run of the same key, refuse another config's folder, else set up and train (or resume)."""
+    if config.reward_model is None or config.data is None:
+        raise recipe_cls.error(f"{config.section} needs both reward_model (a folder written by `align rm`) and "
+                               "data (a folder written by `align data`)")
+    out = Path(out_dir) if out_dir is not None else plan.out
+    if reuse_or_guard(out, plan.key, recipe_cls.error, done=out / "final", resumable=True) is not None:
+        return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
+    recipe = recipe_cls(config, out, plan.key, progress)
+    recipe.setup()
+    if recipe.dist.is_main:
+        claim_output(out, plan.key, config.model_dump(mode="json"))
+    return recipe.train(stop_after)
