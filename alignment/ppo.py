@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignment.generation import Rollout, text_health, token_logprobs
 from alignment.rl import (
@@ -201,6 +201,16 @@ class PPOConfig(OnlineConfig):
     adaptive_kl: bool = Field(False, description="Adapt kl_beta towards kl_target (Ziegler et al. 2019).")
     kl_target: float = Field(6.0, gt=0.0, description="Target sequence KL (nats) of the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1)
+    estimator: Literal["gae", "reinforce++", "reinforce++-group"] = Field(
+        "gae", description="Advantages: 'gae' (PPO with the value head as critic); 'reinforce++' (no critic: "
+        "returns of the per-token rewards, whitened over the batch's tokens); 'reinforce++-group' (the score "
+        "first normalised within each prompt's samples_per_prompt samples, GRPO-style).")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if self.estimator == "reinforce++-group" and self.samples_per_prompt < 2:
+            raise ValueError("estimator='reinforce++-group' needs samples_per_prompt >= 2 (a group per prompt)")
+        return self
 
 
 class PolicyWithValueHead(torch.nn.Module):
@@ -281,10 +291,16 @@ class PPORecipe(OnlineRecipe):
             rewards = per_token_rewards(score, kl_t, mask, self.kl_ctl.beta)
             timer.mark("reference")
 
-            # 4. GAE advantages and returns (B, T), whitened over the batch's tokens.
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = masked_whiten(advantages, mask)
+            # 4. Advantages (B, T): GAE with the critic (returns are its targets), whitened over the batch's
+            #    tokens; or REINFORCE++'s whitened returns of the same per-token rewards (no critic).
+            if cfg.estimator == "gae":
+                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                if cfg.whiten_advantages:
+                    advantages = masked_whiten(advantages, mask)
+            else:
+                advantages = reinforce_pp_advantages(score, kl_t, mask, self.kl_ctl.beta, cfg.samples_per_prompt,
+                                                     group_norm=cfg.estimator == "reinforce++-group")
+                returns = discounted_returns(rewards, mask)
 
             # 5. PPO epochs over shuffled minibatches: clipped surrogate + vf_coef * clipped value loss.
             stats = self.update(ro, old_logp, old_values, advantages, returns)
@@ -304,7 +320,8 @@ class PPORecipe(OnlineRecipe):
                 "step": step + 1, "reward": float(dist.gather(score).mean()),
                 "rm_reward": float(dist.gather(scores.mean - cfg.reward_var_lambda * scores.var).mean()),
                 "kl": float(seq_kl.mean()), "kl_beta": self.kl_ctl.beta, **stats,
-                "value_explained_variance": explained_variance(old_values, returns, mask),
+                "value_explained_variance": (explained_variance(old_values, returns, mask) if cfg.estimator == "gae"
+                                             else float("nan")),
                 "length": float(lengths.mean()), "eos_rate": float(has_eos.float().mean()), **health,
                 "seconds": dict(timer.seconds), "sample": ro.texts[0][:200], "healthy": healthy,
             }
@@ -334,7 +351,8 @@ class PPORecipe(OnlineRecipe):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     logp, entropy, values = self.model(ids[mb].to(device), attn[mb].to(device), ro.prompt_width)
                 pl = ppo_policy_loss(logp, old_logp[mb].to(device), advantages[mb].to(device), m, cfg.clip_range)
-                vl = ppo_value_loss(values, old_values[mb].to(device), returns[mb].to(device), m, cfg.value_clip)
+                vl = (ppo_value_loss(values, old_values[mb].to(device), returns[mb].to(device), m, cfg.value_clip)
+                      if cfg.estimator == "gae" else torch.zeros((), device=device))
                 ent = masked_mean(entropy, m)
                 loss = pl.loss + cfg.vf_coef * vl - cfg.entropy_coef * ent
                 self.optimizer.zero_grad(set_to_none=True)

@@ -148,3 +148,23 @@ def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_stack):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b, strict=True):
         assert x["sample"] == y["sample"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), x["step"]
+
+
+@pytest.mark.parametrize("estimator, k", [("reinforce++", 1), ("reinforce++-group", 2)])
+def test_reinforce_pp_estimators_train_without_a_critic(tmp_path, tiny_stack, estimator, k):
+    import json
+
+    from safetensors.torch import load_file
+
+    from alignment.ppo import PPOConfig, train_ppo
+
+    config = _ppo_config(tiny_stack, steps=2, estimator=estimator, samples_per_prompt=k, batch_size=2, eval_prompts=0)
+    train_ppo(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["value_loss"] == 0.0 and math.isnan(r["value_explained_variance"]) for r in rows)
+    assert all(math.isfinite(r["policy_loss"]) for r in rows)
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        PPOConfig(estimator="reinforce++-group", samples_per_prompt=1)
