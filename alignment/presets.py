@@ -26,6 +26,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "learning_rate": 1e-5, "checkpoint_every": 4, "eval_prompts": 8, "eval_every": 4},
         "ppo": {"steps": 8, "batch_size": 4, "max_new_tokens": 32, "max_prompt_length": 256, "learning_rate": 1e-5,
                 "checkpoint_every": 4, "eval_prompts": 8, "eval_every": 4, "ppo_epochs": 2, "minibatch_size": 2},
+        "dpo": {"max_length": 256, "max_train_pairs": 64, "epochs": 1.0, "batch_size": 8, "learning_rate": 1e-6},
         "score": {"n_prompts": 16, "max_new_tokens": 64},
         "judge": {"backend": "local", "max_pairs": 16},
     },
@@ -39,12 +40,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "device": "cuda"},
         "ppo": {"steps": 500, "batch_size": 32, "minibatch_size": 8, "max_new_tokens": 256, "max_prompt_length": 1024,
                 "learning_rate": 1e-6, "checkpoint_every": 50, "eval_prompts": 128, "device": "cuda"},
+        "dpo": {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 5e-7, "gradient_checkpointing": True,
+                "device": "cuda"},
         "score": {"n_prompts": 256, "max_new_tokens": 256, "batch_size": 32, "device": "cuda"},
         "judge": {"backend": "gemini", "max_pairs": 256},
     },
 }
 
-SECTIONS = ("data", "rm_scalar", "rm_distributional", "reinforce", "ppo", "score", "judge")
+SECTIONS = ("data", "rm_scalar", "rm_distributional", "reinforce", "ppo", "dpo", "score", "judge")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

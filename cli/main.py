@@ -33,6 +33,7 @@ EPILOG = textwrap.dedent("""\
       reinforce  fine-tune the policy with REINFORCE (moving-average baseline) against a reward
               model, with a collapse guard and exact resume from checkpoints
       ppo     fine-tune the policy with PPO (value head, GAE, clipped losses) against a reward model
+      dpo     fine-tune the policy with DPO on the data stage's pairs (TRL's DPOTrainer)
       score   answer fixed validation prompts with each model (default: starting and tuned) and
               score them with the reward model(s): mean reward with CI, paired difference, KL
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
@@ -140,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
         p.add_argument("--out", metavar="DIR", help=f"run folder (default: runs/{p.prog.split()[-1]}/<hash>)")
         _add_common(p, sorted(PRESETS))
+
+    dpo = sub.add_parser(
+        "dpo", help="fine-tune the policy with DPO on the data stage's pairs (the offline baseline)",
+        description="DPO with TRL's DPOTrainer on a data stage's train pairs, the starting model as the frozen "
+        "reference; writes a policy folder (like reinforce's final/) with metrics.json and train_log.jsonl.",
+        epilog="examples:\n  align dpo --data runs/data/demo-<hash>\n  align dpo --data DATA beta=0.05 loss_type=ipo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dpo.add_argument("--data", metavar="DIR", help="folder written by `align data`")
+    dpo.add_argument("--policy", help="starting policy and reference (default SmolLM2-135M-Instruct)")
+    dpo.add_argument("--out", metavar="DIR", help="policy folder (default: runs/dpo/<hash>)")
+    dpo.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
+    _add_common(dpo, sorted(PRESETS))
 
     score = sub.add_parser(
         "score", help="answer validation prompts with each model and score them with the reward model(s)",
@@ -316,6 +330,21 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dpo(args: argparse.Namespace) -> int:
+    from alignment.dpo import DPOStageConfig, run_dpo_stage
+
+    config = _stage_config(args, DPOStageConfig, "dpo", {"data": args.data, "policy": args.policy})
+    if config is None:
+        return 0
+    result = run_dpo_stage(config, args.out, overwrite=args.overwrite,
+                           runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    m = result.summary
+    print(f"policy {'reused' if result.reused else 'trained'}: {result.out_dir}")
+    print(f"  {m['pairs']} pairs x {m['epochs']} epochs in {m['seconds']} s; loss {m['first_loss']} -> {m['final_loss']}, "
+          f"reward accuracy {m['final_reward_accuracy']}, margin {m['final_reward_margin']}")
+    return 0
+
+
 def _named(items: list[str] | None, what: str, default_name=None) -> dict[str, str] | None:
     """``["a=x", "y"]`` -> ``{"a": "x", default_name("y"): "y"}``; None when no item was given."""
     if not items:
@@ -439,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from alignment.data import DataError
+    from alignment.dpo import DPOError
     from alignment.evaluate import EvaluationError
     from alignment.hardware import DeviceError
     from alignment.judge import JudgeError
@@ -448,12 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.reward import RewardModelError
     from alignment.rl import ResumeError
 
-    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce,
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError, PPOError) as exc:
+            EvaluationError, JudgeError, ResumeError, PPOError, DPOError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)
