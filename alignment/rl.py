@@ -1,5 +1,11 @@
-"""What every online policy-optimisation stage shares (REINFORCE now; PPO and REINFORCE++ next).
+"""What every online policy-optimisation stage shares (REINFORCE, PPO and REINFORCE++).
 
+* ``OnlineConfig`` (the fields every algorithm's config has) and ``OnlineRecipe``: ``setup()``
+  (models, reward models, data, optimizer, resume), the held-out evaluations with the
+  over-optimisation alarm and ``best/``, checkpoints, ``finish()`` (the final folder); an algorithm
+  subclasses it with its ``train()`` loop. ``run_online`` is every algorithm's entry point (reuse a
+  finished run, refuse another config's folder, else train or resume).
+* Reward shaping (``shape_rewards``): R = clip(E[r] - lambda Var[r] - beta KL - eos penalty).
 * Checkpoints with exact resume: policy weights, optimizer, every process's RNG state and the
   trainer's own state in one atomic folder (``checkpoints/step-NNNNNN``), the newest ``keep`` kept
   plus any the caller protects (the last healthy one).
