@@ -34,6 +34,7 @@ EPILOG = textwrap.dedent("""\
               model, with a collapse guard and exact resume from checkpoints
       ppo     fine-tune the policy with PPO (value head, GAE, clipped losses) against a reward model
       dpo     fine-tune the policy with DPO on the data stage's pairs (TRL's DPOTrainer)
+      compare run several algorithms on equal budgets, score them once, one table and a frontier
       score   answer fixed validation prompts with each model (default: starting and tuned) and
               score them with the reward model(s): mean reward with CI, paired difference, KL
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
@@ -154,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--out", metavar="DIR", help="policy folder (default: runs/dpo/<hash>)")
     dpo.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
     _add_common(dpo, sorted(PRESETS))
+
+    compare = sub.add_parser(
+        "compare", help="run several algorithms on equal budgets and compare them in one table",
+        description="From one data stage and one reward model (the proxy), train each algorithm (reinforce, rloo, "
+        "ppo, reinforce++, dpo) from the same policy with the same number of sampled completions, each in its "
+        "own process, then score every policy once (proxy, independent reward models, gold) and write "
+        "compare.md, compare.json and frontier.png. Finished algorithms are reused on a re-run.",
+        epilog="examples:\n  align compare --data DATA --rm runs/rm/scalar-<hash> --independent dist=runs/rm/distributional-<hash>\n"
+        "  align compare --data DATA --rm RM algorithms=[reinforce,ppo] samples=128",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("--data", metavar="DIR", help="folder written by `align data`")
+    compare.add_argument("--rm", dest="reward_model", metavar="DIR", help="the proxy reward model (`align rm`)")
+    compare.add_argument("--independent", action="append", metavar="NAME=DIR",
+                         help="a reward model never trained against (repeatable)")
+    compare.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
+    compare.add_argument("--out", metavar="DIR", help="output folder (default: runs/compare/<hash>)")
+    _add_common(compare)
 
     score = sub.add_parser(
         "score", help="answer validation prompts with each model and score them with the reward model(s)",
@@ -330,6 +349,20 @@ def _cmd_reinforce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from alignment.compare import CompareConfig, run_compare
+
+    config = _stage_config(args, CompareConfig, "compare", {
+        "data": args.data, "reward_model": args.reward_model, "policy": args.policy,
+        "independent_reward_models": _named(args.independent, "independent", _rm_name)})
+    if config is None:
+        return 0
+    result = run_compare(config, args.out, runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    print(f"comparison written: {result.out_dir}")
+    print((result.out_dir / "compare.md").read_text())
+    return 0
+
+
 def _cmd_dpo(args: argparse.Namespace) -> int:
     from alignment.dpo import DPOStageConfig, run_dpo_stage
 
@@ -467,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from alignment.compare import CompareError
     from alignment.data import DataError
     from alignment.dpo import DPOError
     from alignment.evaluate import EvaluationError
@@ -478,12 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.reward import RewardModelError
     from alignment.rl import ResumeError
 
-    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo,
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo, "compare": _cmd_compare,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError, PPOError, DPOError) as exc:
+            EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)
