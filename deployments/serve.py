@@ -2,7 +2,7 @@
 
 * ``alignment-pipeline/demo``: manual runs (UI "Run", ``prefect deployment run``) with the demo preset.
 * ``alignment-pipeline/retrain``: the same flow on a cron schedule (weekly by default), with a preset.
-* ``stage-*/manual``: each stage alone.
+* ``stage-*/manual``: each stage alone; ``algorithm-comparison/manual``: algorithms on equal budgets.
 
 Runs execute in this process (Prefect's runner); a failed run retried from the UI re-runs only the
 stages whose cache is not complete. Needs ``PREFECT_API_URL`` pointing at a server
@@ -18,6 +18,7 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from alignment.pipeline import PipelineConfig
 from deployments.options import add_serve_arguments
+from flows.compare import algorithm_comparison
 from flows.pipeline import (  # importing flows sets Prefect's environment (telemetry off, stage logs forwarded)
     alignment_pipeline,
     data_flow,
@@ -48,6 +49,9 @@ def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_pr
     for stage_flow in (data_flow, reward_model_flow, reinforce_flow, score_flow, judge_flow):
         deployments.append(stage_flow.to_deployment(name="manual", tags=[*tags, "stage"],
                                                     parameters={"runs_dir": runs_dir}))
+    deployments.append(algorithm_comparison.to_deployment(
+        name="manual", tags=[*tags, "compare"], parameters={"runs_dir": runs_dir},
+        description="Several algorithms on equal budgets from one data stage and reward model, then one table."))
     return deployments
 
 

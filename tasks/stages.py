@@ -29,6 +29,7 @@ from prefect.context import TaskRunContext
 
 from alignment.data import DataConfig, plan_data, run_data_stage
 from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
+from alignment.io import read_manifest
 from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
 from alignment.pipeline import PLANNERS
 from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
@@ -253,6 +254,55 @@ def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None
     _publish("judge", (plan.out / "report.md").read_text().split("## Pairwise judge", 1)[-1].replace(
         "![judge](judge.png)", embed_png(plan.out / "judge.png", "judge")),
         f"{s['model_a']} vs {s['model_b']}: win rate {s['win_rate']:.3f}")
+    return str(result.out_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# The algorithm comparison: one task per algorithm (its own process), then the report
+# --------------------------------------------------------------------------------------------
+def _algorithm_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """``<command>-<the run folder's name>`` (the stage key's prefix): the same config and inputs, the same key."""
+    from alignment.compare import policy_folder
+
+    try:
+        out, _ = policy_folder(parameters["command"], parameters["config"], parameters["runs_dir"])
+        return f"{parameters['command']}-{out.name}"
+    except Exception as exc:  # let the task run and fail with the stage's own message
+        log.debug("algorithm: no cache key (%s)", exc)
+        return f"algorithm-unplanned-{uuid.uuid4().hex}"
+
+
+def algorithm_done(command: str, config: Any, runs_dir: str) -> bool:
+    """The algorithm's policy folder is complete and its timing recorded (else the task must run again)."""
+    from alignment.compare import TIMING, policy_folder
+    from alignment.stage import complete_manifest
+
+    out, policy = policy_folder(command, config, runs_dir)
+    manifest = read_manifest(policy) or {}
+    return (out / TIMING).is_file() and complete_manifest(policy, manifest.get("stage_key", "")) is not None
+
+
+@task(name="algorithm", cache_key_fn=_algorithm_key, **COMMON)
+def algorithm_task(name: str, command: str, config: Any, runs_dir: str) -> dict[str, Any]:
+    """Train one algorithm of a comparison in its own process; its folder, wall-clock and peak memory."""
+    from alignment.compare import policy_folder, run_algorithm
+
+    timing = run_algorithm(name, command, config, runs_dir)
+    out, policy = policy_folder(command, config, runs_dir)
+    _publish(f"algorithm-{name}", f"# {name}\n\nPolicy: `{policy}`\n\n{timing['seconds']} s, peak RSS "
+             f"{timing['peak_rss_gb']} GB" + embed_png(policy / "overoptimisation.png", "held-out curves"),
+             f"{name}: trained in {timing['seconds']} s")
+    return {"folder": str(out), "policy": str(policy), **timing}
+
+
+@task(name="comparison-report", **COMMON)
+def comparison_task(config: Any, runs_dir: str) -> str:
+    """Score every policy once (the scoring stage reuses its output when nothing changed) and write the table."""
+    from alignment.compare import run_compare
+
+    result = run_compare(config, runs_root=runs_dir)
+    _publish("algorithm-comparison", "# Algorithms on equal budgets\n\n" + (result.out_dir / "compare.md").read_text()
+             + embed_png(result.out_dir / "frontier.png", "reward against KL"), "algorithm comparison table")
     return str(result.out_dir)
 
 

@@ -4,6 +4,7 @@ scoring, one table; a second run reuses everything."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,19 @@ def test_compare_runs_every_algorithm_and_reuses(tmp_path, tiny_stack, capsys, m
     again = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert all(r["reused"] for r in again["runs"].values())
     assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in rows]
+
+
+@pytest.mark.slow
+def test_comparison_flow_caches_each_algorithm(prefect_harness, tmp_path, tiny_stack):
+    from alignment.compare import CompareConfig
+    from flows.compare import algorithm_comparison
+
+    policy, rm, data = tiny_stack
+    config = CompareConfig(policy=str(policy), data=str(data), reward_model=str(rm), algorithms=["reinforce", "dpo"],
+                           samples=4, batch_size=2, max_new_tokens=8, eval_prompts=2, n_prompts=4,
+                           score_max_new_tokens=8, learning_rate=1e-3, bf16=False)
+    first = algorithm_comparison(config, str(tmp_path / "runs"))
+    assert first["algorithms"] == {"reinforce": "Completed", "dpo": "Completed"}
+    assert (Path(first["report"]) / "compare.md").is_file()
+    again = algorithm_comparison(config, str(tmp_path / "runs"))
+    assert again["algorithms"] == {"reinforce": "Cached", "dpo": "Cached"}
