@@ -17,6 +17,7 @@ the completion tokens through the first EOS. All functions work on the completio
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignment.generation import Rollout, text_health, token_logprobs
+from alignment.generation import Rollout, position_ids_from_mask, text_health, token_logprobs
+from alignment.reward import distribution_moments, tokenizer_fingerprint
 from alignment.rl import (
     OnlineConfig,
     OnlineRecipe,
@@ -201,6 +203,9 @@ class PPOConfig(OnlineConfig):
     adaptive_kl: bool = Field(False, description="Adapt kl_beta towards kl_target (Ziegler et al. 2019).")
     kl_target: float = Field(6.0, gt=0.0, description="Target sequence KL (nats) of the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1)
+    critic: Literal["value_head", "reward_model"] = Field(
+        "value_head", description="The critic: a scalar head on the policy's last hidden state (starts at 0), or a "
+        "separate model initialised from the reward model, its score head read at every token (trlx's option).")
     estimator: Literal["gae", "reinforce++", "reinforce++-group"] = Field(
         "gae", description="Advantages: 'gae' (PPO with the value head as critic); 'reinforce++' (no critic: "
         "returns of the per-token rewards, whitened over the batch's tokens); 'reinforce++-group' (the score "
@@ -213,22 +218,47 @@ class PPOConfig(OnlineConfig):
         return self
 
 
-class PolicyWithValueHead(torch.nn.Module):
-    """The policy and a scalar value head on its last hidden state; ``forward`` gives (B, T) per-token
-    log-probs, entropies and values at the completion positions. The head starts at zero (V = 0)."""
+class RewardModelCritic(torch.nn.Module):
+    """A critic initialised from the reward model: its backbone and score head read at every completion
+    position; a distributional head gives E[r] over ratings 1..10 there. Trained beside the policy."""
 
-    def __init__(self, policy: torch.nn.Module, hidden_size: int):
+    def __init__(self, folder: str | Path, device: torch.device):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).to(device)
+        self.kind = self.model.config.alignment_reward_kind
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        logits = self.model.score(hidden[:, prompt_width - 1:-1]).float()  # (B, T, labels)
+        return logits.squeeze(-1) if self.kind == "scalar" else distribution_moments(logits)[0]
+
+
+class PolicyWithValueHead(torch.nn.Module):
+    """The policy and its critic; ``forward`` gives (B, T) per-token log-probs, entropies and values at the
+    completion positions. Without a separate critic the value head is a scalar head on the policy's
+    last hidden state, starting at zero (V = 0)."""
+
+    def __init__(self, policy: torch.nn.Module, hidden_size: int, critic: torch.nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        self.value_head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
+        self.critic = critic
+        if critic is None:
+            self.value_head = torch.nn.Linear(hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] | None = [] if self.critic is None else None
         logp, entropy = token_logprobs(self.policy, input_ids, attention_mask, prompt_width, hidden=hidden)
-        values = self.value_head(hidden[0].float()).squeeze(-1)
+        if self.critic is None:
+            values = self.value_head(hidden[0].float()).squeeze(-1)
+        else:
+            values = self.critic(input_ids, attention_mask, prompt_width)
         return logp, entropy, values
 
 
@@ -239,7 +269,14 @@ class PPORecipe(OnlineRecipe):
     error = PPOError
 
     def build_trainable(self) -> torch.nn.Module:
-        return PolicyWithValueHead(self.policy, self.policy.config.hidden_size).to(self.device)
+        critic = None
+        if self.config.critic == "reward_model":
+            rm_sha = json.loads((Path(self.config.reward_model) / "config.json").read_text()).get("alignment_tokenizer_sha")
+            if rm_sha and rm_sha != tokenizer_fingerprint(self.tokenizer):
+                raise PPOError("critic='reward_model' needs the reward model to share the policy's tokenizer "
+                               f"({self.config.reward_model} was trained with another one)")
+            critic = RewardModelCritic(self.config.reward_model, self.device)
+        return PolicyWithValueHead(self.policy, self.policy.config.hidden_size, critic).to(self.device)
 
     def setup_algorithm(self) -> None:
         cfg = self.config

@@ -168,3 +168,42 @@ def test_reinforce_pp_estimators_train_without_a_critic(tmp_path, tiny_stack, es
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
         PPOConfig(estimator="reinforce++-group", samples_per_prompt=1)
+
+
+def test_ppo_with_lora_saves_a_plain_policy(tmp_path, tiny_stack):
+    import json
+
+    from safetensors.torch import load_file
+
+    from alignment.ppo import train_ppo
+
+    result = train_ppo(_ppo_config(tiny_stack, steps=2, lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-3,
+                                   eval_prompts=2), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the adapter-free reference equals the start
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert not any("lora" in k or "value_head" in k for k in weights)
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    assert any(not torch.equal(before[k], weights[k]) for k in before if k in weights)
+    assert result.summary["eval_after"]["n"] == 2
+
+
+def test_ppo_critic_from_the_reward_model(tmp_path, tiny_stack):
+    import json
+
+    from safetensors.torch import load_file
+
+    from alignment.ppo import train_ppo
+
+    _, rm, _ = tiny_stack
+    train_ppo(_ppo_config(tiny_stack, steps=2, critic="reward_model", checkpoint_every=1, eval_prompts=0),
+              tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["value_loss"]) and r["value_loss"] > 0 for r in rows)
+    start = load_file(rm / "model.safetensors")
+    ckpt = load_file(tmp_path / "run" / "checkpoints" / "step-000002" / "policy.safetensors")
+    critic = {k.removeprefix("critic.model."): v for k, v in ckpt.items() if k.startswith("critic.model.")}
+    assert set(critic) <= set(start) and "score.weight" in critic and not any("value_head" in k for k in ckpt)
+    assert not torch.equal(critic["score.weight"], start["score.weight"])  # the critic trains from the RM
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert not any(k.startswith("critic") for k in final)
