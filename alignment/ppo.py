@@ -399,7 +399,7 @@ class PPORecipe(OnlineRecipe):
                 for k, v in (("loss", loss), ("policy_loss", pl.loss), ("value_loss", vl), ("entropy", ent),
                              ("clip_fraction", pl.clip_fraction), ("approx_kl", pl.approx_kl),
                              ("grad_norm", grad_norm)):
-                    logs[k].append(float(v))
+                    logs[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
         return {k: dist.mean(sum(v) / len(v)) for k, v in logs.items()}
 
 
