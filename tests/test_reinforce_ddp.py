@@ -95,3 +95,26 @@ def test_resuming_with_another_process_count_is_refused(ddp_run, tmp_path):
     config = ReinforceConfig(**json.loads((run / "run.json").read_text())["config"])
     with pytest.raises(ResumeError, match=r"written by 2 process\(es\); resume it with the same number"):
         train_reinforce(config, run)
+
+
+def test_ppo_two_processes_keep_identical_replicas(tmp_path, tiny_stack):
+    """PPO over 2 processes: per-process rollouts and minibatch orders, all-reduced updates, one writer."""
+    policy, rm, data = tiny_stack
+    dump, out = tmp_path / "dump", tmp_path / "run"
+    dump.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "DDP_TEST_DUMP": str(dump)}
+    env.pop("DDP_TEST_STOP_AFTER", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / "tests" / "ddp_worker.py"),
+           "-q", "ppo", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out", str(out),
+           "device=cpu", "steps=2", "batch_size=4", "max_new_tokens=10", "learning_rate=1e-3", "ppo_epochs=2",
+           "minibatch_size=1", "eval_prompts=0", "guard_min_distinct2=0.0", "guard_max_repetition=1.0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rank0, rank1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "replicas diverged"
+    start = load_file(policy / "model.safetensors")
+    assert any(not torch.equal(start[k], rank0[k]) for k in start if k in rank0)
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
