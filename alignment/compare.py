@@ -32,7 +32,7 @@ from alignment.io import read_manifest, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.ppo import PPOConfig, plan_ppo
 from alignment.reinforce import ReinforceConfig, plan_reinforce
-from alignment.stage import StageResult, stage_folder
+from alignment.stage import StageResult, complete_manifest, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,18 @@ def policy_folder(command: str, config: StageConfig, runs_dir: str | Path) -> tu
     return out, out / "final"
 
 
+def algorithm_done(command: str, config: StageConfig, runs_dir: str | Path) -> bool:
+    """The algorithm's policy folder is complete (manifest, intact files) and its timing recorded."""
+    out, policy = policy_folder(command, config, runs_dir)
+    manifest = read_manifest(policy) or {}
+    return (out / TIMING).is_file() and complete_manifest(policy, manifest.get("stage_key", "")) is not None
+
+
 def run_algorithm(name: str, command: str, config: StageConfig, runs_dir: str | Path) -> dict[str, Any]:
     """Train one algorithm in its own process (reused when its folder is complete); its wall-clock and peak
     resident memory, recorded beside its output."""
     out, policy = policy_folder(command, config, runs_dir)
-    if read_manifest(policy) is not None and (out / TIMING).is_file():
+    if algorithm_done(command, config, runs_dir):
         log.info("%s: reusing %s", name, policy)
         return {**json.loads((out / TIMING).read_text()), "reused": True}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -294,13 +294,8 @@ class PPORecipe(OnlineRecipe):
         ids, attn, width = ro.input_ids.to(self.device), ro.attention_mask.to(self.device), ro.prompt_width
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             old_logp, _, values = self.trainable(ids, attn, width)
-            if self.reference is not None:
-                ref_logp, _ = token_logprobs(self.reference, ids, attn, width)
-            elif self.config.lora:
-                with self.policy.disable_adapter():
-                    ref_logp, _ = token_logprobs(self.policy, ids, attn, width)
-            else:  # kl_beta = 0 and no reference loaded: KL counted as 0
-                ref_logp = old_logp
+            with self.reference_model() as reference:  # None: kl_beta = 0 and no reference, KL counted as 0
+                ref_logp = old_logp if reference is None else token_logprobs(reference, ids, attn, width)[0]
         return old_logp.float().cpu(), values.float().cpu(), ref_logp.float().cpu()
 
     def train(self, stop_after: int | None = None) -> StageResult:

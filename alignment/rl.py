@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -493,15 +494,25 @@ class OnlineRecipe:
         self.heldout, self.alarms, self.best = state.get("heldout", []), state.get("alarms", []), state.get("best")
         self.restore_algorithm(state["algorithm"])
 
+    @contextlib.contextmanager
+    def reference_model(self):
+        """The frozen start: the reference copy, or with LoRA the policy with its adapters off; None when
+        neither was loaded (no KL term without LoRA)."""
+        if self.reference is not None:
+            yield self.reference
+        elif self.config.lora:
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            yield None
+
     def reference_logprobs(self, ro: Rollout) -> torch.Tensor | None:
         """(B,) log pi_ref(y | x) under the frozen start (LoRA: the adapter-free model); None without KL."""
         if self.config.kl_beta <= 0:
             return None
-        args = (ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, self.config.micro_batch_size)
-        if self.reference is not None:
-            return batched_logprobs(self.reference, *args, bf16=self.bf16)[0]
-        with self.policy.disable_adapter():
-            return batched_logprobs(self.policy, *args, bf16=self.bf16)[0]
+        with self.reference_model() as reference:
+            return batched_logprobs(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
+                                    self.config.micro_batch_size, bf16=self.bf16)[0]
 
     def checkpoint(self, step: int, healthy: bool) -> None:
         """Atomic checkpoint with every process's RNG; the last healthy one is protected from deletion."""

@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from alignment.compare import CompareConfig, algorithm_configs
-from tasks.stages import algorithm_done, algorithm_task, comparison_task, result_storage
+from alignment.compare import CompareConfig, algorithm_configs, algorithm_done
+from tasks.stages import algorithm_task, comparison_task, result_storage
 
 
 @flow(name="algorithm-comparison")

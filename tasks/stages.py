@@ -29,7 +29,6 @@ from prefect.context import TaskRunContext
 
 from alignment.data import DataConfig, plan_data, run_data_stage
 from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
-from alignment.io import read_manifest
 from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
 from alignment.pipeline import PLANNERS
 from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
@@ -270,16 +269,6 @@ def _algorithm_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     except Exception as exc:  # let the task run and fail with the stage's own message
         log.debug("algorithm: no cache key (%s)", exc)
         return f"algorithm-unplanned-{uuid.uuid4().hex}"
-
-
-def algorithm_done(command: str, config: Any, runs_dir: str) -> bool:
-    """The algorithm's policy folder is complete and its timing recorded (else the task must run again)."""
-    from alignment.compare import TIMING, policy_folder
-    from alignment.stage import complete_manifest
-
-    out, policy = policy_folder(command, config, runs_dir)
-    manifest = read_manifest(policy) or {}
-    return (out / TIMING).is_file() and complete_manifest(policy, manifest.get("stage_key", "")) is not None
 
 
 @task(name="algorithm", cache_key_fn=_algorithm_key, **COMMON)
