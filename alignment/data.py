@@ -45,6 +45,7 @@ from pydantic import Field, field_validator, model_validator
 
 from alignment import __version__
 from alignment.config import StageConfig
+from alignment.footprint import records_footprint
 from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
@@ -851,6 +852,7 @@ def plan_data(config: DataConfig, runs_dir: str | Path = "runs", source: SourceD
     return StagePlan(key, out, out)
 
 
+@records_footprint
 def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                    runs_root: str | Path = "runs") -> StageResult:
     """Build ``train.parquet``, ``validation.parquet`` and ``manifest.json`` in ``out_dir``.

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from alignment.config import StageConfig
 from alignment.data import PairData
+from alignment.footprint import records_footprint
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
@@ -82,6 +83,7 @@ def preference_dataset(pairs: PairData):
     })
 
 
+@records_footprint
 def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                   runs_root: str | Path = "runs") -> StageResult:
     """Train with DPO on the data stage's train pairs; write a policy folder with metrics and manifest."""

@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
 from alignment.data import Message, PairData, PromptItem
+from alignment.footprint import records_footprint
 from alignment.generation import (
     Rollout,
     SamplingConfig,
@@ -283,6 +284,7 @@ def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@records_footprint
 def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                     runs_root: str | Path = "runs") -> StageResult:
     """Generate, score and summarise; writes generations/*.jsonl, scores.json, scores.md, rewards.png."""

@@ -66,21 +66,48 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], sampling: SamplingConfig, *,
-             bf16: bool = False) -> torch.Tensor:
-    """Completions (B, T) after the (B, P) prompt batch, on CPU; the KV cache is on (generate's default)."""
+             bf16: bool = False, samples_per_prompt: int = 1) -> torch.Tensor:
+    """Completions (B * k, T) after the (B, P) prompt batch, prompt-major (the k samples of prompt 0
+    first), on CPU; the KV cache is on (generate's default).
+
+    With k = ``samples_per_prompt`` > 1 each prompt is prefilled once and its KV cache expanded k
+    times (:func:`prefill_expanded`) instead of prefilling k copies: the k samples cost one prefill.
+    """
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
+    ids, attn = prompt_batch["input_ids"].to(device), prompt_batch["attention_mask"].to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = policy.generate(input_ids=prompt_batch["input_ids"].to(device),
-                              attention_mask=prompt_batch["attention_mask"].to(device),
-                              max_new_tokens=sampling.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
+        extra: dict[str, Any] = {}
+        if samples_per_prompt > 1:
+            ids, attn, extra["past_key_values"] = prefill_expanded(policy, ids, attn, samples_per_prompt)
+        out = policy.generate(input_ids=ids, attention_mask=attn, max_new_tokens=sampling.max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              **sampling.generate_kwargs(), **extra)
     policy.train(was_training)
-    completion = out[:, prompt_batch["input_ids"].shape[1]:].cpu()
+    completion = out[:, ids.shape[1]:].cpu()
     if completion.shape[1] == 0:
         completion = torch.full((out.shape[0], 1), tokenizer.eos_token_id)
     return completion
+
+
+def prefill_expanded(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int):
+    """Prefill all but the last prompt token once per prompt and expand the KV cache to k rows each.
+
+    input_ids, attention_mask: (B, P). Returns the (B * k, P) ids and mask, repeated prompt-major, and
+    a ``DynamicCache`` holding P - 1 positions for B * k rows: ``generate`` then runs only the last
+    prompt token (which yields the first completion token's distribution) and decodes from there, so
+    its sampling is the same as for k separately prefilled copies of each prompt.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if input_ids.shape[1] > 1:
+        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+              position_ids=position_ids_from_mask(attention_mask[:, :-1]), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(k)
+    return input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0), cache
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -152,13 +179,16 @@ class Rollout:
 
 
 def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: SamplingConfig,
-            max_prompt_length: int, *, bf16: bool = False) -> Rollout:
-    """Encode, sample and cut the completions of one batch of prompts."""
+            max_prompt_length: int, *, bf16: bool = False, samples_per_prompt: int = 1) -> Rollout:
+    """Encode, sample and cut the completions of one batch of prompts: B prompts -> B * k rows,
+    prompt-major (each prompt prefilled once, see :func:`generate`)."""
     batch = encode_prompts(tokenizer, prompts, max_prompt_length)
-    completion = generate(policy, tokenizer, batch, sampling, bf16=bf16)
+    k = samples_per_prompt
+    completion = generate(policy, tokenizer, batch, sampling, bf16=bf16, samples_per_prompt=k)
     mask = completion_mask(completion, tokenizer.eos_token_id)
     tokens = completion_tokens(completion, mask)
-    return Rollout([list(p) for p in prompts], batch["input_ids"], batch["attention_mask"], completion, mask,
+    return Rollout([list(p) for p in prompts for _ in range(k)], batch["input_ids"].repeat_interleave(k, dim=0),
+                   batch["attention_mask"].repeat_interleave(k, dim=0), completion, mask,
                    (completion == tokenizer.eos_token_id).any(-1), tokens, decode_completions(tokenizer, tokens))
 
 
@@ -166,23 +196,31 @@ def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: S
 # Log-probs on completion tokens
 # --------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, *,
-                   hidden: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   hidden: list | None = None, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(y_t | x, y_<t) and entropy H_t at the completion positions.
 
     input_ids, attention_mask: (B, P + T) with the prompt left-padded to width P.
     Returns (B, T) log-probs (with gradient when the model has one) and (B, T) entropies (no gradient).
     ``hidden``: a list to receive the (B, T, H) last hidden states at the positions that predict the
     completion tokens (what a value head reads: V_t is the value of the state before token t).
+    ``group`` = k: rows come in groups of k sharing one prompt (k samples per prompt, prompt-major);
+    each prompt then runs once and its KV cache is expanded k times (:func:`shared_prompt_logits`).
     """
-    # Logits only where they are read (the last prompt position predicts the first completion token):
-    # the LM head over a 49k vocabulary at prompt positions would be ~12% of this pass, wasted.
     n_completion = input_ids.shape[1] - prompt_width
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=n_completion + 1, output_hidden_states=hidden is not None)
+    if group > 1:
+        logits, last_hidden = shared_prompt_logits(model, input_ids, attention_mask, prompt_width, group,
+                                                   want_hidden=hidden is not None)
+    else:
+        # Logits only where they are read (the last prompt position predicts the first completion token):
+        # the LM head over a 49k vocabulary at prompt positions would be ~12% of this pass, wasted.
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                    logits_to_keep=n_completion + 1, output_hidden_states=hidden is not None)
+        logits = out.logits[:, :-1]  # position t predicts token t + 1
+        last_hidden = out.hidden_states[-1][:, prompt_width - 1:-1] if hidden is not None else None
     if hidden is not None:
-        hidden.append(out.hidden_states[-1][:, prompt_width - 1:-1])
-    logits = out.logits[:, :-1].float()  # position t predicts token t + 1
+        hidden.append(last_hidden)
+    logits = logits.float()
     targets = input_ids[:, prompt_width:]
     log_norm = torch.logsumexp(logits, dim=-1)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
@@ -192,30 +230,64 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return token_logp, entropy
 
 
+def shared_prompt_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, k: int,
+                         want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (B, T, V) logits predicting each completion token, with every prompt run once for its k rows.
+
+    input_ids, attention_mask: (B, P + T), B = N * k rows in groups of k with identical prompts. The N
+    prompts run once (KV cache kept, gradient included), the cache is expanded to B rows, then the B
+    completions run on top of it: the cost of N * P + B * T tokens instead of B * (P + T), and the same
+    values and gradients as the full pass (the cache expansion is a differentiable repeat). With the
+    last hidden states (B, T, H) at the same positions when ``want_hidden``.
+    """
+    from transformers import DynamicCache
+
+    if input_ids.shape[0] % k:
+        raise ValueError(f"{input_ids.shape[0]} rows do not form groups of {k}")
+    prompt_ids, prompt_mask = input_ids[::k, :prompt_width], attention_mask[::k, :prompt_width]
+    cache = DynamicCache()
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=want_hidden)
+    cache.batch_repeat_interleave(k)
+    rest = model(input_ids=input_ids[:, prompt_width:], attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask)[:, prompt_width:], past_key_values=cache,
+                 use_cache=True, output_hidden_states=want_hidden)
+    # (N, 1, V) for completion token 0, expanded to its k rows; then positions 0..T-2 predict tokens 1..T-1
+    logits = torch.cat([first.logits[:, -1:].repeat_interleave(k, dim=0), rest.logits[:, :-1]], dim=1)
+    hidden = None
+    if want_hidden:
+        hidden = torch.cat([first.hidden_states[-1][:, -1:].repeat_interleave(k, dim=0),
+                            rest.hidden_states[-1][:, :-1]], dim=1)
+    return logits, hidden
+
+
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        mask: torch.Tensor, *, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_t log pi(y_t | x, y_<t), mean token entropy) over the masked completion tokens.
 
     input_ids, attention_mask: (B, P + T); mask: (B, T). Returns (B,) summed log-probs and (B,) mean
-    entropy of the masked positions.
+    entropy of the masked positions. ``group``: see :func:`token_logprobs`.
     """
-    token_logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_width)
+    token_logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_width, group=group)
     mean_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return (token_logp * mask).sum(-1), mean_entropy
 
 
 @torch.no_grad()
 def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                     mask: torch.Tensor, chunk: int, *, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor, chunk: int, *, bf16: bool = False, group: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_logprobs`` without gradient, ``chunk`` sequences at a time: (B,) log-probs and (B,)
-    mean entropies, on CPU. Inputs may live on the CPU; each chunk moves to the model's device."""
+    mean entropies, on CPU. Inputs may live on the CPU; each chunk moves to the model's device.
+    ``group``: rows in groups sharing a prompt (used when ``chunk`` holds whole groups)."""
     device = next(model.parameters()).device
+    group = group if group > 1 and chunk % group == 0 else 1
     logps, entropies = [], []
     for s in range(0, input_ids.shape[0], chunk):
         sl = slice(s, s + chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             lp, ent = completion_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
-                                          prompt_width, mask[sl].to(device))
+                                          prompt_width, mask[sl].to(device), group=group)
         logps.append(lp.float().cpu())
         entropies.append(ent.float().cpu())
     return torch.cat(logps), torch.cat(entropies)

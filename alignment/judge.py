@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
 from alignment.evaluate import GENERATIONS, read_generations
+from alignment.footprint import records_footprint
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
@@ -471,6 +472,7 @@ def read_judgments(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
     return done
 
 
+@records_footprint
 def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
                     progress: Callable[[int, int], None] | None = None) -> StageResult:
     """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report."""

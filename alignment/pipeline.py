@@ -72,4 +72,53 @@ PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
     "data": plan_data, "reward-model": plan_reward_model, "reinforce": plan_reinforce, "score": plan_score,
     "judge": plan_judge}
 
-__all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "is_complete", "pipeline_preset"]
+
+# --------------------------------------------------------------------------------------------
+# The whole pipeline planned ahead (the same wiring as flows/pipeline.py, checked by a test)
+# --------------------------------------------------------------------------------------------
+def plan_pipeline(config: PipelineConfig) -> dict[str, tuple[Any, StagePlan]]:
+    """Every stage's (config, plan) in order, the paths between stages filled in from the upstream plans
+    as the flow fills them from the upstream outputs. Raises when a stage cannot be planned (e.g. the
+    data source is missing): the flow then runs and reports it."""
+    o, runs = config.options, config.options.runs_dir
+    stages: dict[str, tuple[Any, StagePlan]] = {}
+
+    def add(name: str, stage_config: Any, planner: Callable[[Any, str], StagePlan]) -> str:
+        plan = planner(stage_config, runs)
+        stages[name] = (stage_config, plan)
+        return str(plan.done)
+
+    data_dir = add("data", config.data, plan_data)
+    rms: dict[str, str] = {}
+    if o.train_scalar:
+        rms["scalar"] = add("rm_scalar", config.rm_scalar.model_copy(update={"kind": "scalar", "data": data_dir}),
+                            plan_reward_model)
+    if o.train_distributional:
+        rms["distributional"] = add("rm_distributional", config.rm_distributional.model_copy(
+            update={"kind": "distributional", "data": data_dir}), plan_reward_model)
+    proxy = o.reinforce_reward
+    independent = {name: folder for name, folder in rms.items() if name != proxy}
+    policy = add("reinforce", config.reinforce.model_copy(update={
+        "reward_model": rms[proxy], "data": data_dir, "independent_reward_models": independent}), plan_reinforce)
+    score_dir = add("score", config.score.model_copy(update={
+        "data": data_dir, "models": {"base": config.reinforce.policy, "tuned": policy}, "reward_models": rms,
+        "proxy_reward_model": proxy}), plan_score)
+    if o.judge:
+        add("judge", config.judge.model_copy(update={"scores": score_dir, "model_a": "tuned", "model_b": "base"}),
+            plan_judge)
+    return stages
+
+
+def completed_pipeline(config: PipelineConfig) -> dict[str, StagePlan] | None:
+    """The plans of every stage when all of them are complete (nothing to run), else None."""
+    try:
+        stages = plan_pipeline(config)
+    except Exception:  # noqa: BLE001 -- the flow runs and reports what is wrong
+        return None
+    if not all(is_complete(plan) for _, plan in stages.values()):
+        return None
+    return {name: plan for name, (_, plan) in stages.items()}
+
+
+__all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "completed_pipeline", "is_complete",
+           "pipeline_preset", "plan_pipeline"]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The demo reward models: small subsets so both train on a CPU in minutes.
+# The demo reward models: small subsets so both train on a CPU in minutes. A frozen embedding: no
+# gradient or Adam moments for 28M of the 135M parameters (~0.35 GB less, no slower).
 _DEMO_RM = {"max_length": 256, "max_train_pairs": 64, "max_eval_pairs": 32, "epochs": 1.0, "batch_size": 8,
-            "learning_rate": 5e-5}
+            "learning_rate": 5e-5, "freeze_embeddings": True}
 _HS2_RM = {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5, "gradient_checkpointing": True,
            "device": "cuda"}
 

@@ -240,10 +240,10 @@ class ReinforceRecipe(OnlineRecipe):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 graph, entropy = completion_logprobs(self.model, ro.input_ids.to(self.device),
                                                      ro.attention_mask.to(self.device), ro.prompt_width,
-                                                     ro.mask.to(self.device))
+                                                     ro.mask.to(self.device), group=self.prompt_group)
             return graph, graph.detach().float().cpu(), entropy.float().cpu()
         logp, entropy = batched_logprobs(self.policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
-                                         self.config.micro_batch_size, bf16=self.bf16)
+                                         self.config.micro_batch_size, bf16=self.bf16, group=self.prompt_group)
         return None, logp, entropy
 
     def update(self, ro: Rollout, graph: torch.Tensor | None, advantages: torch.Tensor) -> float:
@@ -264,7 +264,7 @@ class ReinforceRecipe(OnlineRecipe):
             with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     lp, _ = completion_logprobs(self.model, ids[sl].to(device), attn[sl].to(device), ro.prompt_width,
-                                                mask[sl].to(device))
+                                                mask[sl].to(device), group=self.prompt_group)
                 loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / n)
                 dist.backward(loss)
             total += float(loss.detach())

@@ -38,6 +38,7 @@ from pydantic import Field
 from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.evaluate import PolicyEval, evaluate_policy
+from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
@@ -432,9 +433,11 @@ class OnlineRecipe:
             self.reference, _ = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
             self.reference.eval().requires_grad_(False)
         self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
-        # Reward models the policy never trains against, for the held-out evaluations (first process only).
-        self.independent = {name: RewardScorer.from_pretrained(folder, device=str(self.device), bf16=self.bf16)
-                            for name, folder in cfg.independent_reward_models.items()} if dist.is_main else {}
+        # Reward models the policy never trains against, for the held-out evaluations (first process only):
+        # checked here, loaded by each evaluation and let go after it (not held through the training steps).
+        if dist.is_main:
+            for folder in cfg.independent_reward_models.values():
+                RewardScorer.from_pretrained(folder, device="cpu")
 
         data_dir = Path(cfg.data)
         self.train_prompts = PairData.load(data_dir / "train.parquet").unique_prompts()
@@ -512,7 +515,19 @@ class OnlineRecipe:
             return None
         with self.reference_model() as reference:
             return batched_logprobs(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
-                                    self.config.micro_batch_size, bf16=self.bf16)[0]
+                                    self.config.micro_batch_size, bf16=self.bf16, group=self.prompt_group)[0]
+
+    @property
+    def prompt_group(self) -> int:
+        """k when the log-prob passes run each prompt once for its k samples (the KV cache expanded, see
+        ``generation.shared_prompt_logits``), else 1: not under data parallel (one forward per backward
+        there), nor with gradient checkpointing (no KV cache in a checkpointed forward), nor when a
+        micro-batch would split a prompt's k samples."""
+        cfg = self.config
+        k = cfg.samples_per_prompt
+        if k > 1 and cfg.micro_batch_size % k == 0 and not cfg.gradient_checkpointing and self.dist.world == 1:
+            return k
+        return 1
 
     def checkpoint(self, step: int, healthy: bool) -> None:
         """Atomic checkpoint with every process's RNG; the last healthy one is protected from deletion."""
@@ -529,9 +544,15 @@ class OnlineRecipe:
         """Greedy answers to the held-out prompts: the proxy scored as in training (E[r] - lambda Var[r]),
         the independent reward models, gold accuracy and the KL to the start."""
         cfg = self.config
-        return evaluate_policy(self.policy, self.tokenizer, self.scorer, self.eval_prompts, cfg.sampling(greedy=True),
-                               cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda, bf16=self.bf16,
-                               independent=self.independent, reference_logprobs=self.reference_logprobs)
+        independent = {name: RewardScorer.from_pretrained(folder, device=str(self.device), bf16=self.bf16)
+                       for name, folder in cfg.independent_reward_models.items()}
+        try:
+            return evaluate_policy(self.policy, self.tokenizer, self.scorer, self.eval_prompts,
+                                   cfg.sampling(greedy=True), cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda,
+                                   bf16=self.bf16, independent=independent, reference_logprobs=self.reference_logprobs)
+        finally:
+            del independent
+            release_memory()
 
     def heldout_evaluation(self, step: int) -> dict[str, Any]:
         """Evaluate (first process), append to the held-out history and ``heldout.jsonl``, keep ``best/``."""
@@ -624,8 +645,8 @@ class OnlineRecipe:
         (prompt-major: the k samples of a prompt are neighbours)."""
         cfg = self.config
         idx = self.dist.shard(self.sampler.next(cfg.batch_size))
-        prompts = [self.train_prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        return rollout(self.policy, self.tokenizer, prompts, cfg.sampling(), cfg.max_prompt_length, bf16=self.bf16)
+        return rollout(self.policy, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
+                       cfg.max_prompt_length, bf16=self.bf16, samples_per_prompt=cfg.samples_per_prompt)
 
     def end_step(self, step: int, healthy: bool, stop_after: int | None) -> bool:
         """After step ``step``: the held-out evaluation every ``eval_every`` steps (with the alarm), the
@@ -672,6 +693,7 @@ def plan_online(config: OnlineConfig, key: str, runs_dir: str | Path) -> StagePl
     return StagePlan(key, out, out / "final")
 
 
+@records_footprint
 def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: StagePlan, out_dir: str | Path | None,
                stop_after: int | None, progress: Callable[[int, int, dict[str, Any]], None] | None) -> StageResult:
     """Reuse a finished run of the same key, refuse another config's folder, else set up and train (or resume)."""

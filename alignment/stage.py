@@ -26,11 +26,13 @@ RUN_RECORD = "run.json"
 
 @dataclasses.dataclass
 class StageResult:
-    """What a stage returns: its output folder, its summary, and whether an earlier output was reused."""
+    """What a stage returns: its output folder, its summary, whether an earlier output was reused, and
+    what it cost (seconds, peak memory: see ``alignment.footprint``)."""
 
     out_dir: Path
     summary: dict[str, Any]
     reused: bool = False
+    footprint: dict[str, Any] | None = None
 
 
 class StagePlan(NamedTuple):

@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run data -> reward models -> REINFORCE -> scoring -> judge as the Prefect flow "
         "`alignment-pipeline`. Without PREFECT_API_URL it runs on a temporary local Prefect (no server needed). "
         "Every stage is cached on its config and inputs: a second run of the same command finishes from cache, "
-        "and after a failure only the failed stage and those below it run again.",
+        "and after a failure only the failed stage and those below it run again. When every stage is already "
+        "complete and no Prefect server is configured, it says so and prints the results without starting one "
+        "(--force-flow runs the flow anyway).",
         epilog="examples:\n  align run                                   # the demo preset (embedded data, CPU, minutes)\n"
         "  align run reinforce.steps=16 judge.backend=gemini\n"
         "  align run --preset helpsteer2 options.runs_dir=/data/runs     # GPU, hub data, Gemini judge\n"
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--runs-dir", metavar="DIR", help="where every stage writes (default: runs)")
+    run.add_argument("--force-flow", action="store_true",
+                     help="run the Prefect flow even when every stage is already complete (records a flow run)")
     _add_common(run, sorted(PRESETS))
 
     serve = sub.add_parser(
@@ -435,7 +439,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from alignment.pipeline import PipelineConfig
+    from alignment.pipeline import PipelineConfig, completed_pipeline
 
     preset = args.preset or "demo"
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
@@ -444,13 +448,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
-    from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
-
     start = time.perf_counter()
-    result = run_pipeline(config)
-    print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s:")
+    done = None if args.force_flow or os.environ.get("PREFECT_API_URL") else completed_pipeline(config)
+    if done is not None:
+        # Nothing to run: report from the stage folders without starting a temporary Prefect server (~5 s).
+        result = completed_result(done)
+        print(f"pipeline ({preset}): every stage is already complete, nothing to run (no Prefect flow run; "
+              f"--force-flow runs the flow anyway) [{time.perf_counter() - start:.1f} s]:")
+    else:
+        from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
+
+        result = run_pipeline(config)
+        print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s:")
     for name, info in result["stages"].items():
-        print(f"  {name:<18} {info['state']:<10} {info['path']}")
+        peak = info.get("peak_rss_mb")
+        cost = f"{info['seconds']:>6.0f} s {peak / 1024:5.2f} GB" if peak is not None and info.get("seconds") is not None \
+            else " " * 17
+        print(f"  {name:<18} {info['state']:<10} {cost}  {info['path']}")
     v = result["verdict"]
     print(f"verdict ({v['model']} vs {v['reference']}):")
     for c in v["checks"]:
@@ -460,6 +474,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result["report"]:
         print(f"report: {result['report']}  (and report.html beside it)")
     return 0
+
+
+def completed_result(plans: dict) -> dict:
+    """The flow's result, read from complete stage folders (stages, report, verdict) without running it."""
+    from alignment.footprint import read_footprint
+    from alignment.verdict import verdict
+
+    stages = {}
+    for name, plan in plans.items():
+        cost = read_footprint(plan.done) or {}
+        stages[name] = {"state": "Complete", "path": str(plan.done), "seconds": cost.get("seconds"),
+                        "peak_rss_mb": cost.get("peak_rss_mb")}
+    scores = json.loads((plans["score"].done / "scores.json").read_text())
+    judged = json.loads((plans["judge"].done / "summary.json").read_text()) if "judge" in plans else None
+    report = str(plans["judge"].done / "report.md") if "judge" in plans else None
+    return {"stages": stages, "report": report, "verdict": verdict(scores, judged, "tuned")}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -500,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from alignment.footprint import tune_allocator
+
+    tune_allocator()  # freed tensor memory goes back to the system between steps and stages
     from alignment.compare import CompareError
     from alignment.data import DataError
     from alignment.dpo import DPOError

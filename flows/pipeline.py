@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from alignment.data import DataConfig
 from alignment.evaluate import ScoreConfig
+from alignment.footprint import read_footprint
 from alignment.judge import JudgeConfig
 from alignment.pipeline import PipelineConfig, PipelineOptions
 from alignment.reinforce import ReinforceConfig
@@ -42,8 +43,10 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
     state = task.with_options(**run_options, **task_options)(
         config, options.runs_dir, plan, **(task_kwargs or {}), return_state=True)
     path = state.result()  # raises the stage's own error when it failed
-    stages[name] = {"state": state.name, "path": path}
-    get_run_logger().info("stage %s: %s -> %s", name, state.name, path)
+    cost = read_footprint(path) or {}
+    stages[name] = {"state": state.name, "path": path, "seconds": cost.get("seconds"),
+                    "peak_rss_mb": cost.get("peak_rss_mb")}
+    get_run_logger().info("stage %s: %s -> %s (peak %s MB)", name, state.name, path, cost.get("peak_rss_mb"))
     return path
 
 

@@ -5,7 +5,8 @@ Tasks pass paths and configs, never models, and each stage writes a deterministi
 
 Importing this package (and so ``flows`` and ``deployments``, whose packages import it first) sets
 Prefect's environment before Prefect itself is imported: telemetry off, and the stages' own log lines
-(the ``alignment`` logger) forwarded to the Prefect UI.
+(the ``alignment`` logger) forwarded to the Prefect UI; and glibc's allocator is told to give freed
+tensor memory back (``alignment.footprint.tune_allocator``).
 """
 
 import os
@@ -19,3 +20,7 @@ def prefect_env() -> None:
 
 
 prefect_env()
+
+from alignment.footprint import tune_allocator  # noqa: E402
+
+tune_allocator()  # freed tensor memory goes back to the system (see alignment.footprint)

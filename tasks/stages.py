@@ -296,9 +296,18 @@ def comparison_task(config: Any, runs_dir: str) -> str:
 
 
 def summary_markdown(stages: dict[str, dict[str, str]], report: str | None, verdict: str = "") -> str:
-    """The pipeline's summary artifact: the verdict block first, then each stage's state and folder."""
-    rows = "\n".join(f"| {name} | {info['state']} | `{info['path']}` |" for name, info in stages.items())
-    text = f"# Alignment pipeline\n\n{verdict}\n## Stages\n\n| stage | state | output |\n|---|---|---|\n{rows}\n"
+    """The pipeline's summary artifact: the verdict block first, then each stage's state, folder and cost
+    (the seconds and peak resident memory of the run that made the output; a cached stage shows that run's)."""
+    def cost(info: dict[str, Any], key: str, fmt: str) -> str:
+        return "—" if info.get(key) is None else format(info[key], fmt)
+
+    rows = "\n".join(f"| {name} | {info['state']} | {cost(info, 'seconds', '.0f')} | {cost(info, 'peak_rss_mb', ',.0f')} "
+                     f"| `{info['path']}` |" for name, info in stages.items())
+    peaks = [info["peak_rss_mb"] for info in stages.values() if info.get("peak_rss_mb") is not None]
+    text = (f"# Alignment pipeline\n\n{verdict}\n## Stages\n\n| stage | state | seconds | peak RSS (MB) | output |\n"
+            f"|---|---|---|---|---|\n{rows}\n")
+    if peaks:
+        text += f"\nPeak resident memory of the pipeline: {max(peaks):,.0f} MB (the largest stage's).\n"
     if report:
         text += f"\nReport: `{report}`\n"
     return text

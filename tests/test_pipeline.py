@@ -80,6 +80,32 @@ def test_second_run_is_fully_cached(pipeline, monkeypatch):
     assert {k: v["path"] for k, v in again["stages"].items()} == {k: v["path"] for k, v in first["stages"].items()}
 
 
+def test_planned_ahead_matches_the_flow_and_skips_prefect_when_complete(pipeline, capsys, monkeypatch):
+    """plan_pipeline wires the stages as the flow does (same folders); with every stage complete,
+    ``align run`` reports from the folders without a Prefect flow run; each stage recorded its cost."""
+    import yaml
+
+    import flows.pipeline
+    from alignment.pipeline import completed_pipeline, plan_pipeline
+    from cli.main import main
+
+    config, first = pipeline
+    planned = {name: str(plan.done) for name, (_, plan) in plan_pipeline(config).items()}
+    assert planned == {name: info["path"] for name, info in first["stages"].items()}
+    assert completed_pipeline(config) is not None
+    for name, info in first["stages"].items():
+        assert info["seconds"] is not None and info["peak_rss_mb"] > 0, name
+
+    monkeypatch.setattr(flows.pipeline, "run_pipeline", lambda *a: pytest.fail("the flow ran"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    cfg_file = Path(config.options.runs_dir).parent / "pipeline.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude={"section"})))
+    assert main(["run", "--config", str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    assert "every stage is already complete" in out and out.count("Complete ") == len(STAGES)
+    assert "reading:" in out and first["verdict"]["reading"] in out
+
+
 def test_changed_parameter_reruns_that_stage_and_below(pipeline):
     from flows.pipeline import run_pipeline
 

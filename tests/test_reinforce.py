@@ -270,6 +270,30 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_stack, monkeypatch):
+    """k = 2 samples per prompt: the reference, no-grad and gradient passes run each prompt once (KV cache
+    expanded) and give the same steps as the full passes (losses, KL, gradient norm, weights)."""
+    import alignment.reinforce as R
+
+    config = _config(tiny_stack, steps=2, eval_prompts=0, batch_size=2, samples_per_prompt=2, micro_batch_size=4)
+    groups = []
+    real = R.completion_logprobs
+    monkeypatch.setattr(R, "completion_logprobs", lambda *a, **kw: groups.append(kw["group"]) or real(*a, **kw))
+    train_reinforce(config, tmp_path / "shared")
+    assert groups and set(groups) == {2}
+    monkeypatch.setattr(R.ReinforceRecipe, "prompt_group", property(lambda self: 1))
+    train_reinforce(config, tmp_path / "full")
+    a = [json.loads(line) for line in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b, strict=True):
+        assert x["sample"] == y["sample"]
+        for key in ("loss", "kl", "reward", "entropy", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+    wa = load_file(tmp_path / "shared" / "final" / "model.safetensors")
+    wb = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_stack, capsys):
     from alignment.hardware import DeviceError

@@ -1,0 +1,91 @@
+"""Rollout pieces: prompt-prefix sharing for k samples per prompt, chunked log-probs."""
+
+from __future__ import annotations
+
+import torch
+
+from alignment.generation import (
+    SamplingConfig,
+    batched_logprobs,
+    completion_logprobs,
+    encode_prompts,
+    generate,
+    rollout,
+)
+from alignment.models import load_causal_lm
+
+PROMPTS = [[{"role": "user", "content": "What is 2 + 2?"}],
+           [{"role": "user", "content": "Write a long poem about the sea and the wind, please."}],
+           [{"role": "user", "content": "Hi"}]]
+
+
+def test_expanded_cache_gives_the_same_samples_as_separate_prefills(tiny_model):
+    """k samples per prompt from one prefill whose KV cache is expanded k times = the same prompts
+    repeated k times and prefilled separately, under the same seed (left padding included)."""
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    k = 4
+    batch = encode_prompts(tok, PROMPTS, 64)
+    assert (batch["attention_mask"] == 0).any(), "the test needs left padding"
+    torch.manual_seed(7)
+    shared = generate(policy, tok, batch, sampling, samples_per_prompt=k)
+    repeated = {name: t.repeat_interleave(k, dim=0) for name, t in batch.items()}
+    torch.manual_seed(7)
+    separate = generate(policy, tok, repeated, sampling)
+    assert shared.shape == (len(PROMPTS) * k, separate.shape[1])
+    assert torch.equal(shared, separate)
+    # the k samples of a prompt differ (sampling, not copies), and greedy decoding agrees too
+    assert len({tuple(r.tolist()) for r in shared[:k]}) > 1
+    greedy = SamplingConfig(max_new_tokens=12, greedy=True)
+    assert torch.equal(generate(policy, tok, batch, greedy, samples_per_prompt=k), generate(policy, tok, repeated, greedy))
+
+
+def test_rollout_with_k_samples_is_prompt_major(tiny_model):
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    ro = rollout(policy, tok, PROMPTS, SamplingConfig(max_new_tokens=6), 64, samples_per_prompt=2)
+    assert [p[0]["content"] for p in ro.prompts] == [p[0]["content"] for p in PROMPTS for _ in range(2)]
+    assert ro.prompt_ids.shape[0] == ro.completion.shape[0] == 6
+    assert torch.equal(ro.prompt_ids[0], ro.prompt_ids[1]) and not torch.equal(ro.prompt_ids[1], ro.prompt_ids[2])
+
+
+def test_chunked_logprobs_equal_the_full_pass(tiny_model):
+    """batched_logprobs in chunks of 2 = one pass over the whole batch (log-probs and entropies)."""
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    ro = rollout(policy, tok, PROMPTS * 2, SamplingConfig(max_new_tokens=8), 64)
+    with torch.no_grad():
+        full_lp, full_ent = completion_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask)
+    lp, ent = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=2)
+    torch.testing.assert_close(lp, full_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, full_ent, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_pass_equals_the_full_pass_values_and_gradients(tiny_model):
+    """k completions per prompt with the prompt run once (KV cache expanded, gradient through it) give
+    the full pass's per-token log-probs, entropies and parameter gradients."""
+    from alignment.generation import token_logprobs
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    k = 3
+    ro = rollout(policy, tok, PROMPTS, SamplingConfig(max_new_tokens=10), 64, samples_per_prompt=k)
+    # completions of different lengths: cut row i after 10 - i % 4 tokens (EOS there, padding after)
+    for i in range(ro.completion.shape[0]):
+        cut = 10 - i % 4
+        ro.completion[i, cut - 1] = tok.eos_token_id
+        ro.completion[i, cut:] = tok.pad_token_id
+        ro.mask[i, cut:] = 0
+    assert ro.mask.sum(-1).unique().numel() > 1
+    results = {}
+    for group in (1, k):
+        policy.zero_grad(set_to_none=True)
+        logp, ent = token_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, group=group)
+        ((logp * ro.mask).sum() / ro.mask.sum()).backward()
+        results[group] = (logp.detach(), ent, {n: p.grad.clone() for n, p in policy.named_parameters()})
+    (lp1, ent1, g1), (lpk, entk, gk) = results[1], results[k]
+    torch.testing.assert_close(lpk * ro.mask, lp1 * ro.mask, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(entk * ro.mask, ent1 * ro.mask, atol=1e-5, rtol=1e-4)
+    for name in g1:
+        torch.testing.assert_close(gk[name], g1[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in gk.values())
+    # without gradient, in chunks of whole groups
+    lp, _ = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=2 * k, group=k)
+    torch.testing.assert_close(lp, (lp1 * ro.mask).sum(-1), atol=1e-4, rtol=1e-4)
