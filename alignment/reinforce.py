@@ -289,7 +289,9 @@ class ReinforceRecipe(OnlineRecipe):
                         "policy": sec["reference"] + sec["forward_backward"] + sec["optimizer"],
                         "reference": sec["reference"], "forward_backward": sec["forward_backward"],
                         "optimizer": sec["optimizer"]},
-            "tokens": {"prompt": int(dist.gather(ro.prompt_mask.sum(-1)).sum()), "completion": int(lengths.sum())},
+            # real prompt and completion tokens, and the padded width the passes compute on (B x (P + T))
+            "tokens": {"prompt": int(dist.gather(ro.prompt_mask.sum(-1)).sum()), "completion": int(lengths.sum()),
+                       "padded": int(ro.input_ids.numel()) * dist.world},
             "sample": ro.texts[0][:200], "healthy": healthy,
         }
         self.write_record(record, f"loss {loss:.4f} reward {record['reward']:.3f} kl {record['kl']:.3f} len "

@@ -39,7 +39,13 @@ from alignment.io import (
     sha256_text,
     write_json,
 )
-from alignment.models import DEFAULT_MODEL, ModelSourceError, configure_padding, load_sequence_classifier
+from alignment.models import (
+    DEFAULT_MODEL,
+    ModelSourceError,
+    bf16_frozen_linears,
+    configure_padding,
+    load_sequence_classifier,
+)
 from alignment.parallel import launched_rank, launched_world_size
 from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
 
@@ -266,6 +272,8 @@ class RewardScorer:
         if expect_kind is not None and kind != expect_kind:
             raise RewardModelError(f"{path} holds a {kind} reward model, but a {expect_kind} one was asked for")
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        if kwargs.get("bf16"):  # scoring under bf16 autocast: the same scores from half the memory
+            bf16_frozen_linears(model)
         model.to(resolve_device(device))
         tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         expected = config.get("alignment_tokenizer_sha")

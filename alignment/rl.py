@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
-from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer
 from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
@@ -472,6 +471,8 @@ class OnlineRecipe:
     def _load_policy(self):
         cfg = self.config
         policy, tokenizer = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
+        if cfg.lora and self.bf16:
+            bf16_frozen_linears(policy)
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
             policy.enable_input_require_grads()  # so checkpointed blocks see a grad-requiring input (LoRA too)
@@ -588,9 +589,26 @@ class OnlineRecipe:
             raise OverOptimisationDetected(f"{message}; stopped (alarm_action='stop'). Best held-out policy: "
                                            f"{self.out / 'best' if self.best else 'none saved'}")
 
+    def plain_policy(self):
+        """The policy as a plain fp32 transformers model: itself, or with LoRA the original fp32 weights
+        plus each adapter's delta (B A * scaling, computed in fp32): the same as ``merge_and_unload`` on an
+        fp32 base, without copying the training model, and exact when the base is held in bf16."""
+        if not self.config.lora:
+            return self.policy
+        from peft.tuners.lora import LoraLayer
+
+        plain, _ = load_causal_lm(self.config.policy, device="cpu", padding_side="left")
+        targets = dict(plain.named_modules())
+        with torch.no_grad():
+            for name, module in self.policy.named_modules():
+                if isinstance(module, LoraLayer):
+                    weight = targets[name.removeprefix("base_model.model.")].weight
+                    weight += module.get_delta_weight(module.active_adapters[0]).to(weight.device, torch.float32)
+        return plain
+
     def save_best(self, step: int, score: float) -> None:
         """The policy with the best gold / independent score so far, as a plain transformers folder."""
-        policy = copy.deepcopy(self.policy).merge_and_unload() if self.config.lora else self.policy
+        policy = self.plain_policy()
         with atomic_directory(self.out / "best") as tmp:
             policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -608,7 +626,7 @@ class OnlineRecipe:
         summary = {"steps": self.config.steps, "processes": self.dist.world, "eval_before": before, "eval_after": after,
                    "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None,
                    "heldout": self.heldout, "alarms": self.alarms, "best": self.best}
-        policy = self.policy.merge_and_unload() if self.config.lora else self.policy  # a plain transformers model
+        policy = self.plain_policy()  # a plain fp32 transformers model
         with atomic_directory(final) as tmp:
             policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_scoring import seed_loop as seed_scores  # noqa: E402
 
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
+from alignment.hardware import cpu_has_fast_bf16  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_causal_lm, load_sequence_classifier, resolve_model  # noqa: E402
 from alignment.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
 from alignment.reward import tokenizer_fingerprint  # noqa: E402
@@ -107,12 +108,16 @@ def param_counts(policy_path: str, rm_dir: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # (1) This project's trainer: train_reinforce itself, timed by its own per-step metrics
 # ---------------------------------------------------------------------------------------------
-def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16: bool) -> dict:
+def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16: bool, *, kl: bool = True,
+             k: int = 1) -> dict:
+    """``k`` samples per prompt: ``args.prompts`` prompts x k samples in one step (prompt prefilled once,
+    its KV cache expanded; the log-prob passes run each prompt once for its k samples)."""
     config = ReinforceConfig(policy=policy_path, reward_model=rm_dir, data=data_dir, steps=100_000,
-                             batch_size=args.prompts, max_new_tokens=args.new_tokens, learning_rate=LR,
-                             kl_beta=KL_BETA, checkpoint_every=100_000, eval_prompts=0, bf16=bf16, device="cpu",
+                             batch_size=args.prompts, samples_per_prompt=k, micro_batch_size=args.prompts * k,
+                             max_new_tokens=args.new_tokens, learning_rate=LR, kl_beta=KL_BETA if kl else 0.0,
+                             checkpoint_every=100_000, eval_prompts=0, bf16=bf16, device="cpu",
                              guard_min_distinct2=0.0, guard_max_repetition=1.0, seed=0)
-    out = tmp / f"ours-{'bf16' if bf16 else 'fp32'}"
+    out = tmp / f"ours-{'bf16' if bf16 else 'fp32'}-kl{int(kl)}-k{k}"
     train_reinforce(config, out, stop_after=args.warmup + args.steps)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
     phases = {k: mean(r["seconds"][k] for r in rows) for k in PHASES}
@@ -120,7 +125,34 @@ def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16
                                              for r in rows),
             "prompt_tokens": mean(r["tokens"]["prompt"] for r in rows),
             "completion_tokens": mean(r["tokens"]["completion"] for r in rows),
-            "mean_length": mean(r["length"] for r in rows), "samples": args.prompts, "kl": True}
+            "padded_tokens": mean(r["tokens"]["padded"] for r in rows),
+            "mean_length": mean(r["length"] for r in rows), "samples": args.prompts * k, "kl": kl,
+            "layout": f"{args.prompts} prompts x {k} samples"}
+
+
+def decode_throughput(policy_path: str, batches=(1, 8, 32, 64), prompt_tokens: int = 128, new_tokens: int = 32,
+                      bf16: bool = False) -> dict[int, dict[str, float]]:
+    """Tokens/s of sampling exactly ``new_tokens`` after ``prompt_tokens``-token prompts, per batch size
+    (prefill excluded: the time of a 1-token generate is subtracted)."""
+    policy, tok = load_causal_lm(policy_path, padding_side="left")
+    policy.eval()
+    figures = {}
+    for b in batches:
+        ids = torch.randint(100, 20000, (b, prompt_tokens))
+        _timed_generate(policy, tok, ids, 2, bf16)  # warm-up
+        prefill = _timed_generate(policy, tok, ids, 1, bf16)
+        decode = max(_timed_generate(policy, tok, ids, new_tokens, bf16) - prefill, 1e-9)
+        figures[b] = {"ms_per_step": 1000 * decode / (new_tokens - 1), "tokens_per_s": b * (new_tokens - 1) / decode,
+                      "prefill_s": prefill}
+    return figures
+
+
+def _timed_generate(policy, tok, ids: torch.Tensor, n: int, bf16: bool) -> float:
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=True, top_k=None, pad_token_id=tok.pad_token_id)
+    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,12 +273,12 @@ def run_seed(args, policy_path: str, rm_dir: str, prompts: list) -> dict:
         t_opt = time.perf_counter()
         rows.append({"generate": t_gen - t0, "reward": t_rew - t_gen, "reference": 0.0, "forward_backward": t_fb - t_rew,
                      "optimizer": t_opt - t_fb, "prompt": int(enc["attention_mask"].sum()),
-                     "completion": int(cmask.sum())})
+                     "completion": int(cmask.sum()), "padded": int(out.numel())})
     rows = rows[args.warmup:]
     result = {"phases": {k: mean(r[k] for r in rows) for k in PHASES},
               "step_s": mean(sum(r[k] for k in PHASES) for r in rows),
               "prompt_tokens": mean(r["prompt"] for r in rows), "completion_tokens": mean(r["completion"] for r in rows),
-              "samples": args.prompts, "kl": False}
+              "padded_tokens": mean(r["padded"] for r in rows), "samples": args.prompts, "kl": False}
     result["mean_length"] = result["completion_tokens"] / args.prompts
     del policy, rm, optimizer
     return result
@@ -265,6 +297,8 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="also time our trainer with bf16 autocast")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true", help="skip the decode tokens/s per batch size")
+    parser.add_argument("--k", type=int, default=4, help="also time ours with k samples per prompt (1: skip)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args()
     if args.prompts % 2:
@@ -279,7 +313,10 @@ def main() -> int:
     policy_path = str(resolved.path)
     rm_dir = args.rm or str(untrained_rm(resolved, tmp / "rm"))
     n_policy, n_rm = param_counts(policy_path, rm_dir)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    # The bf16 peak only where the CPU has bf16 instructions (on AVX2 it measures a slow fallback path).
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    if cpu_has_fast_bf16():
+        peaks["bf16"] = matmul_peak(torch.bfloat16)
 
     runs: dict[str, dict] = {}
 
@@ -292,6 +329,9 @@ def main() -> int:
         gc.collect()
 
     timed_run("ours fp32", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False)
+    timed_run("ours fp32 KL off", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False, kl=False)
+    if args.k > 1:
+        timed_run(f"ours fp32 k={args.k}", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False, k=args.k)
     if args.bf16:
         timed_run("ours bf16", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=True)
     if not args.skip_trl:
@@ -304,9 +344,14 @@ def main() -> int:
         r["flops_per_step"] = model_flops(n_policy, n_rm, r["prompt_tokens"], r["completion_tokens"], r["kl"])
         r["flops_per_s"] = r["flops_per_step"] / r["step_s"]
         r["fraction_of_fp32_peak"] = r["flops_per_s"] / peaks["fp32"]
-        r["fraction_of_bf16_peak"] = r["flops_per_s"] / peaks["bf16"]
+        if "bf16" in peaks:
+            r["fraction_of_bf16_peak"] = r["flops_per_s"] / peaks["bf16"]
     ours = runs["ours fp32"]["samples_per_s"]
     ratios = {}
+    if "ours fp32 KL off" in runs and "seed loop fp32" in runs:
+        ratios["ours_kl_off_vs_seed"] = runs["ours fp32 KL off"]["samples_per_s"] / runs["seed loop fp32"]["samples_per_s"]
+    if f"ours fp32 k={args.k}" in runs:
+        ratios[f"ours_k{args.k}_vs_k1"] = runs[f"ours fp32 k={args.k}"]["samples_per_s"] / ours
     if "TRL RLOOTrainer fp32" in runs:
         ratios["ours_vs_trl"] = ours / runs["TRL RLOOTrainer fp32"]["samples_per_s"]
     if "seed loop fp32" in runs:
@@ -315,27 +360,39 @@ def main() -> int:
     print(f"\nREINFORCE step: {args.prompts} samples, <= {args.new_tokens} new tokens, {resolved.describe()}, "
           f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; "
+    bf16_peak = f", bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s" if "bf16" in peaks else " (no bf16 instructions: no bf16 peak)"
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s{bf16_peak}; "
           f"N policy {n_policy / 1e6:.1f}M, N reward (no embedding) {n_rm / 1e6:.1f}M")
-    head = (f"{'':22s}{'samples/s':>10s}{'step s':>8s}{'gen':>7s}{'reward':>7s}{'ref':>7s}{'fwd+bwd':>8s}{'optim':>7s}"
-            f"{'len':>6s}{'GFLOP/s':>9s}{'%fp32':>7s}{'%bf16':>7s}  load")
+    head = (f"{'':24s}{'samples':>8s}{'samples/s':>10s}{'step s':>8s}{'gen':>7s}{'reward':>7s}{'ref':>7s}{'fwd+bwd':>8s}"
+            f"{'optim':>7s}{'len':>6s}{'GFLOP/s':>9s}{'%fp32':>7s}  load")
     print(head)
     for name, r in runs.items():
         p = r["phases"]
-        print(f"{name:22s}{r['samples_per_s']:>10.3f}{r['step_s']:>8.2f}{p['generate']:>7.2f}{p['reward']:>7.2f}"
-              f"{p['reference']:>7.2f}{p['forward_backward']:>8.2f}{p['optimizer']:>7.2f}{r['mean_length']:>6.1f}"
-              f"{r['flops_per_s'] / 1e9:>9.1f}{100 * r['fraction_of_fp32_peak']:>6.1f}%"
-              f"{100 * r['fraction_of_bf16_peak']:>6.0f}%  {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}")
+        print(f"{name:24s}{r['samples']:>8d}{r['samples_per_s']:>10.3f}{r['step_s']:>8.2f}{p['generate']:>7.2f}"
+              f"{p['reward']:>7.2f}{p['reference']:>7.2f}{p['forward_backward']:>8.2f}{p['optimizer']:>7.2f}"
+              f"{r['mean_length']:>6.1f}{r['flops_per_s'] / 1e9:>9.1f}{100 * r['fraction_of_fp32_peak']:>6.1f}%"
+              f"  {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f}")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
     print("(ref: TRL's no-grad old-policy + reference log-prob passes; ours: the KL reference pass; the seed has none)")
+    for name, r in runs.items():
+        if r.get("padded_tokens"):
+            print(f"{name}: forward+backward {1000 * r['phases']['forward_backward'] / r['padded_tokens']:.2f} ms per "
+                  f"padded token ({r['padded_tokens']:.0f} = B x (prompt width + completion width); real tokens "
+                  f"{r['prompt_tokens'] + r['completion_tokens']:.0f})")
+    decode = {}
+    if not args.skip_decode:
+        decode = decode_throughput(policy_path)
+        print("\ndecode (fp32, 128-token prompts, 32 sampled tokens, prefill excluded):")
+        for b, f in decode.items():
+            print(f"  batch {b:>3d}: {f['ms_per_step']:7.1f} ms/step {f['tokens_per_s']:8.1f} tokens/s")
     if args.json:
         figures = {"command": " ".join(["python", *sys.argv]), "model": resolved.describe(), "rm": args.rm or "untrained head",
                    "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                    "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
                    "samples": args.prompts, "new_tokens": args.new_tokens, "steps": args.steps, "warmup": args.warmup,
                    "peak_flops": peaks, "params": {"policy": n_policy, "reward_no_embedding": n_rm},
-                   "runs": runs, "ratios": ratios}
+                   "runs": runs, "ratios": ratios, "decode": decode}
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 

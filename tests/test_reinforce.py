@@ -217,6 +217,56 @@ def test_lora_policy_uses_adapter_free_reference_and_saves_a_plain_model(tmp_pat
     assert any(not torch.equal(before[k], weights[k]) for k in before if k in weights)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lora_saved_model_is_the_fp32_base_plus_the_adapters(tmp_path, tiny_stack, bf16):
+    """The saved policy = original fp32 weights + each adapter's delta, whether the training base was held
+    in fp32 or (bf16 autocast) in bf16; fp32: the same as peft's merge_and_unload."""
+    import copy
+
+    from alignment.reinforce import ReinforceRecipe
+    from alignment.rl import plan_online
+
+    config = _config(tiny_stack, lora=True, lora_r=4, lora_alpha=8, steps=2, eval_prompts=0, learning_rate=5e-3,
+                     bf16=bf16)
+    (tmp_path / "run").mkdir()
+    recipe = ReinforceRecipe(config, tmp_path / "run", plan_online(config, "k", tmp_path).key, None)
+    recipe.setup()
+    base_dtype = recipe.policy.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype
+    assert base_dtype == (torch.bfloat16 if bf16 else torch.float32)
+    recipe.train()
+    plain = recipe.plain_policy().state_dict()
+    original = load_file(tiny_stack[0] / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in plain.values())
+    changed = [k for k in original if not torch.equal(original[k], plain[k])]
+    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers moved
+    if not bf16:
+        merged = copy.deepcopy(recipe.policy).merge_and_unload().state_dict()
+        assert all(torch.allclose(plain[k], merged[k], atol=1e-6) for k in merged)
+    else:  # merged onto the original fp32 weights, not onto their bf16 rounding held in training
+        layer = recipe.policy.get_base_model().model.layers[0].mlp.up_proj
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        expected = original["model.layers.0.mlp.up_proj.weight"] + (b @ a).detach().float() * layer.scaling["default"]
+        torch.testing.assert_close(plain["model.layers.0.mlp.up_proj.weight"], expected, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(layer.base_layer.weight.float(), original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_bf16_frozen_linears_compute_what_the_fp32_base_computes_under_autocast(tiny_stack):
+    """Under bf16 autocast, Linear weights stored in bf16 give the fp32 model's log-probs (autocast casts
+    them to the same bf16 values); embedding and norms stay fp32."""
+    from alignment.generation import SamplingConfig, rollout, token_logprobs
+    from alignment.models import bf16_frozen_linears, load_causal_lm
+
+    fp32, tok = load_causal_lm(str(tiny_stack[0]))
+    half, _ = load_causal_lm(str(tiny_stack[0]))
+    assert bf16_frozen_linears(half) == 2 * 7  # q, k, v, o, gate, up, down per layer; the tied LM head stays
+    assert half.get_input_embeddings().weight.dtype == torch.float32
+    ro = rollout(fp32, tok, [[{"role": "user", "content": "What is 3 + 4?"}]] * 2, SamplingConfig(max_new_tokens=8), 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = token_logprobs(fp32, ro.input_ids, ro.attention_mask, ro.prompt_width)
+        b, _ = token_logprobs(half, ro.input_ids, ro.attention_mask, ro.prompt_width)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_stack):
     result = train_reinforce(_config(tiny_stack, steps=2, eval_prompts=2, bf16=True), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
