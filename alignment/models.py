@@ -241,4 +241,11 @@ def bf16_frozen_linears(model) -> int:
         if isinstance(module, torch.nn.Linear) and module.weight is not tied:
             module.to(torch.bfloat16)
             n += 1
+    # The fp32 tensors left (embedding, norms) may still be views of the memory-mapped checkpoint, which
+    # keeps the whole file mapped and its pages resident (0.5 GB for SmolLM2, beside the bf16 copies):
+    # own copies let the mapping go.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.clone()
     return n
