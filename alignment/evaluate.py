@@ -210,7 +210,8 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], toke
         comp, mask = pad_completions(tokens[s:s + config.batch_size], tokenizer.pad_token_id)
         ids = torch.cat([batch["input_ids"], comp], 1)
         attn = torch.cat([batch["attention_mask"], mask.long()], 1)
-        logp, _ = batched_logprobs(model, ids, attn, batch["input_ids"].shape[1], mask, config.batch_size, bf16=bf16)
+        logp, _ = batched_logprobs(model, ids, attn, batch["input_ids"].shape[1], mask, config.batch_size, bf16=bf16,
+                                   entropy=False)
         out += logp.tolist()
     return out
 
@@ -258,7 +259,7 @@ def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[S
             ref = reference_logprobs(ro)
             if ref is not None:
                 mine, _ = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
-                                           batch_size, bf16=bf16)
+                                           batch_size, bf16=bf16, entropy=False)
                 kls += (mine - ref).tolist()
         lengths += ro.lengths.tolist()
         eos += ro.has_eos.float().tolist()

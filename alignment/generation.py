@@ -196,7 +196,8 @@ def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: S
 # Log-probs on completion tokens
 # --------------------------------------------------------------------------------------------
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, *,
-                   hidden: list | None = None, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                   hidden: list | None = None, group: int = 1, entropy: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log pi(y_t | x, y_<t) and entropy H_t at the completion positions.
 
     input_ids, attention_mask: (B, P + T) with the prompt left-padded to width P.
@@ -205,6 +206,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     completion tokens (what a value head reads: V_t is the value of the state before token t).
     ``group`` = k: rows come in groups of k sharing one prompt (k samples per prompt, prompt-major);
     each prompt then runs once and its KV cache is expanded k times (:func:`shared_prompt_logits`).
+    ``entropy=False``: None instead of the entropies (a reference pass: no full-vocabulary softmax).
     """
     n_completion = input_ids.shape[1] - prompt_width
     if group > 1:
@@ -224,10 +226,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = input_ids[:, prompt_width:]
     log_norm = torch.logsumexp(logits, dim=-1)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not entropy:
+        return token_logp, None
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
-    return token_logp, entropy
+        entropies = log_norm - (probs * logits).sum(-1)
+    return token_logp, entropies
 
 
 def shared_prompt_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, k: int,
@@ -262,24 +266,26 @@ def shared_prompt_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                        mask: torch.Tensor, *, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                        mask: torch.Tensor, *, group: int = 1, entropy: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum_t log pi(y_t | x, y_<t), mean token entropy) over the masked completion tokens.
 
     input_ids, attention_mask: (B, P + T); mask: (B, T). Returns (B,) summed log-probs and (B,) mean
-    entropy of the masked positions. ``group``: see :func:`token_logprobs`.
+    entropy of the masked positions (None with ``entropy=False``). ``group``: see :func:`token_logprobs`.
     """
-    token_logp, entropy = token_logprobs(model, input_ids, attention_mask, prompt_width, group=group)
-    mean_entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    token_logp, ent = token_logprobs(model, input_ids, attention_mask, prompt_width, group=group, entropy=entropy)
+    mean_entropy = None if ent is None else (ent * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return (token_logp * mask).sum(-1), mean_entropy
 
 
 @torch.no_grad()
 def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                     mask: torch.Tensor, chunk: int, *, bf16: bool = False, group: int = 1
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor, chunk: int, *, bf16: bool = False, group: int = 1, entropy: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``completion_logprobs`` without gradient, ``chunk`` sequences at a time: (B,) log-probs and (B,)
     mean entropies, on CPU. Inputs may live on the CPU; each chunk moves to the model's device.
-    ``group``: rows in groups sharing a prompt (used when ``chunk`` holds whole groups)."""
+    ``group``: rows in groups sharing a prompt (used when ``chunk`` holds whole groups); ``entropy=False``:
+    log-probs only (None for the entropies)."""
     device = next(model.parameters()).device
     group = group if group > 1 and chunk % group == 0 else 1
     logps, entropies = [], []
@@ -287,10 +293,11 @@ def batched_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         sl = slice(s, s + chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             lp, ent = completion_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
-                                          prompt_width, mask[sl].to(device), group=group)
+                                          prompt_width, mask[sl].to(device), group=group, entropy=entropy)
         logps.append(lp.float().cpu())
-        entropies.append(ent.float().cpu())
-    return torch.cat(logps), torch.cat(entropies)
+        if ent is not None:
+            entropies.append(ent.float().cpu())
+    return torch.cat(logps), torch.cat(entropies) if entropies else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ class PPORecipe(OnlineRecipe):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             old_logp, _, values = self.trainable(ids, attn, width)
             with self.reference_model() as reference:  # None: kl_beta = 0 and no reference, KL counted as 0
-                ref_logp = old_logp if reference is None else token_logprobs(reference, ids, attn, width)[0]
+                ref_logp = old_logp if reference is None else token_logprobs(reference, ids, attn, width, entropy=False)[0]
         return old_logp.float().cpu(), values.float().cpu(), ref_logp.float().cpu()
 
     def train(self, stop_after: int | None = None) -> StageResult:

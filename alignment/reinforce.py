@@ -264,7 +264,7 @@ class ReinforceRecipe(OnlineRecipe):
             with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     lp, _ = completion_logprobs(self.model, ids[sl].to(device), attn[sl].to(device), ro.prompt_width,
-                                                mask[sl].to(device), group=self.prompt_group)
+                                                mask[sl].to(device), group=self.prompt_group, entropy=False)
                 loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / n)
                 dist.backward(loss)
             total += float(loss.detach())

@@ -516,7 +516,8 @@ class OnlineRecipe:
             return None
         with self.reference_model() as reference:
             return batched_logprobs(reference, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
-                                    self.config.micro_batch_size, bf16=self.bf16, group=self.prompt_group)[0]
+                                    self.config.micro_batch_size, bf16=self.bf16, group=self.prompt_group,
+                                    entropy=False)[0]
 
     @property
     def prompt_group(self) -> int:

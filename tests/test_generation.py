@@ -57,6 +57,11 @@ def test_chunked_logprobs_equal_the_full_pass(tiny_model):
     lp, ent = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=2)
     torch.testing.assert_close(lp, full_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, full_ent, atol=1e-5, rtol=1e-5)
+    # a reference pass skips the entropies (no full-vocabulary softmax), same log-probs
+    lp_only, none = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=4,
+                                     entropy=False)
+    assert none is None
+    torch.testing.assert_close(lp_only, full_lp, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_prompt_pass_equals_the_full_pass_values_and_gradients(tiny_model):
