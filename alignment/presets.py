@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-# The demo reward models: small subsets so both train on a CPU in minutes, in under 3 GB: gradient
+# The demo reward models: small subsets so both train on a CPU in minutes, in ~3 GB: gradient
 # checkpointing (activations of 16 x 256 tokens: 6.2 -> 2.9 GB peak, ~20% slower) and a frozen
 # embedding (no gradient or Adam moments for 28M of the 135M parameters, ~0.35 GB); bench/demo_footprint.py.
 # (2 x 4 pairs with gradient accumulation measured no lower in the pipeline: 2.98 / 3.18 GB.)
