@@ -10,7 +10,9 @@ folder vanished or is incomplete. Presets come from the one table in :mod:`align
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,11 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from alignment.config import StageConfig
 from alignment.data import DataConfig, plan_data
 from alignment.evaluate import ScoreConfig, plan_score
+from alignment.footprint import read_footprint
 from alignment.judge import JudgeConfig, plan_judge
 from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig, plan_reinforce
 from alignment.reward import RewardModelConfig, plan_reward_model
 from alignment.stage import StagePlan, is_complete
+from alignment.verdict import verdict
 
 
 class PipelineOptions(BaseModel):
@@ -120,5 +124,31 @@ def completed_pipeline(config: PipelineConfig) -> dict[str, StagePlan] | None:
     return {name: plan for name, (_, plan) in stages.items()}
 
 
-__all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "completed_pipeline", "is_complete",
-           "pipeline_preset", "plan_pipeline"]
+
+# --------------------------------------------------------------------------------------------
+# What a run reports: each stage's state, folder and cost, and the verdict
+# --------------------------------------------------------------------------------------------
+def stage_record(state: str, path: str | Path) -> dict[str, Any]:
+    """One stage's line in the pipeline's result: its state, folder, seconds and peak memory (the cost of
+    the run that made the output, from its ``footprint.json``)."""
+    cost = read_footprint(path) or {}
+    return {"state": state, "path": str(path), "seconds": cost.get("seconds"), "peak_rss_mb": cost.get("peak_rss_mb")}
+
+
+def pipeline_verdict(score_dir: str | Path, judge_dir: str | Path | None) -> dict[str, Any]:
+    """The verdict on the tuned policy from the scoring stage's and (optionally) the judge's outputs."""
+    scores = json.loads((Path(score_dir) / "scores.json").read_text())
+    judged = json.loads((Path(judge_dir) / "summary.json").read_text()) if judge_dir is not None else None
+    return verdict(scores, judged, "tuned")
+
+
+def completed_result(plans: dict[str, StagePlan]) -> dict[str, Any]:
+    """What the flow returns (stages, report, verdict), read from complete stage folders without running it."""
+    judge_dir = plans["judge"].done if "judge" in plans else None
+    return {"stages": {name: stage_record("Complete", plan.done) for name, plan in plans.items()},
+            "report": str(judge_dir / "report.md") if judge_dir is not None else None,
+            "verdict": pipeline_verdict(plans["score"].done, judge_dir)}
+
+
+__all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "completed_pipeline", "completed_result",
+           "is_complete", "pipeline_preset", "pipeline_verdict", "plan_pipeline", "stage_record"]

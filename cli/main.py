@@ -439,7 +439,7 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from alignment.pipeline import PipelineConfig, completed_pipeline
+    from alignment.pipeline import PipelineConfig, completed_pipeline, completed_result
 
     preset = args.preset or "demo"
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
@@ -474,22 +474,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result["report"]:
         print(f"report: {result['report']}  (and report.html beside it)")
     return 0
-
-
-def completed_result(plans: dict) -> dict:
-    """The flow's result, read from complete stage folders (stages, report, verdict) without running it."""
-    from alignment.footprint import read_footprint
-    from alignment.verdict import verdict
-
-    stages = {}
-    for name, plan in plans.items():
-        cost = read_footprint(plan.done) or {}
-        stages[name] = {"state": "Complete", "path": str(plan.done), "seconds": cost.get("seconds"),
-                        "peak_rss_mb": cost.get("peak_rss_mb")}
-    scores = json.loads((plans["score"].done / "scores.json").read_text())
-    judged = json.loads((plans["judge"].done / "summary.json").read_text()) if "judge" in plans else None
-    report = str(plans["judge"].done / "report.md") if "judge" in plans else None
-    return {"stages": stages, "report": report, "verdict": verdict(scores, judged, "tuned")}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ those paths is replaced.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from alignment.data import DataConfig
 from alignment.evaluate import ScoreConfig
-from alignment.footprint import read_footprint
 from alignment.judge import JudgeConfig
-from alignment.pipeline import PipelineConfig, PipelineOptions
+from alignment.pipeline import PipelineConfig, PipelineOptions, pipeline_verdict, stage_record
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
-from alignment.verdict import verdict, verdict_markdown
+from alignment.verdict import verdict_markdown
 from tasks.stages import (
     data_task,
     judge_task,
@@ -43,10 +41,8 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
     state = task.with_options(**run_options, **task_options)(
         config, options.runs_dir, plan, **(task_kwargs or {}), return_state=True)
     path = state.result()  # raises the stage's own error when it failed
-    cost = read_footprint(path) or {}
-    stages[name] = {"state": state.name, "path": path, "seconds": cost.get("seconds"),
-                    "peak_rss_mb": cost.get("peak_rss_mb")}
-    get_run_logger().info("stage %s: %s -> %s (peak %s MB)", name, state.name, path, cost.get("peak_rss_mb"))
+    stages[name] = stage_record(state.name, path)
+    get_run_logger().info("stage %s: %s -> %s (peak %s MB)", name, state.name, path, stages[name]["peak_rss_mb"])
     return path
 
 
@@ -95,16 +91,14 @@ def alignment_pipeline(
         options, stages, "score")
 
     # 5. Tuned vs starting model, judged pairwise.
-    report = None
+    report = judge_dir = None
     if options.judge:
         judge_dir = _run(judge_task, judge.model_copy(update={"scores": score_dir, "model_a": "tuned",
                                                              "model_b": "base"}), options, stages, "judge",
                          retries=options.judge_retries, retry_delay_seconds=options.judge_retry_delay_s)
         report = str(Path(judge_dir) / "report.md")
     # 6. The verdict: proxy, independent reward model, gold and judge, each with its interval.
-    scores = json.loads((Path(score_dir) / "scores.json").read_text())
-    judged = json.loads((Path(judge_dir) / "summary.json").read_text()) if options.judge else None
-    result = verdict(scores, judged, "tuned")
+    result = pipeline_verdict(score_dir, judge_dir)
     get_run_logger().info("verdict: %s", result["reading"])
     create_markdown_artifact(markdown=summary_markdown(stages, report, verdict_markdown(result)),
                              key="alignment-pipeline-summary",
