@@ -103,11 +103,21 @@ def prefill_expanded(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
     cache = DynamicCache()
     if input_ids.shape[1] > 1:
-        model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-              position_ids=position_ids_from_mask(attention_mask[:, :-1]), past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-        cache.batch_repeat_interleave(k)
+        _, cache = expanded_prompt_cache(model, input_ids[:, :-1], attention_mask[:, :-1], k)
     return input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0), cache
+
+
+def expanded_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, **kwargs):
+    """Run the (N, P) prompts once and expand their KV cache to N * k rows, prompt-major: (the prompt
+    pass's output, with logits at the last position only; the ``DynamicCache``). The expansion is a
+    differentiable repeat, so a gradient through the cache reaches the prompt pass."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    cache.batch_repeat_interleave(k)
+    return out, cache
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -244,15 +254,10 @@ def shared_prompt_logits(model, input_ids: torch.Tensor, attention_mask: torch.T
     values and gradients as the full pass (the cache expansion is a differentiable repeat). With the
     last hidden states (B, T, H) at the same positions when ``want_hidden``.
     """
-    from transformers import DynamicCache
-
     if input_ids.shape[0] % k:
         raise ValueError(f"{input_ids.shape[0]} rows do not form groups of {k}")
-    prompt_ids, prompt_mask = input_ids[::k, :prompt_width], attention_mask[::k, :prompt_width]
-    cache = DynamicCache()
-    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                  past_key_values=cache, use_cache=True, logits_to_keep=1, output_hidden_states=want_hidden)
-    cache.batch_repeat_interleave(k)
+    first, cache = expanded_prompt_cache(model, input_ids[::k, :prompt_width], attention_mask[::k, :prompt_width], k,
+                                         output_hidden_states=want_hidden)
     rest = model(input_ids=input_ids[:, prompt_width:], attention_mask=attention_mask,
                  position_ids=position_ids_from_mask(attention_mask)[:, prompt_width:], past_key_values=cache,
                  use_cache=True, output_hidden_states=want_hidden)

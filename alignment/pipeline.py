@@ -78,38 +78,53 @@ PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
 
 
 # --------------------------------------------------------------------------------------------
-# The whole pipeline planned ahead (the same wiring as flows/pipeline.py, checked by a test)
+# The wiring between stages: one function, used by the flow and by planning ahead
 # --------------------------------------------------------------------------------------------
+def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> Any:
+    """Stage ``name``'s config with the paths between stages filled in from ``outputs`` (stage name ->
+    output folder of the stages before it): what the flow hands each task, whatever the form said."""
+    rms = {kind: outputs[f"rm_{kind}"] for kind in ("scalar", "distributional") if f"rm_{kind}" in outputs}
+    proxy = config.options.reinforce_reward
+    if name == "data":
+        return config.data
+    if name in ("rm_scalar", "rm_distributional"):
+        kind = name.removeprefix("rm_")
+        return getattr(config, name).model_copy(update={"kind": kind, "data": outputs["data"]})
+    if name == "reinforce":  # against the proxy; the other reward models watch as independent judges
+        return config.reinforce.model_copy(update={
+            "reward_model": rms[proxy], "data": outputs["data"],
+            "independent_reward_models": {k: v for k, v in rms.items() if k != proxy}})
+    if name == "score":  # both models on the same validation prompts, scored by every reward model
+        return config.score.model_copy(update={
+            "data": outputs["data"], "models": {"base": config.reinforce.policy, "tuned": outputs["reinforce"]},
+            "reward_models": rms, "proxy_reward_model": proxy})
+    if name == "judge":
+        return config.judge.model_copy(update={"scores": outputs["score"], "model_a": "tuned", "model_b": "base"})
+    raise ValueError(f"unknown pipeline stage {name!r}")
+
+
+def pipeline_stages(options: PipelineOptions) -> list[str]:
+    """The stages this pipeline runs, in order."""
+    return ["data", *(["rm_scalar"] if options.train_scalar else []),
+            *(["rm_distributional"] if options.train_distributional else []), "reinforce", "score",
+            *(["judge"] if options.judge else [])]
+
+
+STAGE_PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
+    "data": plan_data, "rm_scalar": plan_reward_model, "rm_distributional": plan_reward_model,
+    "reinforce": plan_reinforce, "score": plan_score, "judge": plan_judge}
+
+
 def plan_pipeline(config: PipelineConfig) -> dict[str, tuple[Any, StagePlan]]:
-    """Every stage's (config, plan) in order, the paths between stages filled in from the upstream plans
-    as the flow fills them from the upstream outputs. Raises when a stage cannot be planned (e.g. the
-    data source is missing): the flow then runs and reports it."""
-    o, runs = config.options, config.options.runs_dir
+    """Every stage's (config, plan) in order, wired as the flow wires them (:func:`stage_config`), each
+    stage's output taken from its plan. Raises when a stage cannot be planned (e.g. the data source is
+    missing): the flow then runs and reports it."""
     stages: dict[str, tuple[Any, StagePlan]] = {}
-
-    def add(name: str, stage_config: Any, planner: Callable[[Any, str], StagePlan]) -> str:
-        plan = planner(stage_config, runs)
-        stages[name] = (stage_config, plan)
-        return str(plan.done)
-
-    data_dir = add("data", config.data, plan_data)
-    rms: dict[str, str] = {}
-    if o.train_scalar:
-        rms["scalar"] = add("rm_scalar", config.rm_scalar.model_copy(update={"kind": "scalar", "data": data_dir}),
-                            plan_reward_model)
-    if o.train_distributional:
-        rms["distributional"] = add("rm_distributional", config.rm_distributional.model_copy(
-            update={"kind": "distributional", "data": data_dir}), plan_reward_model)
-    proxy = o.reinforce_reward
-    independent = {name: folder for name, folder in rms.items() if name != proxy}
-    policy = add("reinforce", config.reinforce.model_copy(update={
-        "reward_model": rms[proxy], "data": data_dir, "independent_reward_models": independent}), plan_reinforce)
-    score_dir = add("score", config.score.model_copy(update={
-        "data": data_dir, "models": {"base": config.reinforce.policy, "tuned": policy}, "reward_models": rms,
-        "proxy_reward_model": proxy}), plan_score)
-    if o.judge:
-        add("judge", config.judge.model_copy(update={"scores": score_dir, "model_a": "tuned", "model_b": "base"}),
-            plan_judge)
+    outputs: dict[str, str] = {}
+    for name in pipeline_stages(config.options):
+        stage = stage_config(config, name, outputs)
+        plan = STAGE_PLANNERS[name](stage, config.options.runs_dir)
+        stages[name], outputs[name] = (stage, plan), str(plan.done)
     return stages
 
 
@@ -151,4 +166,5 @@ def completed_result(plans: dict[str, StagePlan]) -> dict[str, Any]:
 
 
 __all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "completed_pipeline", "completed_result",
-           "is_complete", "pipeline_preset", "pipeline_verdict", "plan_pipeline", "stage_record"]
+           "is_complete", "pipeline_preset", "pipeline_stages", "pipeline_verdict", "plan_pipeline", "stage_config",
+           "stage_record"]

@@ -17,7 +17,14 @@ from prefect.artifacts import create_markdown_artifact
 from alignment.data import DataConfig
 from alignment.evaluate import ScoreConfig
 from alignment.judge import JudgeConfig
-from alignment.pipeline import PipelineConfig, PipelineOptions, pipeline_verdict, stage_record
+from alignment.pipeline import (
+    PipelineConfig,
+    PipelineOptions,
+    pipeline_stages,
+    pipeline_verdict,
+    stage_config,
+    stage_record,
+)
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
 from alignment.verdict import verdict_markdown
@@ -62,42 +69,24 @@ def alignment_pipeline(
         raise ValueError(f"options.reinforce_reward={options.reinforce_reward!r} but that reward model is not "
                          f"trained (options.train_{options.reinforce_reward}=false)")
     Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
+    config = PipelineConfig(data=data, rm_scalar=rm_scalar, rm_distributional=rm_distributional, reinforce=reinforce,
+                            score=score, judge=judge, options=options)
     stages: dict[str, dict[str, str]] = {}
+    outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
+    parallel = {"task_kwargs": {"num_processes": options.num_processes}}
+    tasks = {"data": (data_task, {}), "rm_scalar": (reward_model_task, parallel),
+             "rm_distributional": (reward_model_task, parallel), "reinforce": (reinforce_task, parallel),
+             "score": (score_task, {}),
+             "judge": (judge_task, {"retries": options.judge_retries,
+                                    "retry_delay_seconds": options.judge_retry_delay_s})}
+    # data -> reward model(s) -> REINFORCE against the proxy -> scoring by every RM -> pairwise judge
+    for name in pipeline_stages(options):
+        task, task_options = tasks[name]
+        outputs[name] = _run(task, stage_config(config, name, outputs), options, stages, name, **task_options)
+    score_dir, judge_dir = outputs["score"], outputs.get("judge")
+    report = str(Path(judge_dir) / "report.md") if judge_dir else None
 
-    # 1. Preference pairs.
-    data_dir = _run(data_task, data, options, stages, "data")
-
-    # 2. Reward models (one or both).
-    rms: dict[str, str] = {}
-    if options.train_scalar:
-        rms["scalar"] = _run(reward_model_task, rm_scalar.model_copy(update={"kind": "scalar", "data": data_dir}),
-                             options, stages, "rm_scalar", task_kwargs={"num_processes": options.num_processes})
-    if options.train_distributional:
-        rms["distributional"] = _run(
-            reward_model_task, rm_distributional.model_copy(update={"kind": "distributional", "data": data_dir}),
-            options, stages, "rm_distributional", task_kwargs={"num_processes": options.num_processes})
-
-    # 3. REINFORCE against the chosen reward model (the proxy); the others watch as independent judges.
-    proxy = options.reinforce_reward
-    independent = {name: folder for name, folder in rms.items() if name != proxy}
-    policy = _run(reinforce_task, reinforce.model_copy(update={"reward_model": rms[proxy], "data": data_dir,
-                                                               "independent_reward_models": independent}),
-                  options, stages, "reinforce", task_kwargs={"num_processes": options.num_processes})
-
-    # 4. Both models on the same validation prompts, scored by every reward model.
-    score_dir = _run(score_task, score.model_copy(update={
-        "data": data_dir, "models": {"base": reinforce.policy, "tuned": policy}, "reward_models": rms,
-        "proxy_reward_model": proxy}),
-        options, stages, "score")
-
-    # 5. Tuned vs starting model, judged pairwise.
-    report = judge_dir = None
-    if options.judge:
-        judge_dir = _run(judge_task, judge.model_copy(update={"scores": score_dir, "model_a": "tuned",
-                                                             "model_b": "base"}), options, stages, "judge",
-                         retries=options.judge_retries, retry_delay_seconds=options.judge_retry_delay_s)
-        report = str(Path(judge_dir) / "report.md")
-    # 6. The verdict: proxy, independent reward model, gold and judge, each with its interval.
+    # The verdict: proxy, independent reward model, gold and judge, each with its interval.
     result = pipeline_verdict(score_dir, judge_dir)
     get_run_logger().info("verdict: %s", result["reading"])
     create_markdown_artifact(markdown=summary_markdown(stages, report, verdict_markdown(result)),
