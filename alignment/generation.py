@@ -2,7 +2,8 @@
 
 Prompts go through the chat template and are left-padded (so every row's last prompt token sits in
 the same column and generation appends to all rows alike); completions are sampled with the KV
-cache; a completion counts up to and including its first EOS; log-probs and entropies are read on
+cache (optionally by an int8 copy of the policy, :class:`Int8Rollouts`, which records the sampler's
+per-token log-probs for an importance-sampling correction); a completion counts up to and including its first EOS; log-probs and entropies are read on
 completion tokens only, in chunks. REINFORCE, scoring, the local judge and (later) PPO use these
 pieces; PPO adds per-token values on the same masks (``token_logprobs`` gives the per-token terms).
 
@@ -66,12 +67,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], sampling: SamplingConfig, *,
-             bf16: bool = False, samples_per_prompt: int = 1) -> torch.Tensor:
+             bf16: bool = False, samples_per_prompt: int = 1, logits_processor: list | None = None) -> torch.Tensor:
     """Completions (B * k, T) after the (B, P) prompt batch, prompt-major (the k samples of prompt 0
     first), on CPU; the KV cache is on (generate's default).
 
     With k = ``samples_per_prompt`` > 1 each prompt is prefilled once and its KV cache expanded k
     times (:func:`prefill_expanded`) instead of prefilling k copies: the k samples cost one prefill.
+    ``logits_processor``: extra processors for ``generate`` (e.g. :class:`SamplerLogprobs`).
     """
     device = next(policy.parameters()).device
     was_training = policy.training
@@ -81,6 +83,10 @@ def generate(policy, tokenizer, prompt_batch: dict[str, torch.Tensor], sampling:
         extra: dict[str, Any] = {}
         if samples_per_prompt > 1:
             ids, attn, extra["past_key_values"] = prefill_expanded(policy, ids, attn, samples_per_prompt)
+        if logits_processor:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList(logits_processor)
         out = policy.generate(input_ids=ids, attention_mask=attn, max_new_tokens=sampling.max_new_tokens,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                               **sampling.generate_kwargs(), **extra)
@@ -157,7 +163,9 @@ class Rollout:
 
     ``prompts`` (B messages lists), ``prompt_ids``/``prompt_mask`` (B, P) left-padded,
     ``completion`` (B, T), ``mask`` (B, T) through the first EOS, ``has_eos`` (B,) bool,
-    ``tokens`` and ``texts``: each completion's tokens through its first EOS, and their text.
+    ``tokens`` and ``texts``: each completion's tokens through its first EOS, and their text;
+    ``sampler_logp`` (B, T): log mu(y_t | x, y_<t) under the model that sampled, when it was not the
+    policy itself (int8 rollouts), 0 after the mask; else None.
     """
 
     prompts: list[list[Message]]
@@ -168,6 +176,7 @@ class Rollout:
     has_eos: torch.Tensor
     tokens: list[list[int]]
     texts: list[str]
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def prompt_width(self) -> int:
@@ -189,17 +198,156 @@ class Rollout:
 
 
 def rollout(policy, tokenizer, prompts: Sequence[Sequence[Message]], sampling: SamplingConfig,
-            max_prompt_length: int, *, bf16: bool = False, samples_per_prompt: int = 1) -> Rollout:
+            max_prompt_length: int, *, bf16: bool = False, samples_per_prompt: int = 1,
+            record_logprobs: bool = False) -> Rollout:
     """Encode, sample and cut the completions of one batch of prompts: B prompts -> B * k rows,
-    prompt-major (each prompt prefilled once, see :func:`generate`)."""
+    prompt-major (each prompt prefilled once, see :func:`generate`). ``record_logprobs``: keep the
+    sampling model's per-token log-probs (``Rollout.sampler_logp``)."""
     batch = encode_prompts(tokenizer, prompts, max_prompt_length)
     k = samples_per_prompt
-    completion = generate(policy, tokenizer, batch, sampling, bf16=bf16, samples_per_prompt=k)
+    recorder = SamplerLogprobs() if record_logprobs else None
+    completion = generate(policy, tokenizer, batch, sampling, bf16=bf16, samples_per_prompt=k,
+                          logits_processor=[recorder] if recorder else None)
     mask = completion_mask(completion, tokenizer.eos_token_id)
     tokens = completion_tokens(completion, mask)
     return Rollout([list(p) for p in prompts for _ in range(k)], batch["input_ids"].repeat_interleave(k, dim=0),
                    batch["attention_mask"].repeat_interleave(k, dim=0), completion, mask,
-                   (completion == tokenizer.eos_token_id).any(-1), tokens, decode_completions(tokenizer, tokens))
+                   (completion == tokenizer.eos_token_id).any(-1), tokens, decode_completions(tokenizer, tokens),
+                   recorder.logprobs(completion) * mask if recorder else None)
+
+
+class SamplerLogprobs:
+    """A ``generate`` logits processor that records log mu(y_t | x, y_<t) of each sampled token under the
+    sampling model's own (untempered) distribution: the log-softmax of the logits ``generate`` hands to
+    its processors (custom processors run before the temperature / top-k / top-p warpers), gathered
+    at the token chosen, which the next call sees as the last input id. One (B, V) step is held at a
+    time; :meth:`logprobs` gathers the last step at the final tokens.
+    """
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None  # (B, V) log-softmax of the last step
+        self.steps: list[torch.Tensor] = []  # (B,) per completed step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:].to(self.previous.device)).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, completion: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probs of the completion tokens (T = the steps ``generate`` ran), on CPU."""
+        steps = list(self.steps)
+        if self.previous is not None:
+            steps.append(self.previous.gather(-1, completion[:, len(steps):len(steps) + 1].to(self.previous.device))
+                         .squeeze(-1))
+        out = torch.zeros(completion.shape)
+        if steps:
+            out[:, :len(steps)] = torch.stack(steps, dim=1).cpu()[:, :completion.shape[1]]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Int8 rollout weights
+# --------------------------------------------------------------------------------------------
+class Int8Rollouts:
+    """An int8 copy of the policy for sampling: the Linear layers (the LM head included) quantised per
+    output channel (symmetric int8 weights, activations quantised per tensor on the fly: torch's dynamic
+    quantisation, fbgemm/x86 kernels, CPU only), everything else (embedding, norms, rotary tables)
+    shared with the policy, not copied. Decoding reads about a quarter of the fp32 bytes per step.
+
+    ``skip``: layers kept in full precision (shared with the policy), by name part. The MLP output
+    projections (``down_proj``) read the SwiGLU product, whose outlier activations per-tensor int8 cannot
+    hold: with them quantised, SmolLM2-135M's samples had a mean log(pi_fp32 / pi_int8) of -1.03 per
+    token (incoherent text); without, -0.18 to -0.28 (measured on 16 chat prompts, 48 tokens).
+
+    :meth:`refresh` re-quantises the Linear layers from the policy's current weights (with LoRA: the
+    base weight plus each adapter's delta, merged in fp32) and is called before every rollout, so the
+    sampler is the policy of this step up to int8 rounding. The gap between the two is what the
+    truncated importance-sampling correction of the gradient accounts for (``reinforce.tis_weights``).
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao; torchao's eager int8 (0.18, no
+    ``torch.compile``) decodes slower than fp32 on this CPU (bench/reinforce_step.py), so this uses
+    the fbgemm modules while torch ships them, and says so clearly when it no longer does.
+    """
+
+    def __init__(self, policy, skip: tuple[str, ...] = ("down_proj",)) -> None:
+        import copy
+
+        try:
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: F401
+        except ImportError as e:  # a torch without the eager quantised modules
+            raise RuntimeError("int8 rollouts need torch.ao.nn.quantized.dynamic (torch's fbgemm int8 Linear), "
+                               f"absent from torch {torch.__version__}: set int8_rollouts=false") from e
+        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        if next(base.parameters()).device.type != "cpu":
+            raise RuntimeError("int8 rollouts run on the CPU only (fbgemm kernels); the policy is on "
+                               f"{next(base.parameters()).device}: set int8_rollouts=false")
+        # The skeleton: a structural copy sharing every parameter and buffer with the policy (the memo maps
+        # each tensor to itself), whose Linear layers (LoRA-wrapped or plain) are then replaced.
+        memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        self.model = copy.deepcopy(base, memo).eval()  # (no requires_grad_(False): the tensors are the policy's)
+        # name -> (layer, int8?): quantised layers, and skipped ones that are not a plain fp32 Linear the
+        # copy can share (LoRA-wrapped, or bf16-held frozen weights): those become merged fp32 Linears.
+        self.sources: dict[str, tuple[torch.nn.Module, bool]] = {}
+        for name, module in base.named_modules():
+            if not _is_linear(module) or any(name.startswith(f"{outer}.") for outer in self.sources):
+                continue  # not a Linear, or inside a LoRA layer (its base_layer, lora_A, lora_B)
+            quantise = not any(part in name.split(".") for part in skip)
+            if quantise or type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32:
+                self.sources[name] = (module, quantise)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-quantise the Linear layers from the policy's current (merged) weights (~2 s for SmolLM2-135M)."""
+        import warnings
+
+        with warnings.catch_warnings():  # torch's deprecation notice for quantised tensors, once per layer
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_(tensor|channel)")
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            for name, (source, quantise) in self.sources.items():
+                parent, _, child = name.rpartition(".")
+                weight, bias = _merged_weight(source)
+                layer = _int8_linear(weight, bias) if quantise else _fp32_linear(weight, bias)
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
+
+
+def _is_linear(module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer) or (type(module) is torch.nn.Linear)
+
+
+def _merged_weight(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in) fp32 weight and bias of an nn.Linear, or of a LoRA layer: base + each active adapter's delta."""
+    from peft.tuners.lora import LoraLayer
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.weight.detach().float()
+    if isinstance(module, LoraLayer) and not module.disable_adapters:
+        for adapter in module.active_adapters:
+            weight = weight + module.get_delta_weight(adapter).detach().float()
+    return weight, None if base.bias is None else base.bias.detach().float()
+
+
+def _fp32_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """A dynamic int8 Linear with per-output-channel symmetric weights (torch's dynamic quantisation)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    float_linear = _fp32_linear(weight, None)
+    float_linear.qconfig = per_channel_dynamic_qconfig
+    quantised = DynamicLinear.from_float(float_linear)
+    if bias is not None:
+        quantised.set_weight_bias(quantised.weight(), bias)
+    return quantised
 
 
 # --------------------------------------------------------------------------------------------

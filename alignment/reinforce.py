@@ -13,6 +13,11 @@ Departures from the paper, stated once:
 * Optional shaping common in practice: a penalty for completions without EOS, reward clipping,
   advantage whitening, and (distributional RM) R = E[r] - lambda Var[r] with an optional
   variance-weighted advantage A / sqrt(Var[r] + eps).
+* ``int8_rollouts`` (off by default): completions are sampled by an int8 copy of the policy mu
+  (re-quantised before every rollout) while log-probs, KL and the gradient come from the fp32 policy
+  pi; the gradient then weights each token by the truncated importance ratio min(pi / mu, C)
+  (token-level TIS, Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+  training"; FlashRL): E_mu[min(pi/mu, C) A grad log pi].
 * A collapse guard stops the run when the completions degenerate (distinct-2 falls or the
   repetition rate rises past limits for ``guard_patience`` steps): the known failure on this task is
   a policy emitting one symbol until the length limit while the reward model's score climbs.
@@ -30,7 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignment.generation import Rollout, batched_logprobs, completion_logprobs, text_health
+from alignment.generation import Int8Rollouts, Rollout, batched_logprobs, text_health, token_logprobs
 from alignment.rl import (
     CollapseDetected,
     OnlineConfig,
@@ -65,11 +70,18 @@ class ReinforceConfig(OnlineConfig):
     ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
     variance_weighted_advantage: bool = Field(False, description="Distributional RM: A / sqrt(Var[r] + eps).")
     whiten_advantages: bool = False
+    int8_rollouts: bool = Field(False, description="Sample with an int8 copy of the policy (CPU only, re-quantised "
+                                "before every rollout, ~1.7x faster decoding); the gradient is corrected by "
+                                "truncated importance sampling. Off until measured to leave learning unchanged.")
+    tis_cap: float = Field(2.0, ge=1.0, description="int8_rollouts: the cap C of each token's weight min(pi/mu, C).")
 
     @model_validator(mode="after")
     def _check(self) -> ReinforceConfig:
         if self.baseline == "rloo" and self.samples_per_prompt < 2:
             raise ValueError("baseline='rloo' needs samples_per_prompt >= 2 (leave-one-out over k samples)")
+        if self.int8_rollouts and self.device == "cuda":
+            raise ValueError("int8_rollouts runs on the CPU only (torch's fbgemm int8 kernels): set device='cpu' "
+                             "or int8_rollouts=false")
         return self
 
 
@@ -79,6 +91,20 @@ class ReinforceConfig(OnlineConfig):
 def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """L = -mean_i(A_i * log pi(y_i | x_i)); A is a constant (no gradient). Both (B,)."""
     return -(advantages.detach() * logprobs).mean()
+
+
+def tis_weights(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """w_t = min(pi(y_t) / mu(y_t), C) on completion tokens, 0 elsewhere; no gradient (token-level TIS,
+    Yao et al. 2025). logp: (B, T) log pi under the trained policy; sampler_logp: (B, T) log mu under the
+    model that sampled; mask: (B, T) -> (B, T)."""
+    return torch.exp(logp.detach() - sampler_logp).clamp(max=cap) * mask
+
+
+def action_logprobs(token_logp: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t w_t log pi(y_t | x, y_<t) over the completion tokens, (B,): with w = mask (no weights) the
+    sequence log-prob, whose gradient the REINFORCE loss scales by the advantage. token_logp, mask,
+    weights: (B, T)."""
+    return (token_logp * (mask if weights is None else weights)).sum(-1)
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -167,6 +193,18 @@ class ReinforceRecipe(OnlineRecipe):
     def setup_algorithm(self) -> None:
         cfg = self.config
         self.baseline: Any = EMABaseline(cfg.ema_decay) if cfg.baseline == "ema" else MovingAverageBaseline()
+        self.int8 = None
+        if cfg.int8_rollouts:
+            if self.device.type != "cpu":
+                raise ReinforceError(f"int8_rollouts runs on the CPU only; this run is on {self.device}")
+            self.int8 = Int8Rollouts(self.policy)
+
+    def sampling_model(self) -> tuple[Any, bool]:
+        """The int8 copy re-quantised from this step's weights (no autocast: fp32 activations), or the policy."""
+        if self.int8 is None:
+            return super().sampling_model()
+        self.int8.refresh()
+        return self.int8.model, False
 
     def algorithm_state(self) -> dict[str, Any]:
         return {"baseline": asdict(self.baseline)}
@@ -229,7 +267,8 @@ class ReinforceRecipe(OnlineRecipe):
         return self.finish()
 
     def policy_logprobs(self, ro: Rollout) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(graph or None, (B,) log pi(y | x), (B,) mean entropy) under the current policy.
+        """(graph or None, (B,) log pi(y | x), (B,) mean entropy) under the current policy; the graph is
+        the (B, T) per-token log-probs.
 
         One micro-batch: the gradient's own forward gives the log-probs (pi does not change until the
         optimizer step), so no extra pass; its graph is kept for the backward. Several: a no-grad pass
@@ -238,10 +277,12 @@ class ReinforceRecipe(OnlineRecipe):
         """
         if len(ro.prompts) <= self.config.micro_batch_size:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                graph, entropy = completion_logprobs(self.model, ro.input_ids.to(self.device),
-                                                     ro.attention_mask.to(self.device), ro.prompt_width,
-                                                     ro.mask.to(self.device), group=self.prompt_group)
-            return graph, graph.detach().float().cpu(), entropy.float().cpu()
+                graph, entropy = token_logprobs(self.model, ro.input_ids.to(self.device),
+                                                ro.attention_mask.to(self.device), ro.prompt_width,
+                                                group=self.prompt_group)  # (B, T) each
+            mask = ro.mask.to(self.device)
+            entropy = (entropy * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+            return graph, action_logprobs(graph.detach(), mask).float().cpu(), entropy.float().cpu()
         logp, entropy = batched_logprobs(self.policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask,
                                          self.config.micro_batch_size, bf16=self.bf16, group=self.prompt_group)
         return None, logp, entropy
@@ -253,22 +294,37 @@ class ReinforceRecipe(OnlineRecipe):
         over the global batch (equal shards); only the last micro-batch's backward runs the all-reduce.
         """
         dist, device, n = self.dist, self.device, len(ro.prompts)
+        self.is_stats = []
         if graph is not None:
-            loss = reinforce_loss(graph, advantages.to(graph.device))
+            loss = reinforce_loss(self.weighted_logprobs(graph, ro, slice(None)), advantages.to(graph.device))
             dist.backward(loss)
             return dist.mean(float(loss.detach()))
-        ids, attn, mask = ro.input_ids, ro.attention_mask, ro.mask
+        ids, attn = ro.input_ids, ro.attention_mask
         micro = [slice(s, s + self.config.micro_batch_size) for s in range(0, n, self.config.micro_batch_size)]
         total = 0.0
         for i, sl in enumerate(micro):
             with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    lp, _ = completion_logprobs(self.model, ids[sl].to(device), attn[sl].to(device), ro.prompt_width,
-                                                mask[sl].to(device), group=self.prompt_group, entropy=False)
+                    token_logp, _ = token_logprobs(self.model, ids[sl].to(device), attn[sl].to(device),
+                                                   ro.prompt_width, group=self.prompt_group, entropy=False)
+                lp = self.weighted_logprobs(token_logp, ro, sl)
                 loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / n)
                 dist.backward(loss)
             total += float(loss.detach())
         return dist.mean(total)
+
+    def weighted_logprobs(self, token_logp: torch.Tensor, ro: Rollout, rows: slice) -> torch.Tensor:
+        """(b,) sum_t w_t log pi(y_t) for the rows ``rows`` of the rollout: w = the mask, or with int8
+        rollouts the truncated importance weights (their statistics kept for the metrics)."""
+        mask = ro.mask[rows].to(token_logp.device)
+        if ro.sampler_logp is None:
+            return action_logprobs(token_logp, mask)
+        sampler_logp = ro.sampler_logp[rows].to(token_logp.device)
+        weights = tis_weights(token_logp.float(), sampler_logp, mask, self.config.tis_cap)
+        log_ratio = (token_logp.detach().float() - sampler_logp) * mask
+        self.is_stats.append(torch.stack([weights.sum(), (log_ratio.exp() * mask > self.config.tis_cap).sum(),
+                                          log_ratio.sum(), mask.sum()]).cpu())
+        return action_logprobs(token_logp, mask, weights)
 
     def metrics(self, step: int, ro: Rollout, scores, kl, entropy, all_reward, all_adv, baseline: float, loss: float,
                 grad_norm: float, health: dict[str, float], healthy: bool, timer: StepTimer) -> dict[str, Any]:
@@ -294,6 +350,10 @@ class ReinforceRecipe(OnlineRecipe):
                        "padded": int(ro.input_ids.numel()) * dist.world},
             "sample": ro.texts[0][:200], "healthy": healthy,
         }
+        if self.is_stats:  # int8 rollouts: mean token weight, share of tokens capped, mean log(pi / mu)
+            w, capped, log_ratio, tokens = dist.gather(torch.stack(self.is_stats).sum(0)[None]).sum(0).tolist()
+            record["int8"] = {"is_weight": w / max(tokens, 1), "capped": capped / max(tokens, 1),
+                              "log_ratio": log_ratio / max(tokens, 1)}
         self.write_record(record, f"loss {loss:.4f} reward {record['reward']:.3f} kl {record['kl']:.3f} len "
                                   f"{record['length']:.1f} eos {record['eos_rate']:.2f} distinct2 {health['distinct2']:.2f} "
                                   f"rep {health['repetition']:.2f}")

@@ -664,8 +664,16 @@ class OnlineRecipe:
         (prompt-major: the k samples of a prompt are neighbours)."""
         cfg = self.config
         idx = self.dist.shard(self.sampler.next(cfg.batch_size))
-        return rollout(self.policy, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
-                       cfg.max_prompt_length, bf16=self.bf16, samples_per_prompt=cfg.samples_per_prompt)
+        sampler, bf16 = self.sampling_model()
+        return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
+                       cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
+                       record_logprobs=sampler is not self.policy)
+
+    def sampling_model(self) -> tuple[Any, bool]:
+        """(the model that samples this step's rollout, bf16 autocast for it): the policy itself here;
+        an algorithm may sample with a cheaper copy (REINFORCE's int8 rollouts), whose per-token
+        log-probs then come with the rollout."""
+        return self.policy, self.bf16
 
     def end_step(self, step: int, healthy: bool, stop_after: int | None) -> bool:
         """After step ``step``: the held-out evaluation every ``eval_every`` steps (with the alarm), the

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_scoring import seed_loop as seed_scores  # noqa: E402
 
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
+from alignment.generation import Int8Rollouts  # noqa: E402
 from alignment.hardware import cpu_has_fast_bf16  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_causal_lm, load_sequence_classifier, resolve_model  # noqa: E402
 from alignment.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
@@ -109,15 +110,16 @@ def param_counts(policy_path: str, rm_dir: str) -> tuple[int, int]:
 # (1) This project's trainer: train_reinforce itself, timed by its own per-step metrics
 # ---------------------------------------------------------------------------------------------
 def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16: bool, *, kl: bool = True,
-             k: int = 1) -> dict:
+             k: int = 1, int8: bool = False) -> dict:
     """``k`` samples per prompt: ``args.prompts`` prompts x k samples in one step (prompt prefilled once,
-    its KV cache expanded; the log-prob passes run each prompt once for its k samples)."""
+    its KV cache expanded; the log-prob passes run each prompt once for its k samples). ``int8``: rollouts
+    sampled by the int8 copy (re-quantised every step, inside "generate"), with the TIS correction."""
     config = ReinforceConfig(policy=policy_path, reward_model=rm_dir, data=data_dir, steps=100_000,
                              batch_size=args.prompts, samples_per_prompt=k, micro_batch_size=args.prompts * k,
                              max_new_tokens=args.new_tokens, learning_rate=LR, kl_beta=KL_BETA if kl else 0.0,
                              checkpoint_every=100_000, eval_prompts=0, bf16=bf16, device="cpu",
-                             guard_min_distinct2=0.0, guard_max_repetition=1.0, seed=0)
-    out = tmp / f"ours-{'bf16' if bf16 else 'fp32'}-kl{int(kl)}-k{k}"
+                             guard_min_distinct2=0.0, guard_max_repetition=1.0, seed=0, int8_rollouts=int8)
+    out = tmp / f"ours-{'bf16' if bf16 else 'fp32'}-kl{int(kl)}-k{k}-int8{int(int8)}"
     train_reinforce(config, out, stop_after=args.warmup + args.steps)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
     phases = {k: mean(r["seconds"][k] for r in rows) for k in PHASES}
@@ -127,15 +129,20 @@ def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16
             "completion_tokens": mean(r["tokens"]["completion"] for r in rows),
             "padded_tokens": mean(r["tokens"]["padded"] for r in rows),
             "mean_length": mean(r["length"] for r in rows), "samples": args.prompts * k, "kl": kl,
-            "layout": f"{args.prompts} prompts x {k} samples"}
+            "layout": f"{args.prompts} prompts x {k} samples",
+            **({"int8": {key: mean(r["int8"][key] for r in rows) for key in rows[0]["int8"]}} if int8 else {})}
 
 
 def decode_throughput(policy_path: str, batches=(1, 8, 32, 64), prompt_tokens: int = 128, new_tokens: int = 32,
-                      bf16: bool = False) -> dict[int, dict[str, float]]:
+                      bf16: bool = False, int8: bool = False) -> dict[int, dict[str, float]]:
     """Tokens/s of sampling exactly ``new_tokens`` after ``prompt_tokens``-token prompts, per batch size
-    (prefill excluded: the time of a 1-token generate is subtracted)."""
+    (prefill excluded: the time of a 1-token generate is subtracted); ``int8``: the int8 rollout copy."""
     policy, tok = load_causal_lm(policy_path, padding_side="left")
     policy.eval()
+    if int8:
+        sampler = Int8Rollouts(policy)
+        sampler.refresh()
+        policy = sampler.model
     figures = {}
     for b in batches:
         ids = torch.randint(100, 20000, (b, prompt_tokens))
@@ -298,6 +305,7 @@ def main() -> int:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-seed", action="store_true")
     parser.add_argument("--skip-decode", action="store_true", help="skip the decode tokens/s per batch size")
+    parser.add_argument("--skip-int8", action="store_true", help="skip ours with int8 rollouts")
     parser.add_argument("--k", type=int, default=4, help="also time ours with k samples per prompt (1: skip)")
     parser.add_argument("--json", metavar="PATH", help="write the figures here")
     args = parser.parse_args()
@@ -332,6 +340,8 @@ def main() -> int:
     timed_run("ours fp32 KL off", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False, kl=False)
     if args.k > 1:
         timed_run(f"ours fp32 k={args.k}", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False, k=args.k)
+    if not args.skip_int8:
+        timed_run("ours fp32 int8 rollouts", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=False, int8=True)
     if args.bf16:
         timed_run("ours bf16", run_ours, args, policy_path, rm_dir, data_dir, tmp, bf16=True)
     if not args.skip_trl:
@@ -352,6 +362,8 @@ def main() -> int:
         ratios["ours_kl_off_vs_seed"] = runs["ours fp32 KL off"]["samples_per_s"] / runs["seed loop fp32"]["samples_per_s"]
     if f"ours fp32 k={args.k}" in runs:
         ratios[f"ours_k{args.k}_vs_k1"] = runs[f"ours fp32 k={args.k}"]["samples_per_s"] / ours
+    if "ours fp32 int8 rollouts" in runs:
+        ratios["ours_int8_vs_fp32"] = runs["ours fp32 int8 rollouts"]["samples_per_s"] / ours
     if "TRL RLOOTrainer fp32" in runs:
         ratios["ours_vs_trl"] = ours / runs["TRL RLOOTrainer fp32"]["samples_per_s"]
     if "seed loop fp32" in runs:
@@ -380,12 +392,21 @@ def main() -> int:
             print(f"{name}: forward+backward {1000 * r['phases']['forward_backward'] / r['padded_tokens']:.2f} ms per "
                   f"padded token ({r['padded_tokens']:.0f} = B x (prompt width + completion width); real tokens "
                   f"{r['prompt_tokens'] + r['completion_tokens']:.0f})")
+    for name, r in runs.items():
+        if "int8" in r:
+            print(f"{name}: sampler vs policy per token: mean log(pi/mu) {r['int8']['log_ratio']:.3f}, "
+                  f"mean TIS weight {r['int8']['is_weight']:.3f}, capped {100 * r['int8']['capped']:.1f}%")
     decode = {}
     if not args.skip_decode:
-        decode = decode_throughput(policy_path)
-        print("\ndecode (fp32, 128-token prompts, 32 sampled tokens, prefill excluded):")
-        for b, f in decode.items():
-            print(f"  batch {b:>3d}: {f['ms_per_step']:7.1f} ms/step {f['tokens_per_s']:8.1f} tokens/s")
+        decode = {"fp32": decode_throughput(policy_path)}
+        if not args.skip_int8:
+            decode["int8"] = decode_throughput(policy_path, int8=True)
+        print("\ndecode (128-token prompts, 32 sampled tokens, prefill excluded):")
+        for b, f in decode["fp32"].items():
+            int8 = decode.get("int8", {}).get(b)
+            print(f"  batch {b:>3d}: fp32 {f['ms_per_step']:7.1f} ms/step {f['tokens_per_s']:8.1f} tokens/s"
+                  + (f" | int8 rollout copy {int8['ms_per_step']:7.1f} ms/step {int8['tokens_per_s']:8.1f} tokens/s "
+                     f"({f['ms_per_step'] / int8['ms_per_step']:.2f}x)" if int8 else ""))
     if args.json:
         figures = {"command": " ".join(["python", *sys.argv]), "model": resolved.describe(), "rm": args.rm or "untrained head",
                    "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignment.generation import (
@@ -94,3 +95,83 @@ def test_shared_prompt_pass_equals_the_full_pass_values_and_gradients(tiny_model
     # without gradient, in chunks of whole groups
     lp, _ = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=2 * k, group=k)
     torch.testing.assert_close(lp, (lp1 * ro.mask).sum(-1), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Int8 rollouts: the sampler's recorded log-probs, the int8 copy and its refresh
+# ---------------------------------------------------------------------------------------------
+def test_recorded_sampler_logprobs_are_the_samplers_token_logprobs(tiny_model):
+    """The log-probs recorded while sampling (SamplerLogprobs) = a teacher-forced pass of the same model
+    over the sampled completion, on every completion token (k = 1 and k = 2, left padding, EOS cut)."""
+    from alignment.generation import token_logprobs
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    for k in (1, 2):
+        torch.manual_seed(3)
+        ro = rollout(policy, tok, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.7), 64,
+                     samples_per_prompt=k, record_logprobs=True)
+        assert ro.sampler_logp.shape == ro.completion.shape
+        with torch.no_grad():
+            expected, _ = token_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, entropy=False)
+        torch.testing.assert_close(ro.sampler_logp, expected * ro.mask, atol=1e-5, rtol=1e-5)
+        assert (ro.sampler_logp[ro.mask.bool()] < 0).all()
+    assert rollout(policy, tok, PROMPTS, SamplingConfig(max_new_tokens=4), 64).sampler_logp is None
+
+
+def _logsoftmax_gap(a, b, ids):
+    with torch.no_grad():
+        la, lb = (torch.log_softmax(m(input_ids=ids).logits.float(), -1) for m in (a, b))
+    return float((la - lb).abs().max())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_int8_copy_shares_what_it_does_not_quantise_and_follows_the_policy(tiny_model, lora):
+    """Int8Rollouts: int8 Linear layers (the skipped down_proj stays float), embedding and norms shared
+    with the policy (no copy); its next-token distribution is close to the policy's, and after the
+    policy's weights change a refresh makes it follow them (LoRA: base + adapter delta)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from alignment.generation import Int8Rollouts
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    if lora:
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    plain = policy.get_base_model() if lora else policy
+    sampler = Int8Rollouts(policy)
+    sampler.refresh()
+    layer = sampler.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(sampler.model.lm_head, Int8Linear)
+    assert not isinstance(layer.mlp.down_proj, Int8Linear)
+    assert sampler.model.model.embed_tokens.weight is plain.model.embed_tokens.weight
+    assert sampler.model.model.norm.weight is plain.model.norm.weight
+    ids = encode_prompts(tok, PROMPTS, 64)["input_ids"]
+    assert _logsoftmax_gap(policy, sampler.model, ids) < 0.1
+
+    # move the policy: full weights, or the adapters (lora_B starts at zero, so the delta is new)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if ("lora_B" in name) if lora else name.endswith("proj.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+    stale = _logsoftmax_gap(policy, sampler.model, ids)
+    sampler.refresh()
+    fresh = _logsoftmax_gap(policy, sampler.model, ids)
+    assert fresh < 0.25 and stale > 4 * fresh, (fresh, stale)
+
+
+def test_int8_copy_of_a_bf16_held_lora_base_runs_in_fp32(tiny_model):
+    """LoRA over a base whose Linear weights are held in bf16 (bf16 autocast runs): the int8 copy's
+    float layers are merged fp32 copies, so sampling runs without autocast and matches the policy."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignment.generation import Int8Rollouts
+    from alignment.models import bf16_frozen_linears
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    bf16_frozen_linears(policy)
+    policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    sampler = Int8Rollouts(policy)
+    sampler.refresh()
+    assert sampler.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    ro = rollout(sampler.model, tok, PROMPTS, SamplingConfig(max_new_tokens=6), 64, record_logprobs=True)
+    assert ro.completion.shape[0] == len(PROMPTS) and torch.isfinite(ro.sampler_logp).all()

@@ -15,10 +15,12 @@ from alignment.reinforce import (
     EMABaseline,
     MovingAverageBaseline,
     ReinforceConfig,
+    action_logprobs,
     compute_advantages,
     reinforce_loss,
     rloo_advantages,
     shape_rewards,
+    tis_weights,
     train_reinforce,
 )
 
@@ -57,6 +59,25 @@ def test_reinforce_loss_hand_value():
     assert loss.item() == pytest.approx(-(1.0 * -2 + -0.5 * -1 + 0.25 * -4) / 3)  # = 2.5 / 3
     loss.backward()
     assert logp.grad.tolist() == pytest.approx([-1 / 3, 0.5 / 3, -0.25 / 3])
+
+
+def test_truncated_importance_weights_hand_values():
+    """w_t = min(pi / mu, C) on completion tokens, 0 on padding, no gradient; the weighted log-prob
+    sum_t w_t log pi_t carries the weights into the REINFORCE gradient."""
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]])).requires_grad_(True)
+    mu = torch.log(torch.tensor([[0.1, 0.4, 0.9], [0.3, 0.1, 0.6]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    w = tis_weights(logp, mu, mask, cap=2.0)
+    # ratios 5 -> capped at 2, 0.5, 1 | 1, 3 -> 2, (0.5, padding) -> 0
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 1.0], [1.0, 2.0, 0.0]]))
+    assert not w.requires_grad
+    weighted = action_logprobs(logp, mask, w)
+    torch.testing.assert_close(weighted.detach(), torch.tensor([2 * math.log(0.5) + 0.5 * math.log(0.2) + math.log(0.9),
+                                                                math.log(0.3) + 2 * math.log(0.3)]))
+    plain = action_logprobs(logp, mask)
+    torch.testing.assert_close(plain.detach(), torch.tensor([math.log(0.5 * 0.2 * 0.9), 2 * math.log(0.3)]))
+    reinforce_loss(weighted, torch.tensor([1.0, -1.0])).backward()
+    torch.testing.assert_close(logp.grad, -w * torch.tensor([[1.0], [-1.0]]) / 2)
 
 
 def test_baselines_hand_values():
@@ -297,7 +318,7 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
     full = _config(tiny_stack, steps=2, eval_prompts=0, micro_batch_size=4)
     train_reinforce(full, tmp_path / "full")
 
-    real, pending = R.completion_logprobs, []
+    real, pending = R.token_logprobs, []
 
     def tracked(*args, **kwargs):
         lp, ent = real(*args, **kwargs)
@@ -307,7 +328,7 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
             lp.register_hook(lambda grad: pending.clear())
         return lp, ent
 
-    monkeypatch.setattr(R, "completion_logprobs", tracked)
+    monkeypatch.setattr(R, "token_logprobs", tracked)
     train_reinforce(full.model_copy(update={"micro_batch_size": 1}), tmp_path / "micro")
     a = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "micro" / "metrics.jsonl").read_text().splitlines()]
@@ -327,8 +348,8 @@ def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_st
 
     config = _config(tiny_stack, steps=2, eval_prompts=0, batch_size=2, samples_per_prompt=2, micro_batch_size=4)
     groups = []
-    real = R.completion_logprobs
-    monkeypatch.setattr(R, "completion_logprobs", lambda *a, **kw: groups.append(kw["group"]) or real(*a, **kw))
+    real = R.token_logprobs
+    monkeypatch.setattr(R, "token_logprobs", lambda *a, **kw: groups.append(kw["group"]) or real(*a, **kw))
     train_reinforce(config, tmp_path / "shared")
     assert groups and set(groups) == {2}
     monkeypatch.setattr(R.ReinforceRecipe, "prompt_group", property(lambda self: 1))
@@ -342,6 +363,31 @@ def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_st
     wa = load_file(tmp_path / "shared" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "full" / "final" / "model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_int8_rollouts_train_with_the_importance_correction_and_resume(tmp_path, tiny_stack, lora):
+    """int8_rollouts: an int8 copy samples (re-quantised before every rollout), the fp32 policy's gradient
+    carries the truncated importance weights (their statistics in the metrics), the weights move, and
+    an interrupted run resumes to the same steps."""
+    config = _config(tiny_stack, int8_rollouts=True, lora=lora, lora_r=4, lora_alpha=8, eval_prompts=2,
+                     learning_rate=5e-3 if lora else 1e-3)
+    train_reinforce(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        stats = r["int8"]
+        assert 0 < stats["is_weight"] <= config.tis_cap and 0 <= stats["capped"] <= 1
+        assert math.isfinite(stats["log_ratio"]) and stats["log_ratio"] != 0.0  # int8 != fp32: a real gap
+    before = load_file(tiny_stack[0] / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+    train_reinforce(config, tmp_path / "resumed", stop_after=3)
+    train_reinforce(config, tmp_path / "resumed")
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, resumed, strict=True):
+        assert a["sample"] == b["sample"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="int8_rollouts runs on the CPU only"):
+        _config(tiny_stack, int8_rollouts=True, device="cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
