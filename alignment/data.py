@@ -49,7 +49,7 @@ from alignment.footprint import records_footprint
 from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
-from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
+from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -852,6 +852,7 @@ def plan_data(config: DataConfig, runs_dir: str | Path = "runs", source: SourceD
     return StagePlan(key, out, out)
 
 
+@exclusive_stage
 @records_footprint
 def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                    runs_root: str | Path = "runs") -> StageResult:

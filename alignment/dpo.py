@@ -25,7 +25,7 @@ from alignment.footprint import records_footprint
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
-from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
+from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def preference_dataset(pairs: PairData):
     })
 
 
+@exclusive_stage
 @records_footprint
 def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                   runs_root: str | Path = "runs") -> StageResult:

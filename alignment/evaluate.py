@@ -45,7 +45,7 @@ from alignment.hardware import bf16_enabled, resolve_device
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
 from alignment.reward import RewardModelError, RewardScorer
-from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
+from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 from alignment.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,7 @@ def read_generations(folder: str | Path, name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+@exclusive_stage
 @records_footprint
 def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                     runs_root: str | Path = "runs") -> StageResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+
+
+class DiskFullError(OSError):
+    """The device filled up (or a quota ran out) while a stage wrote its output; nothing partial was kept."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -69,8 +78,14 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            kept = f"{final} was left as it was" if final.exists() else f"nothing of {final.name} was kept"
+            raise DiskFullError(exc.errno, f"no space left on the device while writing {final} ({exc.strerror}); "
+                                f"the partial copy was removed and {kept}. Free space (df -h {final.parent}) and "
+                                "run the same command again: finished stages and complete checkpoints are "
+                                "reused.") from exc
         raise
     if final.exists():
         old = final.parent / f".{final.name}.old-{token}"

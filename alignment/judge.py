@@ -42,7 +42,14 @@ from alignment.evaluate import GENERATIONS, read_generations
 from alignment.footprint import records_footprint
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
-from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
+from alignment.stage import (
+    StagePlan,
+    StageResult,
+    claim_output,
+    exclusive_stage,
+    reuse_or_guard,
+    stage_folder,
+)
 from alignment.stats import bootstrap_ci, wilson_interval
 from alignment.verdict import verdict
 
@@ -490,6 +497,7 @@ def read_judgments(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
     return done
 
 
+@exclusive_stage
 @records_footprint
 def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
                     progress: Callable[[int, int], None] | None = None) -> StageResult:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from alignment.checkpoints import checkpoint_folder, resume_point, seal_callback
 from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
@@ -47,7 +48,7 @@ from alignment.models import (
     load_sequence_classifier,
 )
 from alignment.parallel import launched_rank, launched_world_size
-from alignment.stage import StagePlan, StageResult, reuse_or_guard, stage_folder
+from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,9 @@ class RewardModelConfig(StageConfig):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     eval_batch_size: int | None = Field(None, ge=1, description="Scoring batch (default: 8 on CPU, 64 on GPU).")
     logging_steps: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint (weights, optimizer, scheduler, "
+                                  "RNG, data position) every N optimizer steps; re-running the same command "
+                                  "continues from the newest intact one. 0: none. Not part of the stage key.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -416,7 +420,7 @@ def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
 def reward_stage_key(config: RewardModelConfig, data_dir: str | Path) -> str:
     data_manifest = read_manifest(data_dir) or {}
     files = json.dumps(data_manifest.get("files", {}), sort_keys=True)
-    cfg = config.model_dump(mode="json", exclude={"data"})
+    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every"})
     return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=2")
 
 
@@ -446,6 +450,7 @@ def _scratch_directory():
         yield Path(tmp)
 
 
+@exclusive_stage
 @records_footprint
 def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
                      runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None
@@ -503,20 +508,26 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     # data parallel; only the first process saves, evaluates and writes the folder, the others train
     # in a scratch folder and return once training is done.
     world, rank = launched_world_size(), launched_rank()
+    # Checkpoints go to a folder of their own beside the output (it outlives a killed run); a re-run
+    # resumes from the newest intact one (alignment.checkpoints).
+    checkpoints = checkpoint_folder(out)
+    resume_from = resume_point(checkpoints, key, clean=rank == 0) if config.checkpoint_every else None
     writer = atomic_directory(out) if rank == 0 else _scratch_directory()
     with writer as tmp:
         args = RewardConfig(
-            output_dir=str(tmp / "_trainer"), num_train_epochs=config.epochs,
+            output_dir=str(checkpoints), num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
             learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,  # < 1: a ratio
             lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=bf16,
             gradient_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
             center_rewards_coefficient=config.center_rewards_coefficient if config.kind == "scalar" else None,
-            logging_steps=logging_steps, save_strategy="no", report_to=[], use_cpu=device.type == "cpu",
+            logging_steps=logging_steps, save_strategy="steps" if config.checkpoint_every else "no",
+            save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], use_cpu=device.type == "cpu",
             dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=[_progress_callback(progress)] if progress else None)
+                      peft_config=peft_config,
+                      callbacks=[seal_callback(), *([_progress_callback(progress)] if progress else [])])
         if config.kind == "scalar":
             trainer = RewardTrainer(**common)
         else:
@@ -525,7 +536,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
                                   pairwise_weight=config.pairwise_weight,
                                   data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
         start = time.perf_counter()
-        train_out = trainer.train()
+        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         if rank != 0:
@@ -538,7 +549,6 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         tag_reward_model(final.config, config.kind, tokenizer, config.max_length)
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
 
         # 6. Evaluate on the validation split with the same scorer later stages use.
         scorer = RewardScorer(final.eval(), tokenizer, kind=config.kind, batch_size=config.eval_batch_size,
@@ -561,6 +571,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             "data": str(data_dir), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))},
         })
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: its checkpoints are spent
     log.info("reward model (%s) saved to %s: validation accuracy %.3f", config.kind, out, metrics["accuracy"])
     return StageResult(out, metrics)
 

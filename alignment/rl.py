@@ -40,11 +40,26 @@ from alignment.evaluate import PolicyEval, evaluate_policy
 from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
-from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
+from alignment.io import (
+    MANIFEST,
+    atomic_directory,
+    files_intact,
+    read_manifest,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
 from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer
-from alignment.stage import StagePlan, StageResult, claim_output, reuse_or_guard, stage_folder
+from alignment.stage import (
+    StagePlan,
+    StageResult,
+    claim_output,
+    exclusive_stage,
+    reuse_or_guard,
+    stage_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +124,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint (written atomically, so complete means present)."""
+    """The newest intact checkpoint. Checkpoints are written atomically (a kill leaves none or a whole one);
+    one damaged since (a file truncated or changed: its SHA-256, recorded in ``state.json``, differs) is
+    removed with a warning and the one before it is used."""
     folder = out_dir / CKPT_DIR
     if not folder.is_dir():
         return None
     for partial in folder.glob(".step-*.tmp-*"):  # left by a kill during a checkpoint write
         shutil.rmtree(partial, ignore_errors=True)
     done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
-    return done[-1] if done else None
+    damaged, good = [], None
+    for ckpt in reversed(done):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            good = ckpt
+            break
+        damaged.append((ckpt, problem))
+    for ckpt, problem in damaged:
+        log.warning("checkpoint %s is unusable: %s; removing it and resuming from %s", ckpt, problem,
+                    good.name if good else "the start (no intact checkpoint is left)")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return good
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when its state parses and its files match their hashes)."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"unreadable state.json ({exc})"
+    if "files" in state and not files_intact(ckpt, state):  # (checkpoints from before hashes were kept: trusted)
+        return "a file is missing, truncated or changed since it was written"
+    return None
 
 
 def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str, Any], keep: int = 2,
@@ -133,7 +172,8 @@ def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str
         save_model(policy, str(tmp / "policy.safetensors"))  # handles tied embeddings
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-        write_json(tmp / "state.json", {"step": step, **state})  # last: marks the checkpoint complete
+        files = {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+        write_json(tmp / "state.json", {"step": step, **state, "files": files})  # last: marks it complete
     for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
         if old.name != target.name and old.name not in state.get("protected", []):
             shutil.rmtree(old, ignore_errors=True)
@@ -720,6 +760,7 @@ def plan_online(config: OnlineConfig, key: str, runs_dir: str | Path) -> StagePl
     return StagePlan(key, out, out / "final")
 
 
+@exclusive_stage
 @records_footprint
 def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: StagePlan, out_dir: str | Path | None,
                stop_after: int | None, progress: Callable[[int, int, dict[str, Any]], None] | None) -> StageResult:

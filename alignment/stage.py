@@ -9,13 +9,27 @@
   the stage refuses, naming the folder, unless told to overwrite. Resumable stages (REINFORCE, the
   judge) record their key in ``run.json`` when they start (:func:`claim_output`), so a re-run with the
   same key continues and one with another key is refused.
+* **One writer per folder**: a stage function decorated with :func:`exclusive_stage` holds an OS lock
+  on each folder it checks with :func:`reuse_or_guard` (``<folder>.lock``, beside it) until it returns,
+  so two runs (two ``align run``s, a served deployment and a CLI run) never write one folder at once.
+  The second stops with :class:`StageBusy` naming the holder, or waits ``ALIGN_LOCK_WAIT_S`` seconds
+  for it first (and then reuses what it finished). The kernel drops the lock when its holder dies,
+  even by SIGKILL, so a crashed run never leaves a stale lock behind.
 * Every stage returns a :class:`StageResult`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import datetime as dt
+import functools
 import json
+import os
+import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +85,82 @@ def _recorded_key(folder: Path) -> str | None:
     return None
 
 
+class StageBusy(RuntimeError):
+    """Another run is writing this stage folder."""
+
+
+LOCK_WAIT_ENV = "ALIGN_LOCK_WAIT_S"
+# The locks the running exclusive_stage function holds: (their exit stack, the folders locked).
+_held: contextvars.ContextVar[tuple[contextlib.ExitStack, set[Path]] | None] = contextvars.ContextVar(
+    "stage_locks", default=None)
+
+
+def exclusive_stage(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a stage function: every folder it passes to :func:`reuse_or_guard` stays locked until it returns."""
+
+    @functools.wraps(stage_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            token = _held.set((stack, set()))
+            try:
+                return stage_fn(*args, **kwargs)
+            finally:
+                _held.reset(token)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, wait_s: float | None = None):
+    """Hold ``<folder>.lock`` (an flock: released by the kernel when the holder exits, however it exits).
+
+    Raises :class:`StageBusy` naming the holder (process, host, since when, command) when another run
+    holds it after ``wait_s`` seconds (default ``ALIGN_LOCK_WAIT_S``, else 0). Under data parallelism
+    only the first process locks (the others follow it).
+    """
+    from filelock import FileLock, Timeout
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    holder = folder.parent / f".{folder.name}.holder.json"
+    wait = float(os.environ.get(LOCK_WAIT_ENV, "0")) if wait_s is None else wait_s
+    lock = FileLock(str(folder) + ".lock", thread_local=False)
+    try:
+        lock.acquire(timeout=wait)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text(encoding="utf-8"))
+            who = f"process {who['pid']} on {who['host']} since {who['since']}: {who['command']}"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise StageBusy(f"{folder} is being written by another run ({who}). Wait for it to finish (its output is "
+                        f"then reused), set {LOCK_WAIT_ENV}=<seconds> to wait for it, or use another runs folder"
+                        ) from None
+    try:
+        write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv[:4]))})
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            holder.unlink()
+        lock.release()
+
+
+def _lock_for_this_stage(folder: Path) -> None:
+    """Lock ``folder`` until the enclosing :func:`exclusive_stage` function returns (once per folder)."""
+    held = _held.get()
+    if held is None:
+        return
+    stack, locked = held
+    if folder.resolve() not in locked:
+        stack.enter_context(folder_lock(folder))
+        locked.add(folder.resolve())
+
+
 def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, overwrite: bool = False,
                    done: str | Path | None = None, resumable: bool = False) -> dict[str, Any] | None:
     """The manifest of a complete output for ``key`` (reuse it), else None after checking the folder is ours.
@@ -78,8 +168,11 @@ def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, over
     ``done``: the folder whose manifest marks completion (default ``folder``). Raises ``error`` when
     ``folder`` holds another config's output or unrecognised files, unless ``overwrite`` (the stage then
     replaces it atomically). ``resumable``: a folder started by a run with the same key is continued.
+    Inside an :func:`exclusive_stage` function the folder is locked first (:class:`StageBusy` when another
+    run writes it), so what is decided here stays true while the stage runs.
     """
     folder = Path(folder)
+    _lock_for_this_stage(folder)
     if not overwrite:
         manifest = complete_manifest(done if done is not None else folder, key)
         if manifest is not None:

@@ -522,19 +522,22 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.dpo import DPOError
     from alignment.evaluate import EvaluationError
     from alignment.hardware import DeviceError
+    from alignment.io import DiskFullError
     from alignment.judge import JudgeError
     from alignment.models import ModelSourceError
     from alignment.ppo import PPOError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
     from alignment.rl import ResumeError
+    from alignment.stage import StageBusy
 
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo, "compare": _cmd_compare,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError) as exc:
+            EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
+            DiskFullError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

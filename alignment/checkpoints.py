@@ -1,0 +1,120 @@
+"""Resumable checkpoints of the stages that train with a transformers ``Trainer`` (reward models, DPO).
+
+The Trainer writes ``checkpoint-N/`` folders (weights, optimizer, scheduler, RNG states, and
+``trainer_state.json`` with the data position) into a folder of its own beside the stage's output,
+``.<out>.checkpoints/``, which outlives a killed run; the stage's output folder itself is still written
+atomically at the end, and the checkpoints are removed once it is complete.
+
+A checkpoint counts only when it is sealed: after the Trainer has written it, :class:`SealCheckpoints`
+records every file's size and SHA-256 in ``sealed.json``. On a re-run :func:`resume_point` drops what
+cannot be trusted, with a warning each: checkpoints cut short by a kill or a full disk (unsealed),
+ones whose files changed or were truncated since (a hash differs), and the whole folder when it was
+written for another stage key (another config or other inputs). The newest intact checkpoint is where
+training continues; with none, training starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from alignment.io import files_intact, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+SEAL = "sealed.json"
+OWNER = "stage.json"
+
+
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where a stage writing ``out`` keeps its Trainer checkpoints: ``.<name>.checkpoints`` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def seal(checkpoint: str | Path) -> None:
+    """Record the size and SHA-256 of every file of a finished checkpoint (``sealed.json``, written last)."""
+    checkpoint = Path(checkpoint)
+    files = {str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != SEAL}
+    write_json(checkpoint / SEAL, {"files": files})
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it is intact)."""
+    try:
+        sealed = json.loads((Path(checkpoint) / SEAL).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "not sealed (cut short while it was being written)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable seal ({exc})"
+    if not files_intact(checkpoint, sealed):
+        return "a file is missing, truncated or changed since it was written"
+    return None
+
+
+def _step(folder: Path) -> int:
+    try:
+        return int(folder.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def resume_point(folder: str | Path, key: str, clean: bool = True) -> Path | None:
+    """The newest intact ``checkpoint-N`` in ``folder`` for stage ``key``, after removing what cannot be used.
+
+    Claims the folder for ``key`` (``stage.json``); checkpoints of another key are removed, as are
+    unsealed or damaged ones (each with a warning naming it and why), so that the Trainer neither
+    resumes from them nor counts them when it rotates old checkpoints. ``clean=False`` (the other
+    processes of a data-parallel run): the same answer, read only.
+    """
+    folder = Path(folder)
+    owner = folder / OWNER
+    if not clean:
+        try:
+            if json.loads(owner.read_text(encoding="utf-8")).get("stage_key") != key:
+                return None
+        except (OSError, ValueError):
+            return None
+        intact = [p for p in folder.glob("checkpoint-*") if p.is_dir() and checkpoint_problem(p) is None]
+        return max(intact, key=_step, default=None)
+    if folder.is_dir():
+        try:
+            recorded = json.loads(owner.read_text(encoding="utf-8")).get("stage_key")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != key:
+            log.warning("%s holds checkpoints of another run (stage key %s, this one %s): removing them",
+                        folder, (recorded or "unknown")[:12], key[:12])
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(owner, {"stage_key": key})
+    newest = None
+    for ckpt in sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            newest = newest or ckpt
+            continue
+        log.warning("checkpoint %s is unusable: %s; removing it%s", ckpt, problem,
+                    "" if newest else " and falling back to the one before")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if newest is not None:
+        log.info("resuming from %s", newest)
+    return newest
+
+
+def seal_callback():
+    """A transformers TrainerCallback that seals each checkpoint once the Trainer has written it."""
+    from transformers import TrainerCallback
+
+    class SealCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    seal(ckpt)
+            return control
+
+    return SealCheckpoints()
