@@ -1,4 +1,5 @@
-"""Resumable checkpoints of the stages that train with a transformers ``Trainer`` (reward models, DPO).
+"""Resumable checkpoints (and progress) of the stages that train with a transformers ``Trainer``
+(reward models, DPO).
 
 The Trainer writes ``checkpoint-N/`` folders (weights, optimizer, scheduler, RNG states, and
 ``trainer_state.json`` with the data position) into a folder of its own beside the stage's output,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from alignment.io import files_intact, sha256_file, write_json
@@ -118,3 +120,19 @@ def seal_callback():
             return control
 
     return SealCheckpoints()
+
+
+def progress_callback(report: Callable[[int, int], None]):
+    """A transformers TrainerCallback that reports (step, max_steps) after every optimizer step."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            report(state.global_step, state.max_steps)
+
+    return Progress()
+
+
+def trainer_callbacks(progress: Callable[[int, int], None] | None = None) -> list:
+    """What every Trainer-based stage passes: the checkpoint seal, and the progress report when asked."""
+    return [seal_callback(), *([progress_callback(progress)] if progress else [])]

@@ -14,11 +14,13 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks
 from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.footprint import records_footprint
@@ -50,6 +52,9 @@ class DPOStageConfig(StageConfig):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-6, gt=0.0)
     logging_steps: int = Field(5, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N optimizer steps; "
+                                  "re-running the same command continues from the newest intact one. 0: none. "
+                                  "Not part of the stage key.")
     seed: int = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
@@ -61,7 +66,7 @@ class DPOStageConfig(StageConfig):
 
 def dpo_stage_key(config: DPOStageConfig) -> str:
     data = (read_manifest(config.data) if config.data else None) or {}
-    cfg = config.model_dump(mode="json", exclude={"data"})
+    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every"})
     return sha256_text(json.dumps([cfg, data.get("stage_key"), "dpo-schema=1"], sort_keys=True))
 
 
@@ -86,8 +91,9 @@ def preference_dataset(pairs: PairData):
 @exclusive_stage
 @records_footprint
 def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, overwrite: bool = False,
-                  runs_root: str | Path = "runs") -> StageResult:
-    """Train with DPO on the data stage's train pairs; write a policy folder with metrics and manifest."""
+                  runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None) -> StageResult:
+    """Train with DPO on the data stage's train pairs; write a policy folder with metrics and manifest.
+    Checkpoints every ``checkpoint_every`` steps; a re-run resumes. ``progress(step, steps)`` after each step."""
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
@@ -110,24 +116,26 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
                                  target_modules="all-linear")
     bf16 = bf16_enabled(config.bf16, device)
+    checkpoints = checkpoint_folder(out)  # beside the output, outliving a kill (alignment.checkpoints)
+    resume_from = resume_point(checkpoints, plan.key) if config.checkpoint_every else None
     with atomic_directory(out) as tmp:
         args = DPOConfig(
-            output_dir=str(tmp / "_trainer"), beta=config.beta, loss_type=[config.loss_type],
+            output_dir=str(checkpoints), beta=config.beta, loss_type=[config.loss_type],
             max_length=config.max_length, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
-            logging_steps=config.logging_steps, save_strategy="no", report_to=[], seed=config.seed,
+            logging_steps=config.logging_steps, save_strategy="steps" if config.checkpoint_every else "no",
+            save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=preference_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config)
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress))
         start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         final = trainer.model.merge_and_unload() if config.lora else trainer.model
         final.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         metrics = {
             "pairs": len(pairs), "epochs": config.epochs, "steps": result.global_step, "seconds": round(seconds, 1),
             "pairs_per_second": round(len(pairs) * config.epochs / seconds, 3), "train_loss": result.training_loss,
@@ -142,6 +150,7 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
         write_json(tmp / MANIFEST, {
             "stage": "dpo", "stage_key": plan.key, "config": config.model_dump(mode="json"),
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: its checkpoints are spent
     log.info("dpo: %d pairs, loss %s -> %s in %.0f s; policy in %s", len(pairs), metrics["first_loss"],
              metrics["final_loss"], seconds, out)
     return StageResult(out, metrics)

@@ -94,6 +94,9 @@ class JudgeConfig(StageConfig):
     max_backoff_s: float = Field(60.0, ge=0.0)
     timeout_s: float = Field(60.0, gt=0.0, description="Per-call HTTP timeout.")
     budget_calls: int = Field(2000, ge=1, description="Most API calls (retries included) this run may make.")
+    api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the Gemini API key, "
+                                       "read by the flows when GEMINI_API_KEY / GOOGLE_API_KEY are not set. The "
+                                       "key itself is never a parameter (Prefect stores parameters).")
     local_model: str = Field(DEFAULT_MODEL, description="Local judge: hub id, folder or .gguf.")
     local_tie_margin: float = Field(0.05, ge=0.0, lt=0.5, description="Local judge: |P(A) - 0.5| below is a tie.")
     local_debias: bool = Field(True, description="Local judge: decide each pair on model A's preference averaged "
@@ -105,7 +108,8 @@ class JudgeConfig(StageConfig):
 
     # Operational settings: changing them must not invalidate judgments already paid for.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("concurrency", "max_retries", "initial_backoff_s", "max_backoff_s",
-                                    "timeout_s", "budget_calls", "local_batch_size", "scores", "max_pairs")
+                                    "timeout_s", "budget_calls", "local_batch_size", "scores", "max_pairs",
+                                    "api_key_secret")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,8 +504,10 @@ def read_judgments(path: Path) -> dict[tuple[int, str], dict[str, Any]]:
 @exclusive_stage
 @records_footprint
 def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
-                    progress: Callable[[int, int], None] | None = None) -> StageResult:
-    """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report."""
+                    progress: Callable[[int, int], None] | None = None, api_key: str | None = None) -> StageResult:
+    """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report.
+    ``api_key``: the Gemini key when it does not come from the environment (e.g. a Prefect Secret block
+    the flow read); it is used for the calls and never written or logged."""
     score_manifest = read_manifest(config.scores) if config.scores else None
     if score_manifest is None or score_manifest.get("stage") != "score":
         raise JudgeError(f"{config.scores} is not a finished `align score` output (no manifest.json)")
@@ -547,7 +553,7 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
     budget = Budget(config.budget_calls)
     failed: list[tuple[JudgeItem, JudgeError]] = []
     if todo:
-        judge = GeminiJudge(config) if config.backend == "gemini" else LocalJudge(config)
+        judge = GeminiJudge(config, api_key=api_key) if config.backend == "gemini" else LocalJudge(config)
         failed = judge.run(todo, on_done, budget)
 
     # 3. Combine both orders per pair; write CSV, summary and report (partial ones on failure).

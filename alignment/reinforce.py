@@ -190,6 +190,12 @@ class ReinforceRecipe(OnlineRecipe):
     stage = "reinforce"
     error = ReinforceError
 
+    def check_inputs(self, rm_kind: str) -> None:
+        super().check_inputs(rm_kind)
+        if self.config.variance_weighted_advantage and rm_kind != "distributional":
+            raise ReinforceError(f"variance_weighted_advantage=true needs a distributional reward model (it divides "
+                                 f"by Var[r]); reward_model={self.config.reward_model} is {rm_kind}")
+
     def setup_algorithm(self) -> None:
         cfg = self.config
         self.baseline: Any = EMABaseline(cfg.ema_decay) if cfg.baseline == "ema" else MovingAverageBaseline()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from alignment.checkpoints import checkpoint_folder, resume_point, seal_callback
+from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks
 from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
@@ -160,6 +160,15 @@ class RewardModelConfig(StageConfig):
     def _check(self) -> RewardModelConfig:
         if self.kind == "distributional" and self.loss == "both" and self.kl_weight + self.pairwise_weight <= 0:
             raise ValueError("loss='both' needs kl_weight + pairwise_weight > 0")
+        # A setting of the other kind would be silently ignored: say so instead (values, not "was it given":
+        # configs arrive as full dicts from Prefect forms and presets).
+        other = {"loss": "both", "kl_weight": 1.0, "pairwise_weight": 1.0} if self.kind == "scalar" else {
+            "margin": "none", "margin_scale": 1.0}
+        for name, default in other.items():
+            if getattr(self, name) != default:
+                wanted = "distributional" if self.kind == "scalar" else "scalar"
+                raise ValueError(f"{name}={getattr(self, name)!r} applies to kind='{wanted}' reward models only "
+                                 f"(this one is kind='{self.kind}')")
         return self
 
     @property
@@ -230,6 +239,22 @@ def tag_reward_model(model_config, kind: Kind, tokenizer, max_length: int) -> No
     model_config.alignment_max_length = max_length
 
 
+def reward_model_kind(path: str | Path) -> Kind:
+    """'scalar' or 'distributional' for a folder written by the reward-model stage (read from its config,
+    without loading weights); a clear RewardModelError for anything else."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise RewardModelError(f"{path} is not a saved reward model (no config.json)") from None
+    except (OSError, ValueError) as exc:
+        raise RewardModelError(f"{path}/config.json cannot be read: {exc}") from None
+    kind = config.get("alignment_reward_kind")
+    if kind not in ("scalar", "distributional"):
+        raise RewardModelError(f"{path} is not a reward model written by this project (no alignment_reward_kind)")
+    return kind
+
+
 class RewardScorer:
     """Batched, no-grad reward scoring: ``score(prompts, completions) -> RewardScores``.
 
@@ -267,12 +292,8 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise RewardModelError(f"{path} is not a saved reward model (no config.json)")
+        kind = reward_model_kind(path)
         config = json.loads((path / "config.json").read_text())
-        kind = config.get("alignment_reward_kind")
-        if kind not in ("scalar", "distributional"):
-            raise RewardModelError(f"{path} is not a reward model written by this project (no alignment_reward_kind)")
         if expect_kind is not None and kind != expect_kind:
             raise RewardModelError(f"{path} holds a {kind} reward model, but a {expect_kind} one was asked for")
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
@@ -433,17 +454,6 @@ def plan_reward_model(config: RewardModelConfig, runs_dir: str | Path = "runs") 
     return StagePlan(key, out, out)
 
 
-def _progress_callback(report: Callable[[int, int], None]):
-    """A transformers TrainerCallback that reports (step, max_steps) after every optimizer step."""
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            report(state.global_step, state.max_steps)
-
-    return Progress()
-
-
 @contextlib.contextmanager
 def _scratch_directory():
     with tempfile.TemporaryDirectory(prefix="rm-rank-") as tmp:
@@ -527,7 +537,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                       peft_config=peft_config,
-                      callbacks=[seal_callback(), *([_progress_callback(progress)] if progress else [])])
+                      callbacks=trainer_callbacks(progress))
         if config.kind == "scalar":
             trainer = RewardTrainer(**common)
         else:

@@ -51,7 +51,7 @@ from alignment.io import (
 )
 from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
 from alignment.parallel import DataParallel
-from alignment.reward import RewardScorer
+from alignment.reward import RewardScorer, reward_model_kind
 from alignment.stage import (
     StagePlan,
     StageResult,
@@ -458,6 +458,7 @@ class OnlineRecipe:
         self.dist = dist = DataParallel(resolve_device(cfg.device))
         if cfg.batch_size % dist.world:
             raise self.error(f"batch_size={cfg.batch_size} prompts do not split evenly over {dist.world} processes")
+        self.check_inputs(reward_model_kind(cfg.reward_model))  # before any model is loaded
         self.device, self.bf16 = dist.device, bf16_enabled(cfg.bf16, dist.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -687,6 +688,12 @@ class OnlineRecipe:
     # ---------------------------------------------------------------------------------------
     # Hooks an algorithm overrides
     # ---------------------------------------------------------------------------------------
+    def check_inputs(self, rm_kind: str) -> None:
+        """Refuse settings the inputs cannot serve, before any work (e.g. a loss that needs a
+        distributional reward model given a scalar one). ``rm_kind``: the reward model's kind."""
+        for folder in self.config.independent_reward_models.values():
+            reward_model_kind(folder)
+
     def build_trainable(self) -> torch.nn.Module:
         return self.policy
 

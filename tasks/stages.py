@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -243,12 +244,29 @@ def _retry_judge(task, task_run, state) -> bool:
     return False
 
 
+def _secret_api_key(config: JudgeConfig) -> str | None:
+    """The Gemini key from the Prefect Secret block ``config.api_key_secret`` when the environment has none
+    (the environment wins); None otherwise. The value stays in memory: never a parameter, a log or a file."""
+    from alignment.judge import API_KEY_VARS, JudgeError
+
+    if config.backend != "gemini" or not config.api_key_secret or any(os.environ.get(v) for v in API_KEY_VARS):
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(config.api_key_secret).get()
+    except ValueError as exc:  # no such block
+        raise JudgeError(f"api_key_secret={config.api_key_secret!r}: no Prefect Secret block of that name "
+                         f"({exc.__class__.__name__}); create it in the UI (Blocks -> Secret) or set "
+                         "GEMINI_API_KEY") from None
+
+
 @task(name="judge", cache_key_fn=stage_cache_key("judge", plan_judge), retries=1, retry_delay_seconds=30,
       retry_condition_fn=_retry_judge, **COMMON)
 def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
     plan = plan or plan_judge(config, runs_dir)
     progress = Progress("judge", f"{config.backend} judge: judgments")
-    result = run_judge_stage(config, plan.out, progress=progress)
+    result = run_judge_stage(config, plan.out, progress=progress, api_key=_secret_api_key(config))
     s = result.summary
     _publish("judge", (plan.out / "report.md").read_text().split("## Pairwise judge", 1)[-1].replace(
         "![judge](judge.png)", embed_png(plan.out / "judge.png", "judge")),

@@ -310,3 +310,52 @@ def test_local_judge_position_bias_cancels_when_debiased(eval_stack, tmp_path, m
     assert (summary["wins"], summary["ties"], summary["losses"]) == ((6, 0, 0) if debias else (0, 6, 0))
     finals = pd.read_csv(tmp_path / "j" / "judgments.csv")["final"].tolist()
     assert finals == (["win"] * 6 if debias else ["tie"] * 6)
+
+
+def test_the_key_from_a_prefect_secret_block_reaches_the_api_and_nothing_stored(eval_stack, prefect_harness,
+                                                                                 monkeypatch, tmp_path, caplog):
+    """The flow reads the key from a Prefect Secret block (no environment key); it reaches the API in the
+    request header and appears nowhere Prefect or the stage stores things: the flow run's parameters,
+    artifacts, logs, the judge folder, the captured log."""
+    from prefect import get_client
+    from prefect.blocks.system import Secret
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.pipeline import judge_flow
+
+    caplog.set_level(logging.DEBUG)
+    Secret(value=KEY).save("gemini-judge-key", overwrite=True)
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with FakeGemini() as fake:
+        fake.valid_key = KEY
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", fake.url)
+        config = _config(eval_stack["scores"], max_pairs=3, api_key_secret="gemini-judge-key")
+        state = judge_flow(config, str(tmp_path / "runs"), return_state=True)
+    assert state.is_completed(), state
+    assert len(fake.requests) == 6 and all(r["key"] == KEY for r in fake.requests)
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        ids = [run.id] + [r.id for r in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))]
+        stored = json.dumps(run.parameters, default=str)
+        artifacts = client.read_artifacts()
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+    assert "gemini-judge-key" in stored and KEY not in stored  # the block's name is a parameter, not the key
+    assert artifacts and all(KEY not in json.dumps(a.model_dump(mode="json"), default=str) for a in artifacts)
+    assert logs and all(KEY not in entry.message for entry in logs)
+    assert KEY not in caplog.text
+    for f in (tmp_path / "runs").rglob("*"):
+        if f.is_file():
+            assert KEY not in f.read_text(errors="ignore"), f
+
+
+def test_a_missing_secret_block_is_a_clear_error(eval_stack, prefect_harness, monkeypatch):
+    from tasks.stages import _secret_api_key
+
+    for var in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(JudgeError, match="api_key_secret='no-such-block': no Prefect Secret block"):
+        _secret_api_key(_config(eval_stack["scores"], api_key_secret="no-such-block"))
+    monkeypatch.setenv("GEMINI_API_KEY", "from-env")
+    assert _secret_api_key(_config(eval_stack["scores"], api_key_secret="no-such-block")) is None  # env wins

@@ -117,6 +117,24 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, rm_runs, caplog
     assert steps[0] == 1 and "checkpoints of another run" in caplog.text
 
 
+def test_dpo_resumes_after_an_interruption_with_the_uninterrupted_result(tmp_path, tiny_stack):
+    from alignment.dpo import DPOStageConfig, run_dpo_stage
+
+    policy, _, data = tiny_stack
+    config = DPOStageConfig(policy=str(policy), data=str(data), max_train_pairs=24, batch_size=4, epochs=1,
+                            learning_rate=5e-3, beta=0.5, max_length=96, logging_steps=1, bf16=False,
+                            checkpoint_every=2)
+    straight = run_dpo_stage(config, tmp_path / "straight")
+    with pytest.raises(Interrupt):
+        run_dpo_stage(config, tmp_path / "dpo", progress=_interrupt_at(5))
+    assert not (tmp_path / "dpo").exists()
+    steps: list[int] = []
+    resumed = run_dpo_stage(config, tmp_path / "dpo", progress=lambda done, total: steps.append(done))
+    assert steps[0] == 5
+    _same_model(resumed.out_dir, straight.out_dir)
+    assert resumed.summary["steps"] == straight.summary["steps"] == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # REINFORCE: a full disk while checkpointing, a corrupt latest checkpoint
 # ---------------------------------------------------------------------------------------------
@@ -222,3 +240,73 @@ def _cli_config(argv: list[str]) -> dict:
     with contextlib.redirect_stdout(buf):
         assert main([*argv, "--print-config"]) == 0
     return json.loads(buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configuration: one clear error naming the field, before any work, for every stage
+# ---------------------------------------------------------------------------------------------
+def _stage_argv(stage: str, stack, tmp_path: Path) -> list[str]:
+    policy, rm, data = stack
+    common = {"data": ["data", "--out", str(tmp_path / "out")],
+              "rm": ["rm", "--data", str(data), "--model", str(policy), "--out", str(tmp_path / "out")],
+              "reinforce": ["reinforce", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out",
+                            str(tmp_path / "out")],
+              "ppo": ["ppo", "--rm", str(rm), "--data", str(data), "--policy", str(policy), "--out",
+                      str(tmp_path / "out")],
+              "dpo": ["dpo", "--data", str(data), "--policy", str(policy), "--out", str(tmp_path / "out")],
+              "score": ["score", "--data", str(data), "--model", f"base={policy}", "--rm", f"proxy={rm}", "--out",
+                        str(tmp_path / "out")],
+              "judge": ["judge", "--scores", str(tmp_path), "--out", str(tmp_path / "out")]}
+    return common[stage]
+
+
+BAD = [
+    ("data", "rating_max=-3", "rating_max"),
+    ("data", "colum_map={}", "colum_map"),  # an unknown key (a typo)
+    ("rm", "learning_rate=-1e-5", "learning_rate"),
+    ("rm", "loss=kl", "loss='kl' applies to kind='distributional'"),
+    ("rm", "batch_size=0", "batch_size"),
+    ("reinforce", "learning_rate=-1", "learning_rate"),
+    ("reinforce", "max_new_tokens=0", "max_new_tokens"),
+    ("reinforce", "baseline=rloo", "samples_per_prompt"),
+    ("reinforce", "variance_weighted_advantage=true", "needs a distributional reward model"),
+    ("reinforce", "int8_rollouts=true device=cuda", "int8_rollouts"),
+    ("ppo", "clip_range=0", "clip_range"),
+    ("ppo", "estimator=reinforce++-group", "samples_per_prompt"),
+    ("dpo", "beta=-0.1", "beta"),
+    ("score", "n_prompts=0", "n_prompts"),
+    ("judge", "max_pairs=0", "max_pairs"),
+    ("judge", "backend=openai", "backend"),
+]
+
+
+@pytest.mark.parametrize(("stage", "override", "names"), BAD, ids=[f"{s}:{o}" for s, o, _ in BAD])
+def test_bad_configuration_is_one_clear_error_before_any_work(stage, override, names, tmp_path, tiny_stack, capsys):
+    from cli.main import main
+
+    code = main(["-q", *_stage_argv(stage, tiny_stack, tmp_path), *override.split()])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert names in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) <= 3, err  # one message, not a dump
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_loads(tmp_path, tiny_stack,
+                                                                                    monkeypatch):
+    import alignment.rl as rl
+    from alignment.reinforce import ReinforceError
+
+    class ThreeProcesses(rl.DataParallel):
+        def __init__(self, device):
+            super().__init__(device)
+            self.world = 3
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(rl, "DataParallel", ThreeProcesses)
+    monkeypatch.setattr(rl, "load_causal_lm", no_model)
+    with pytest.raises(ReinforceError, match="batch_size=4 prompts do not split evenly over 3 processes"):
+        train_reinforce(_rl_config(tiny_stack, batch_size=4), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
