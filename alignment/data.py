@@ -511,6 +511,90 @@ def read_source(config: DataConfig) -> SourceData:
 
 
 # --------------------------------------------------------------------------------------------
+# Summaries (supervised fine-tuning data): a post and its reference summary
+# --------------------------------------------------------------------------------------------
+# Column names of the summary sources this project reads: the shared TL;DR file (id, prompt, reference,
+# policy_summary) and the hub's CarperAI/openai_summarize_tldr (prompt, label).
+SUMMARY_COLUMNS = {"prompt": ("prompt", "post"), "reference": ("reference", "label", "summary"),
+                   "policy_summary": ("policy_summary",), "id": ("id",)}
+
+
+@dataclass
+class SummaryData:
+    """Posts with their reference summaries (and, where the source has one, another model's summary).
+
+    ``prompts``: the text the model continues, e.g. "SUBREDDIT: ...\n\nTITLE: ...\n\nPOST: ...\n\nTL;DR:";
+    ``references``: the human summaries; ``policy_summaries``: e.g. the 1.3B PPO model's, or None.
+    """
+
+    source: str
+    sha256: str
+    ids: list[str]
+    prompts: list[str]
+    references: list[str]
+    policy_summaries: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: Sequence[int]) -> SummaryData:
+        pick = list(index)
+        return SummaryData(self.source, self.sha256, [self.ids[i] for i in pick], [self.prompts[i] for i in pick],
+                           [self.references[i] for i in pick], [self.policy_summaries[i] for i in pick])
+
+    def split(self, n_eval: int, seed: int) -> tuple[SummaryData, SummaryData]:
+        """(train, held-out): ``n_eval`` posts drawn with ``seed``, the rest for training; a post (id) is
+        never on both sides."""
+        unique = sorted(set(self.ids))
+        if n_eval >= len(unique):
+            raise DataError(f"{self.source}: {len(unique)} posts, not enough to hold out {n_eval} and train on the rest")
+        held = set(np.random.default_rng(seed).permutation(unique)[:n_eval].tolist())
+        train = [i for i, x in enumerate(self.ids) if x not in held]
+        evaluate = [i for i, x in enumerate(self.ids) if x in held]
+        return self.subset(train), self.subset(evaluate)
+
+
+def read_summaries(source: str, split: str | None = None, on_bad_rows: Literal["error", "skip"] = "error"
+                   ) -> SummaryData:
+    """Read a summary source (a .jsonl/.json/.parquet/.csv file or a hub dataset id) into SummaryData.
+
+    Columns: the post in ``prompt`` (or ``post``), the reference in ``reference`` (or ``label``,
+    ``summary``), optionally ``policy_summary`` and ``id`` (default: the row number). Rows without a
+    post or reference are errors naming the row and field (``on_bad_rows='skip'`` drops them, counted
+    in the log); a source without the columns is one error listing the columns it has.
+    """
+    data = read_source(DataConfig(source=source, split=split))
+    columns = _columns(data.records)
+    found = {name: next((c for c in options if c in columns), None) for name, options in SUMMARY_COLUMNS.items()}
+    for name in ("prompt", "reference"):
+        if found[name] is None:
+            raise DataError(f"{data.name}: no {name} column (looked for {', '.join(SUMMARY_COLUMNS[name])}); "
+                            f"it has: {', '.join(sorted(columns)) or 'none'}")
+    issues = list(data.unreadable)
+    ids, prompts, references, others = [], [], [], []
+    for rec, row in zip(data.records, data.rows, strict=True):
+        try:
+            prompt = _text(rec.get(found["prompt"]), found["prompt"])
+            reference = _text(rec.get(found["reference"]), found["reference"])
+            other = rec.get(found["policy_summary"]) if found["policy_summary"] else None
+            other = None if _is_missing(other) else _text(other, found["policy_summary"])
+        except _Bad as bad:
+            issues.append(RowIssue(data.name, row, bad.field, bad.message))
+            continue
+        ids.append(str(rec.get(found["id"], row) if found["id"] else row))
+        prompts.append(prompt)
+        references.append(reference.strip())
+        others.append(other.strip() if other is not None else None)
+    if issues and on_bad_rows == "error":
+        raise BadRowsError(issues)
+    if issues:
+        log.warning("%s: skipped %d bad row(s), e.g. %s", data.name, len(issues), issues[0])
+    if not ids:
+        raise DataError(f"{data.name}: no usable rows")
+    return SummaryData(data.name, data.sha256, ids, prompts, references, others)
+
+
+# --------------------------------------------------------------------------------------------
 # Columns and format
 # --------------------------------------------------------------------------------------------
 def _apply_column_map(source: SourceData, column_map: dict[str, str]) -> None:

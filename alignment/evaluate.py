@@ -58,6 +58,35 @@ class EvaluationError(ValueError):
     """The scoring stage cannot run as configured (the message says why)."""
 
 
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-example ROUGE-1/2/L F-measures (Google's ``rouge-score`` package, Porter stemming), one (N,)
+    array per type, predictions against references (the same order)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    rows = [scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)]
+    return {t: np.array([r[t].fmeasure for r in rows]) for t in ROUGE_TYPES}
+
+
+def rouge_summary(scores: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Mean F-measure of each ROUGE type with its 95% bootstrap interval over examples."""
+    return {t: {"mean": float(v.mean()), "ci95": list(bootstrap_ci(v, seed=seed)), "n": int(v.size)}
+            for t, v in scores.items()}
+
+
+def paired_rouge_gain(after: dict[str, np.ndarray], before: dict[str, np.ndarray], seed: int = 0
+                      ) -> dict[str, dict[str, Any]]:
+    """Mean per-example difference after - before of each ROUGE type, with its bootstrap interval
+    (paired: the same posts and references on both sides)."""
+    return {t: {"mean": float((after[t] - before[t]).mean()), "ci95": list(bootstrap_ci(after[t] - before[t], seed=seed))}
+            for t in after}
+
+
 class ScoreConfig(StageConfig):
     """Answer fixed validation prompts with each model and score the answers with each reward model."""
 

@@ -57,6 +57,19 @@ def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]], max_length: 
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Plain-text prompts (no chat template, e.g. "... TL;DR:"), cut from the left to ``max_length``
+    tokens, left-padded: (B, P) tensors, as :func:`encode_prompts` gives for chat prompts."""
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions 0, 1, ... counted over real tokens only, as generate() uses them with left padding."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)

@@ -1,6 +1,7 @@
 """The whole pipeline's configuration and where each stage writes (no Prefect here).
 
-data -> reward model(s) -> REINFORCE -> scoring -> judge. Every stage follows the contract of
+data -> [SFT] -> reward model(s) -> REINFORCE -> scoring -> judge (SFT when ``options.sft``: the RL
+policy then starts from its output, which is also the "base" the tuned policy is scored against). Every stage follows the contract of
 :mod:`alignment.stage`: a deterministic folder under ``runs_dir`` named after its stage key, completion
 marked by a ``manifest.json`` written last. Each stage's own ``plan_*`` function (collected in
 :data:`PLANNERS`) computes (key, folder) before it runs -- the same function the stage itself uses for
@@ -25,6 +26,7 @@ from alignment.judge import JudgeConfig, plan_judge
 from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig, plan_reinforce
 from alignment.reward import RewardModelConfig, plan_reward_model
+from alignment.sft import SFTConfig, plan_sft
 from alignment.stage import StagePlan, is_complete
 from alignment.verdict import verdict
 
@@ -35,6 +37,8 @@ class PipelineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runs_dir: str = Field("runs", description="Root folder of every stage's output (and of Prefect's results).")
+    sft: bool = Field(False, description="Supervised fine-tuning first (on the sft section's summaries); REINFORCE "
+                      "starts from its output, and scoring compares the tuned policy with it.")
     train_scalar: bool = Field(True, description="Train the scalar (Bradley-Terry) reward model.")
     train_distributional: bool = Field(True, description="Train the distributional (10-bin) reward model.")
     reinforce_reward: Literal["scalar", "distributional"] = Field(
@@ -52,6 +56,7 @@ class PipelineConfig(StageConfig):
 
     section: str = "pipeline"
     data: DataConfig = Field(default_factory=DataConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     rm_scalar: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="scalar"))
     rm_distributional: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="distributional"))
     reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)
@@ -66,15 +71,15 @@ class PipelineConfig(StageConfig):
 
     def flow_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
-                ("data", "rm_scalar", "rm_distributional", "reinforce", "score", "judge", "options")}
+                ("data", "sft", "rm_scalar", "rm_distributional", "reinforce", "score", "judge", "options")}
 
 
 # --------------------------------------------------------------------------------------------
 # Where each stage writes, decided before it runs: each stage's own plan_* function
 # --------------------------------------------------------------------------------------------
 PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
-    "data": plan_data, "reward-model": plan_reward_model, "reinforce": plan_reinforce, "score": plan_score,
-    "judge": plan_judge}
+    "data": plan_data, "sft": plan_sft, "reward-model": plan_reward_model, "reinforce": plan_reinforce,
+    "score": plan_score, "judge": plan_judge}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,18 +90,21 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
     output folder of the stages before it): what the flow hands each task, whatever the form said."""
     rms = {kind: outputs[f"rm_{kind}"] for kind in ("scalar", "distributional") if f"rm_{kind}" in outputs}
     proxy = config.options.reinforce_reward
+    start = outputs.get("sft", config.reinforce.policy)  # the policy RL starts from: the SFT output, if any
     if name == "data":
         return config.data
+    if name == "sft":
+        return config.sft
     if name in ("rm_scalar", "rm_distributional"):
         kind = name.removeprefix("rm_")
         return getattr(config, name).model_copy(update={"kind": kind, "data": outputs["data"]})
     if name == "reinforce":  # against the proxy; the other reward models watch as independent judges
         return config.reinforce.model_copy(update={
-            "reward_model": rms[proxy], "data": outputs["data"],
+            "policy": start, "reward_model": rms[proxy], "data": outputs["data"],
             "independent_reward_models": {k: v for k, v in rms.items() if k != proxy}})
     if name == "score":  # both models on the same validation prompts, scored by every reward model
         return config.score.model_copy(update={
-            "data": outputs["data"], "models": {"base": config.reinforce.policy, "tuned": outputs["reinforce"]},
+            "data": outputs["data"], "models": {"base": start, "tuned": outputs["reinforce"]},
             "reward_models": rms, "proxy_reward_model": proxy})
     if name == "judge":
         return config.judge.model_copy(update={"scores": outputs["score"], "model_a": "tuned", "model_b": "base"})
@@ -105,13 +113,13 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
 
 def pipeline_stages(options: PipelineOptions) -> list[str]:
     """The stages this pipeline runs, in order."""
-    return ["data", *(["rm_scalar"] if options.train_scalar else []),
+    return ["data", *(["sft"] if options.sft else []), *(["rm_scalar"] if options.train_scalar else []),
             *(["rm_distributional"] if options.train_distributional else []), "reinforce", "score",
             *(["judge"] if options.judge else [])]
 
 
 STAGE_PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
-    "data": plan_data, "rm_scalar": plan_reward_model, "rm_distributional": plan_reward_model,
+    "data": plan_data, "sft": plan_sft, "rm_scalar": plan_reward_model, "rm_distributional": plan_reward_model,
     "reinforce": plan_reinforce, "score": plan_score, "judge": plan_judge}
 
 

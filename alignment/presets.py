@@ -35,6 +35,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "score": {"n_prompts": 16, "max_new_tokens": 64},
         "judge": {"backend": "local", "max_pairs": 16},
     },
+    # The TL;DR pipeline of the seed documents on the shared files (../shared/data/tldr-rlaif, read from the
+    # repository root): SFT on reference summaries (chat form, so RL's chat rollouts match it) -> a scalar
+    # RM on the 800 AI-judged summary pairs -> REINFORCE from the SFT policy -> scoring -> judge. Sized for
+    # a 2-core CPU: subsets, short summaries, prompts cut to 384 tokens.
+    "tldr": {
+        "data": {"source": "../shared/data/tldr-rlaif/pairs.jsonl"},
+        "sft": {"source": "../shared/data/tldr-rlaif/summaries.jsonl", "prompt_format": "chat",
+                "max_train_posts": 256, "eval_posts": 48, "max_prompt_length": 384, "max_completion_length": 48,
+                "max_new_tokens": 48, "epochs": 1.0, "batch_size": 8, "learning_rate": 5e-5, "checkpoint_every": 8},
+        "rm_scalar": {"kind": "scalar", "max_length": 448, "max_train_pairs": 128, "max_eval_pairs": 64,
+                      "epochs": 1.0, "batch_size": 8, "learning_rate": 3e-5, "gradient_checkpointing": True,
+                      "freeze_embeddings": True, "checkpoint_every": 8},
+        "reinforce": {"steps": 8, "batch_size": 4, "max_new_tokens": 48, "max_prompt_length": 384, "lora": True,
+                      "learning_rate": 2e-4, "checkpoint_every": 4, "eval_prompts": 8, "eval_every": 4},
+        "score": {"n_prompts": 16, "max_new_tokens": 48, "max_prompt_length": 384},
+        "judge": {"backend": "local", "max_pairs": 16},
+        "options": {"sft": True, "train_distributional": False},
+    },
     # HelpSteer2 from the hub at full size: needs a GPU and a Gemini key.
     "helpsteer2": {
         "data": {"source": "esfrankel17/HelpSteer2_binarized", "split": "average_rating_split"},
@@ -52,7 +70,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-SECTIONS = ("data", "rm_scalar", "rm_distributional", "reinforce", "ppo", "dpo", "score", "judge")
+SECTIONS = ("data", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "dpo", "score", "judge", "options")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

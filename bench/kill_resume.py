@@ -55,7 +55,7 @@ def reinforce_cmd(args, policy: str, rm: str, data: str, out: Path) -> list[str]
 
 def rm_cmd(args, policy: str, data: str, out: Path) -> list[str]:
     return [ALIGN, "-q", "rm", "--model", policy, "--data", data, "--out", str(out), "max_length=128",
-            f"epochs={max(1, args.steps // 8)}", "batch_size=4", "learning_rate=1e-3", "checkpoint_every=2",
+            f"epochs={max(1, args.steps // 8)}", "batch_size=4", "learning_rate=1e-3", "checkpoint_every=10",
             "max_eval_pairs=16", "bf16=false", "logging_steps=1"]
 
 

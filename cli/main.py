@@ -156,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
     _add_common(dpo, sorted(PRESETS))
 
+    sft = sub.add_parser(
+        "sft", help="supervised fine-tuning on reference summaries (TL;DR), with ROUGE before and after",
+        description="Fine-tune the policy on posts and their reference summaries with TRL's SFTTrainer (loss on the "
+        "summary only), plain 'TL;DR:' prompts or the chat template; evaluates greedy summaries of held-out posts "
+        "with ROUGE-1/2/L before and after (with intervals) and writes a policy folder later stages can start from.",
+        epilog="examples:\n  align sft --source ../shared/data/tldr-rlaif/summaries.jsonl max_train_posts=256\n"
+        "  align sft --source CarperAI/openai_summarize_tldr prompt_format=chat lora=true",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sft.add_argument("--source", help="summaries file or hub dataset (default CarperAI/openai_summarize_tldr)")
+    sft.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
+    sft.add_argument("--out", metavar="DIR", help="policy folder (default: runs/sft/<format>-<hash>)")
+    sft.add_argument("--overwrite", action="store_true", help="retrain even if --out is up to date")
+    _add_common(sft, sorted(PRESETS))
+
     compare = sub.add_parser(
         "compare", help="run several algorithms on equal budgets and compare them in one table",
         description="From one data stage and one reward model (the proxy), train each algorithm (reinforce, rloo, "
@@ -382,6 +397,31 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from alignment.sft import SFTConfig, run_sft_stage
+
+    config = _stage_config(args, SFTConfig, "sft", {"source": args.source, "policy": args.policy})
+    if config is None:
+        return 0
+    result = run_sft_stage(config, args.out, overwrite=args.overwrite,
+                           runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
+    m = result.summary
+    t = m["train"]
+    print(f"policy {'reused' if result.reused else 'trained'}: {result.out_dir}")
+    print(f"  {m['posts']['train']} posts x {t['epochs']} epochs in {t['seconds']} s; loss {t['first_loss']} -> "
+          f"{t['final_loss']}")
+    print(f"  ROUGE on {m['posts']['held_out']} held-out posts (F, 95% CI):")
+    rows = [("before", m["rouge_before"]), ("after", m["rouge_after"])]
+    if m.get("rouge_source_summaries"):
+        rows.append(("source summaries", m["rouge_source_summaries"]))
+    for name, r in rows:
+        print(f"    {name:18s}" + "  ".join(f"{k} {v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]"
+                                          for k, v in r.items()))
+    print("    gain (paired)     " + "  ".join(f"{k} {v['mean']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
+                                            for k, v in m["rouge_gain"].items()))
+    return 0
+
+
 def _named(items: list[str] | None, what: str, default_name=None) -> dict[str, str] | None:
     """``["a=x", "y"]`` -> ``{"a": "x", default_name("y"): "y"}``; None when no item was given."""
     if not items:
@@ -529,15 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
     from alignment.rl import ResumeError
+    from alignment.sft import SFTError
     from alignment.stage import StageBusy
 
-    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo, "compare": _cmd_compare,
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo, "sft": _cmd_sft,
+                "compare": _cmd_compare,
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError) as exc:
+            DiskFullError, SFTError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from alignment.pipeline import (
 )
 from alignment.reinforce import ReinforceConfig
 from alignment.reward import RewardModelConfig
+from alignment.sft import SFTConfig
 from alignment.verdict import verdict_markdown
 from tasks.stages import (
     data_task,
@@ -35,6 +36,7 @@ from tasks.stages import (
     reinforce_task,
     reward_model_task,
     score_task,
+    sft_task,
     summary_markdown,
 )
 
@@ -56,6 +58,7 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
 @flow(name="alignment-pipeline")
 def alignment_pipeline(
     data: DataConfig = DEMO.data,
+    sft: SFTConfig = DEMO.sft,
     rm_scalar: RewardModelConfig = DEMO.rm_scalar,
     rm_distributional: RewardModelConfig = DEMO.rm_distributional,
     reinforce: ReinforceConfig = DEMO.reinforce,
@@ -63,18 +66,18 @@ def alignment_pipeline(
     judge: JudgeConfig = DEMO.judge,
     options: PipelineOptions = DEMO.options,
 ) -> dict[str, Any]:
-    """Data -> reward model(s) -> REINFORCE -> validation scoring -> pairwise judge, each stage cached."""
+    """Data -> [SFT] -> reward model(s) -> REINFORCE -> validation scoring -> pairwise judge, each stage cached."""
     if options.reinforce_reward == "scalar" and not options.train_scalar or (
             options.reinforce_reward == "distributional" and not options.train_distributional):
         raise ValueError(f"options.reinforce_reward={options.reinforce_reward!r} but that reward model is not "
                          f"trained (options.train_{options.reinforce_reward}=false)")
     Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
-    config = PipelineConfig(data=data, rm_scalar=rm_scalar, rm_distributional=rm_distributional, reinforce=reinforce,
+    config = PipelineConfig(data=data, sft=sft, rm_scalar=rm_scalar, rm_distributional=rm_distributional, reinforce=reinforce,
                             score=score, judge=judge, options=options)
     stages: dict[str, dict[str, str]] = {}
     outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
     parallel = {"task_kwargs": {"num_processes": options.num_processes}}
-    tasks = {"data": (data_task, {}), "rm_scalar": (reward_model_task, parallel),
+    tasks = {"data": (data_task, {}), "sft": (sft_task, {}), "rm_scalar": (reward_model_task, parallel),
              "rm_distributional": (reward_model_task, parallel), "reinforce": (reinforce_task, parallel),
              "score": (score_task, {}),
              "judge": (judge_task, {"retries": options.judge_retries,
@@ -106,6 +109,11 @@ def _single(task, config, runs_dir: str, name: str) -> str:
 @flow(name="stage-data")
 def data_flow(config: DataConfig = DEMO.data, runs_dir: str = "runs") -> str:
     return _single(data_task, config, runs_dir, "data")
+
+
+@flow(name="stage-sft")
+def sft_flow(config: SFTConfig = DEMO.sft, runs_dir: str = "runs") -> str:
+    return _single(sft_task, config, runs_dir, "sft")
 
 
 @flow(name="stage-reward-model")

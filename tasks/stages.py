@@ -34,6 +34,7 @@ from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, 
 from alignment.pipeline import PLANNERS
 from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
 from alignment.reward import RewardModelConfig, plan_reward_model, run_reward_stage
+from alignment.sft import SFTConfig, plan_sft, run_sft_stage
 from alignment.stage import StagePlan, is_complete
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,22 @@ def data_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) 
              f"validation |\n|---|---|---|---|---|---|---|\n| {m['n_rows_read']} | {m['n_rows_rejected']} | "
              f"{m['n_prompts']} | {m['n_pairs']} | {m['n_ties_dropped']} | {m['n_train']} | {m['n_validation']} |\n\n"
              f"Folder: `{result.out_dir}`", "preference pairs")
+    return str(result.out_dir)
+
+
+@task(name="sft", cache_key_fn=stage_cache_key("sft", plan_sft), **COMMON)
+def sft_task(config: SFTConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    plan = plan or plan_sft(config, runs_dir)
+    progress = Progress("sft", "supervised fine-tuning: training steps")
+    result = run_sft_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
+    m = result.summary
+    rows = "\n".join(f"| {name} | " + " | ".join(f"{m[name][t]['mean']:.4f} [{m[name][t]['ci95'][0]:.4f}, "
+                                                 f"{m[name][t]['ci95'][1]:.4f}]" for t in ("rouge1", "rouge2", "rougeL"))
+                     + " |" for name in ("rouge_before", "rouge_after", "rouge_source_summaries") if m.get(name))
+    after = m["rouge_after"]["rougeL"]["mean"]
+    _publish("sft", f"# Supervised fine-tuning ({m['prompt_format']} prompts)\n\nFolder: `{result.out_dir}`\n\n"
+             f"{m['posts']['train']} training posts, {m['posts']['held_out']} held out.\n\n| | ROUGE-1 | ROUGE-2 | "
+             f"ROUGE-L |\n|---|---|---|---|\n{rows}\n", f"SFT: ROUGE-L {after:.4f} on held-out posts")
     return str(result.out_dir)
 
 

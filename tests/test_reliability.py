@@ -105,6 +105,30 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, rm
     _same_model(resumed.out_dir, straight.out_dir)
 
 
+def test_a_full_disk_during_a_reward_model_checkpoint_keeps_the_previous_one(tmp_path, rm_runs, monkeypatch,
+                                                                             caplog):
+    config, straight = rm_runs
+    out = tmp_path / "rm"
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):  # the disk fills up while checkpoint-4's optimizer state is written
+        if "checkpoint-4" in str(path):
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(DiskFullError, match=f"no space left on the device while writing {out}"):
+        run_reward_stage(config, out)
+    assert not out.exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    caplog.set_level(logging.WARNING)
+    steps: list[int] = []
+    resumed = run_reward_stage(config, out, progress=lambda done, total: steps.append(done))
+    assert "checkpoint-4 is unusable: not sealed" in caplog.text and steps[0] == 3
+    _same_model(resumed.out_dir, straight.out_dir)
+
+
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path, rm_runs, caplog):
     config, _ = rm_runs
     out = tmp_path / "rm"
