@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
-from alignment.data import Message, PairData, PromptItem
+from alignment.data import Message, PairData, PromptItem, read_summaries
 from alignment.footprint import records_footprint
 from alignment.generation import (
     Rollout,
@@ -113,6 +113,10 @@ class ScoreConfig(StageConfig):
     proxy_reward_model: str | None = Field(None, description="Name (in reward_models) of the reward model the "
                                            "tuned policy was trained against; every other one is independent "
                                            "(filled in by the pipeline).")
+    rouge_references: str | None = Field(None, description="A summaries source (as for `align sft`, e.g. "
+                                         "../shared/data/tldr-rlaif/summaries.jsonl): every scored prompt that is "
+                                         "one of its posts gets ROUGE-1/2/L of each model's answer against that "
+                                         "post's reference summary.")
     bf16: bool | None = None
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
 
@@ -191,10 +195,11 @@ def model_fingerprint(spec: str) -> str:
 
 def score_stage_key(config: ScoreConfig) -> str:
     data = (read_manifest(config.data) if config.data else None) or {}
-    cfg = config.model_dump(mode="json", exclude={"models", "reward_models", "data"})
+    cfg = config.model_dump(mode="json", exclude={"models", "reward_models", "data", "rouge_references"})
     models = {k: model_fingerprint(v) for k, v in config.models.items()}
     rms = {k: model_fingerprint(v) for k, v in config.reward_models.items()}
-    return sha256_text(json.dumps([cfg, models, rms, data.get("stage_key"), f"score-schema={SCHEMA_VERSION}"],
+    refs = read_summaries(config.rouge_references).sha256 if config.rouge_references else None
+    return sha256_text(json.dumps([cfg, models, rms, data.get("stage_key"), refs, f"score-schema={SCHEMA_VERSION}"],
                                   sort_keys=True))
 
 
@@ -379,8 +384,9 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             rewards[name][rm_name] = (s.mean.tolist(), s.var.tolist())
         del scorer
 
-    # 4. Summaries: per model, per reward model and gold; paired differences against the reference.
+    # 4. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
     gold = {name: gold_results(items, gens[name].texts) for name in names}
+    rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
                                "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
                                "independent": [rm for rm in config.reward_models if rm != config.proxy_reward_model],
@@ -406,6 +412,10 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 r["paired_diff_ci95"] = bootstrap_ci(diff, config.bootstrap, config.seed)
                 r["win_rate_vs_reference"] = float((diff > 0).mean())
             r["role"] = "proxy" if rm_name == config.proxy_reward_model else "independent"
+        if rouge is not None:
+            entry["rouge"] = rouge_summary(rouge[name], config.seed)
+            if name != reference:
+                entry["rouge_gain"] = paired_rouge_gain(rouge[name], rouge[reference], config.seed)
         summary["models"][name] = entry
 
     # 5. Write everything atomically (manifest last).
@@ -441,6 +451,24 @@ def _fmt_ci(ci: Sequence[float]) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def rouge_against_references(config: ScoreConfig, prompts: Sequence[Sequence[Message]],
+                             answers: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]] | None:
+    """Per model, per-example ROUGE of the answers to the prompts that are posts of
+    ``config.rouge_references`` (matched on the last user message's text) against their references;
+    None without references, or when no scored prompt is one of their posts (a warning)."""
+    if not config.rouge_references:
+        return None
+    refs = read_summaries(config.rouge_references)
+    by_post = {p.strip(): r for p, r in zip(refs.prompts, refs.references, strict=True)}
+    matched = [(i, by_post[p[-1]["content"].strip()]) for i, p in enumerate(prompts)
+               if p and p[-1]["content"].strip() in by_post]
+    if not matched:
+        log.warning("score: none of the %d prompts is a post of %s: no ROUGE", len(prompts), config.rouge_references)
+        return None
+    index, references = zip(*matched, strict=True)
+    return {name: rouge_scores([texts[i] for i in index], list(references)) for name, texts in answers.items()}
+
+
 def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
     """The verdict block, then the scores table (one row per model and reward model) and gold accuracy."""
     from alignment.verdict import verdict, verdict_markdown
@@ -467,6 +495,17 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
             g = m["gold"]
             diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
             lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} |")
+    if any("rouge" in m for m in summary["models"].values()):
+        n = next(m["rouge"]["rougeL"]["n"] for m in summary["models"].values() if "rouge" in m)
+        lines += ["", f"ROUGE (F) against the reference summaries of the {n} scored posts that have one:", "",
+                  "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L paired diff vs reference (95% CI) |",
+                  "|---|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            r = m["rouge"]
+            gain = m.get("rouge_gain", {}).get("rougeL")
+            diff = f"{gain['mean']:+.4f} {_fmt_ci(gain['ci95'])}" if gain else "—"
+            lines.append(f"| {name} | " + " | ".join(f"{r[t]['mean']:.4f} {_fmt_ci(r[t]['ci95'])}" for t in ROUGE_TYPES)
+                         + f" | {diff} |")
     return "\n".join(lines) + "\n"
 
 

@@ -204,3 +204,28 @@ def test_sft_in_the_pipeline_is_where_rl_starts_and_what_scoring_compares_with(t
     # without it, RL starts from the configured policy, as before
     plain = plan_pipeline(config.model_copy(update={"options": config.options.model_copy(update={"sft": False})}))
     assert "sft" not in plain and plain["reinforce"][0].policy == str(tiny_model)
+
+
+def test_scoring_adds_rouge_where_a_scored_prompt_has_a_reference(tmp_path, eval_stack):
+    """rouge_references: prompts that are posts of the summaries source get ROUGE per model and the paired
+    gain against the reference model; the other prompts are left out of ROUGE (not of the rewards)."""
+    from alignment.data import PairData
+    from alignment.evaluate import ScoreConfig, rouge_scores, run_score_stage
+
+    prompts = [item.messages[-1]["content"] for item in
+               PairData.load(eval_stack["data"] / "validation.parquet").prompt_items()]
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"prompt": p, "reference": "the answer is four"}
+                                                 for p in prompts[::2]])  # every other prompt has a reference
+    config = ScoreConfig(models={"base": str(eval_stack["base"]), "tuned": str(eval_stack["tuned"])},
+                         reward_models={"scalar": str(eval_stack["rm"])}, data=str(eval_stack["data"]), n_prompts=12,
+                         max_new_tokens=8, bootstrap=200, bf16=False, rouge_references=str(refs))
+    result = run_score_stage(config, tmp_path / "scores")
+    models = result.summary["models"]
+    gens = {name: [json.loads(line) for line in (tmp_path / "scores" / "generations" / f"{name}.jsonl")
+                   .read_text().splitlines()] for name in models}
+    with_ref = [i for i, row in enumerate(gens["base"]) if row["prompt"][-1]["content"] in set(prompts[::2])]
+    assert 0 < len(with_ref) < 12 and models["base"]["rouge"]["rouge1"]["n"] == len(with_ref)
+    expected = rouge_scores([gens["tuned"][i]["completion"] for i in with_ref], ["the answer is four"] * len(with_ref))
+    assert models["tuned"]["rouge"]["rougeL"]["mean"] == pytest.approx(float(expected["rougeL"].mean()))
+    assert "rouge_gain" in models["tuned"] and "rouge_gain" not in models["base"]
+    assert "ROUGE (F) against the reference summaries" in (tmp_path / "scores" / "scores.md").read_text()
