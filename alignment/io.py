@@ -68,11 +68,16 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
 
     On any exception the temporary folder is removed and ``final`` is left exactly as it was, so a
-    crash never leaves a half-written stage output behind. Stages write their manifest last, so a
+    crash never leaves a half-written stage output behind; temporary folders of an earlier writer that
+    was killed (no exception handler runs on SIGKILL) are removed when the next one starts. Stages write their manifest last, so a
     folder with a manifest is a complete one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Temporary siblings left by a writer killed mid-write (SIGKILL skips the cleanup below). Whoever writes
+    # ``final`` holds its stage lock (alignment.stage), so they belong to dead runs: remove them.
+    for stale in (*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
     token = uuid.uuid4().hex[:8]
     tmp = final.parent / f".{final.name}.tmp-{token}"
     tmp.mkdir()

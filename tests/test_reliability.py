@@ -334,3 +334,17 @@ def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_lo
     with pytest.raises(ReinforceError, match="batch_size=4 prompts do not split evenly over 3 processes"):
         train_reinforce(_rl_config(tiny_stack, batch_size=4), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_temporary_folders_of_a_killed_writer_are_removed_by_the_next(tmp_path):
+    """SIGKILL skips atomic_directory's cleanup: the next writer of the folder (holding its lock) removes
+    what the dead one left (here the data stage)."""
+    out = tmp_path / "data"
+    stale = [tmp_path / ".data.tmp-deadbeef", tmp_path / ".data.old-deadbeef"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "train.parquet").write_bytes(b"half written")
+    result = run_data_stage(DataConfig(), out)
+    assert (out / "manifest.json").is_file() and result.summary
+    assert not any(folder.exists() for folder in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "data.lock"]
