@@ -10,7 +10,7 @@
   judge) record their key in ``run.json`` when they start (:func:`claim_output`), so a re-run with the
   same key continues and one with another key is refused.
 * **One writer per folder**: a stage function decorated with :func:`exclusive_stage` holds an OS lock
-  on each folder it checks with :func:`reuse_or_guard` (``<folder>.lock``, beside it) until it returns,
+  on each folder it checks with :func:`reuse_or_guard` (``.<folder>.lock``, beside it) until it returns,
   so two runs (two ``align run``s, a served deployment and a CLI run) never write one folder at once.
   The second stops with :class:`StageBusy` naming the holder, or waits ``ALIGN_LOCK_WAIT_S`` seconds
   for it first (and then reuses what it finished). The kernel drops the lock when its holder dies,
@@ -112,7 +112,8 @@ def exclusive_stage(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, wait_s: float | None = None):
-    """Hold ``<folder>.lock`` (an flock: released by the kernel when the holder exits, however it exits).
+    """Hold ``.<folder>.lock`` beside ``folder`` (an flock: released by the kernel when the holder exits,
+    however it exits; the empty file stays).
 
     Raises :class:`StageBusy` naming the holder (process, host, since when, command) when another run
     holds it after ``wait_s`` seconds (default ``ALIGN_LOCK_WAIT_S``, else 0). Under data parallelism
@@ -127,7 +128,7 @@ def folder_lock(folder: str | Path, wait_s: float | None = None):
     folder.parent.mkdir(parents=True, exist_ok=True)
     holder = folder.parent / f".{folder.name}.holder.json"
     wait = float(os.environ.get(LOCK_WAIT_ENV, "0")) if wait_s is None else wait_s
-    lock = FileLock(str(folder) + ".lock", thread_local=False)
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"), thread_local=False)  # hidden: out of stage globs
     try:
         lock.acquire(timeout=wait)
     except Timeout:

@@ -347,4 +347,4 @@ def test_temporary_folders_of_a_killed_writer_are_removed_by_the_next(tmp_path):
     result = run_data_stage(DataConfig(), out)
     assert (out / "manifest.json").is_file() and result.summary
     assert not any(folder.exists() for folder in stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "data.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "data"]
