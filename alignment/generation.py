@@ -47,25 +47,23 @@ def encode_prompts(tokenizer, prompts: Sequence[Sequence[Message]], max_length: 
     """Chat-templated prompts, cut from the left to ``max_length``, left-padded. (B, P) tensors."""
     ids = [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True, return_dict=False)
            for p in prompts]
-    ids = [x[-max_length:] for x in ids]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    return left_padded([x[-max_length:] for x in ids], tokenizer.pad_token_id)
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Plain-text prompts (no chat template, e.g. "... TL;DR:"), cut from the left to ``max_length``
     tokens, left-padded: (B, P) tensors, as :func:`encode_prompts` gives for chat prompts."""
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+    return left_padded([tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts],
+                       tokenizer.pad_token_id)
+
+
+def left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token lists -> (B, P) ``input_ids`` left-padded with ``pad_id`` and the (B, P) ``attention_mask``."""
     width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x)
+        input_ids[i, width - len(x):] = torch.tensor(list(x))
         mask[i, width - len(x):] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
 
