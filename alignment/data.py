@@ -9,6 +9,12 @@ Three input shapes are understood (detected from the columns, or forced with ``f
   ``chosen_rating, rejected_rating`` (e.g. ``esfrankel17/HelpSteer2_binarized``, UltraFeedback).
 * ``hh``    -- Anthropic hh-rlhf transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is
   everything before the last Assistant turn.
+* ``comparisons`` -- OpenAI's summarize-from-feedback comparisons (``openai/summarize_from_feedback``,
+  configuration ``comparisons``, and the JSON files it was built from): ``info`` (the post's
+  ``subreddit``, ``title``, ``post``, or a news ``article``), ``summaries`` (two, each with ``text``) and
+  ``choice`` (0 or 1, the human's pick). The post becomes the TL;DR prompt text of the seed documents,
+  ``"SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:"`` (the shared ``tldr-rlaif`` files' form),
+  chosen = the picked summary.
 
 Every pair is written with its prompt as chat messages, so later stages apply the model's own chat
 template. A rating x in [rating_min, rating_max] (default [0, 4]) maps to f(x) = 1 + 9 (x - min) /
@@ -62,6 +68,8 @@ CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "chosen_rating", "rejected_
 BUILTIN_SOURCES = {"demo": "demo_helpsteer.jsonl"}
 # Splits a hub dataset is read from when the config names none.
 DEFAULT_HUB_SPLITS = {"esfrankel17/HelpSteer2_binarized": "average_rating_split", "nvidia/HelpSteer2": "train"}
+# Configurations (subsets) a hub dataset is read from when the config names none.
+DEFAULT_HUB_SUBSETS = {"openai/summarize_from_feedback": "comparisons"}
 # Lone surrogates mark bytes that were not valid UTF-8 (decoded with errors="surrogateescape").
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
 _HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
@@ -69,7 +77,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 SCHEMA_VERSION = 3  # 2: raw responses grouped by the exact prompt string; 3: gold columns. Bump when the output files change shape or meaning: invalidates reuse
 Message = dict[str, str]
-Format = Literal["raw", "pairs", "hh"]
+Format = Literal["raw", "pairs", "hh", "comparisons"]
+COMPARISON_COLUMNS = ("info", "summaries", "choice")
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,10 +93,12 @@ class DataConfig(StageConfig):
         description="'demo' (the embedded set), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
         "dataset id such as esfrankel17/HelpSteer2_binarized or nvidia/HelpSteer2.",
     )
-    format: Literal["auto", "raw", "pairs", "hh"] = Field(
+    format: Literal["auto", "raw", "pairs", "hh", "comparisons"] = Field(
         "auto", description="Input shape; 'auto' detects it from the columns."
     )
     split: str | None = Field(None, description="Hub split to read (default: the dataset's usual one).")
+    subset: str | None = Field(None, description="Hub configuration (subset) to read, e.g. 'comparisons' of "
+                               "openai/summarize_from_feedback (its default); most datasets have none.")
     column_map: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns: {canonical_name: name_in_source}."
     )
@@ -332,6 +343,51 @@ def parse_hh_transcript(text: Any, field: str) -> tuple[list[Message], str]:
     return _check_prompt(prompt, field), turns[-1][1]
 
 
+def _field(mapping: Any, key: str, where: str) -> str:
+    if not isinstance(mapping, dict):
+        raise _Bad(where, f"expected an object, got {type(mapping).__name__}")
+    return _text(mapping.get(key), f"{where}.{key}")
+
+
+def tldr_prompt(info: Any) -> str:
+    """The TL;DR prompt text of a summarize-from-feedback ``info`` record (a Reddit post or a news article).
+
+    Reddit: ``"SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"``, the form of the
+    seed documents and of the shared ``tldr-rlaif`` files; a news article (the CNN/DM rows of the
+    validation split): ``"TITLE: {title}\\n\\nARTICLE: {article}\\n\\nTL;DR:"`` (the title when present).
+    """
+    if not isinstance(info, dict):
+        raise _Bad("info", f"expected an object with the post, got {type(info).__name__}")
+    if _is_missing(info.get("post")) and not _is_missing(info.get("article")):
+        article = _field(info, "article", "info").strip()
+        title = "" if _is_missing(info.get("title")) else f"TITLE: {_field(info, 'title', 'info').strip()}\n\n"
+        return f"{title}ARTICLE: {article}\n\nTL;DR:"
+    post = _field(info, "post", "info").strip()
+    subreddit = _field(info, "subreddit", "info").strip()
+    title = _field(info, "title", "info").strip()
+    return f"SUBREDDIT: r/{subreddit.removeprefix('r/')}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+
+def comparison_to_pair_record(rec: dict) -> dict[str, str]:
+    """A summarize-from-feedback comparison -> ``{prompt, chosen, rejected}`` text (chosen = ``choice``'s summary).
+
+    Errors name the field: ``info.post``, ``summaries`` (not two), ``summaries[1].text``, ``choice``.
+    """
+    summaries = rec.get("summaries")
+    if isinstance(summaries, np.ndarray):
+        summaries = summaries.tolist()
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        got = f"{len(summaries)} item(s)" if isinstance(summaries, list) else type(summaries).__name__
+        raise _Bad("summaries", f"expected a list of two summaries, got {got}")
+    texts = [_field(s, "text", f"summaries[{i}]").strip() for i, s in enumerate(summaries)]
+    choice = rec.get("choice")
+    if isinstance(choice, str) and choice.strip() in ("0", "1"):
+        choice = int(choice)
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise _Bad("choice", f"expected 0 or 1 (the index of the preferred summary), got {choice!r}")
+    return {"prompt": tldr_prompt(rec.get("info")), "chosen": texts[choice], "rejected": texts[1 - choice]}
+
+
 # --------------------------------------------------------------------------------------------
 # Typed rows
 # --------------------------------------------------------------------------------------------
@@ -475,8 +531,10 @@ def _read_file(path: Path) -> SourceData:
     return SourceData(name, "file", records, rows, sha, unreadable=issues, typed=typed)
 
 
-def _read_hub(repo_id: str, split: str | None) -> SourceData:
+def _read_hub(repo_id: str, split: str | None, subset: str | None = None) -> SourceData:
     split = split or DEFAULT_HUB_SPLITS.get(repo_id, "train")
+    subset = subset or DEFAULT_HUB_SUBSETS.get(repo_id)
+    what = f"{repo_id}/{subset}" if subset else repo_id
     reachable, reason = hub_status()
     if not reachable and not offline_requested():
         raise DataError(
@@ -486,14 +544,14 @@ def _read_hub(repo_id: str, split: str | None) -> SourceData:
         )
     import datasets
 
-    log.info("loading %s (split %s) from the Hugging Face hub", repo_id, split)
+    log.info("loading %s (split %s) from the Hugging Face hub", what, split)
     try:
-        ds = datasets.load_dataset(repo_id, split=split)
+        ds = datasets.load_dataset(repo_id, subset, split=split)
     except Exception as exc:  # datasets raises many types: name the dataset and split, keep the cause
-        raise DataError(f"could not load {repo_id!r} split {split!r} from the hub: {exc}") from exc
+        raise DataError(f"could not load {what!r} split {split!r} from the hub: {exc}") from exc
     records = ds.to_list()
-    return SourceData(f"{repo_id}[{split}]", "hub", records, list(range(1, len(records) + 1)),
-                      sha256_text(f"{repo_id}:{split}:{ds._fingerprint}"), split=split)
+    return SourceData(f"{what}[{split}]", "hub", records, list(range(1, len(records) + 1)),
+                      sha256_text(f"{what}:{split}:{ds._fingerprint}"), split=split)
 
 
 def read_source(config: DataConfig) -> SourceData:
@@ -506,7 +564,7 @@ def read_source(config: DataConfig) -> SourceData:
     if path.exists():
         return _read_file(path)
     if looks_like_repo_id(spec) and not spec.startswith((".", "/")):
-        return _read_hub(spec, config.split)
+        return _read_hub(spec, config.split, config.subset)
     raise DataError(f"source {spec!r} is neither an existing file, 'demo', nor a Hugging Face dataset id")
 
 
@@ -629,6 +687,8 @@ def _missing_columns_error(name: str, missing: list[str], columns: set[str], fmt
 
 def detect_format(source: SourceData) -> Format:
     cols = _columns(source.records)
+    if set(COMPARISON_COLUMNS) <= cols:
+        return "comparisons"
     if "response" in cols and cols & set(ATTRIBUTES):
         return "raw"
     if {"chosen", "rejected"} <= cols:
@@ -641,7 +701,8 @@ def detect_format(source: SourceData) -> Format:
     raise DataError(
         f"{source.name}: cannot tell the format from the columns {sorted(cols)}. Expected "
         "prompt/chosen/rejected (pairs), chosen/rejected hh-rlhf transcripts (hh), or "
-        f"prompt/response/{'/'.join(ATTRIBUTES)} (raw). Rename columns with column_map or set format."
+        f"prompt/response/{'/'.join(ATTRIBUTES)} (raw), or info/summaries/choice (summarize-from-feedback "
+        "comparisons). Rename columns with column_map or set format."
     )
 
 
@@ -650,6 +711,8 @@ def _required_columns(fmt: Format, config: DataConfig, cols: set[str]) -> list[s
         return ["prompt", "response", *_score_weights(config)]
     if fmt == "hh":
         return ["chosen", "rejected"]
+    if fmt == "comparisons":
+        return list(COMPARISON_COLUMNS)
     need = ["chosen", "rejected"]
     if "chosen_rating" in cols or "rejected_rating" in cols:
         need += ["chosen_rating", "rejected_rating"]
@@ -669,6 +732,8 @@ def _score_weights(config: DataConfig) -> dict[str, float]:
 # Rows -> pairs
 # --------------------------------------------------------------------------------------------
 def _parse_pair(rec: dict, fmt: Format, config: DataConfig, with_ratings: bool, typed: bool) -> PreferencePair:
+    if fmt == "comparisons":
+        rec, fmt = comparison_to_pair_record(rec), "pairs"
     if fmt == "hh":
         prompt, chosen = parse_hh_transcript(rec.get("chosen"), "chosen")
         rejected_prompt, rejected = parse_hh_transcript(rec.get("rejected"), "rejected")

@@ -77,12 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  align data                                   # embedded demo set\n"
         "  align data --source ../shared/data/helpsteer2/validation.jsonl --out runs/hs2\n"
         "  align data --preset helpsteer2               # esfrankel17/HelpSteer2_binarized from the hub\n"
-        "  align data --source my.csv column_map.prompt=question --on-bad-rows skip",
+        "  align data --source my.csv column_map.prompt=question --on-bad-rows skip\n"
+        "  align data --source openai/summarize_from_feedback --split validation   # TL;DR comparisons",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data.add_argument("--source", help="'demo', a .jsonl/.json/.parquet/.csv file, or a hub dataset id")
-    data.add_argument("--format", choices=["auto", "raw", "pairs", "hh"], help="input shape (default: detect)")
+    data.add_argument("--format", choices=["auto", "raw", "pairs", "hh", "comparisons"],
+                      help="input shape (default: detect)")
     data.add_argument("--split", help="hub split (default: the dataset's usual one)")
+    data.add_argument("--subset", help="hub configuration, e.g. comparisons (openai/summarize_from_feedback's default)")
     data.add_argument("--on-bad-rows", choices=["error", "skip"], help="stop on bad rows (default) or drop them")
     data.add_argument("--out", metavar="DIR", help="output folder (default: runs/data/<source>-<hash>)")
     data.add_argument("--overwrite", action="store_true", help="rebuild even if --out is up to date, replacing what it holds")
@@ -280,7 +283,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from alignment.data import DataConfig, run_data_stage
 
     config = _stage_config(args, DataConfig, "data", {"source": args.source, "format": args.format,
-                                                      "split": args.split, "on_bad_rows": args.on_bad_rows})
+                                                      "split": args.split, "subset": args.subset,
+                                                      "on_bad_rows": args.on_bad_rows})
     if config is None:
         return 0
     result = run_data_stage(config, args.out, overwrite=args.overwrite,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,103 @@ def test_the_ai_judged_tldr_pairs_go_through_the_data_stage(shared_data, tmp_pat
     val = PairData.load(tmp_path / "data" / "validation.parquet")
     assert len(train) + len(val) == 800 and result.summary
     assert train.prompts[0][-1]["content"].endswith("TL;DR:")
+
+
+_TLDR = re.compile(r"SUBREDDIT: r/(.*?)\n\nTITLE: (.*?)\n\nPOST: (.*)\n\nTL;DR:$", re.S)
+
+
+def _comparison(prompt: str, summaries: list[str], choice: int) -> dict:
+    """A row of the hub's openai/summarize_from_feedback 'comparisons' (its field names and nesting)."""
+    subreddit, title, post = _TLDR.match(prompt).groups()
+    return {"info": {"id": "t3_x", "post": post, "title": title, "subreddit": subreddit, "site": None, "article": None},
+            "summaries": [{"text": " " + t, "policy": f"policy-{i}", "note": None} for i, t in enumerate(summaries)],
+            "choice": choice, "worker": "w1", "batch": "batch3", "split": "train", "extra": {"confidence": 7}}
+
+
+def test_summarize_from_feedback_comparisons_read_as_the_same_pairs(shared_data, tmp_path):
+    """The 800 AI-judged pairs rebuilt in the hub's nested comparisons form (info / summaries / choice),
+    as JSON Lines and as parquet with nested columns: the data stage reads them into exactly the pairs
+    that pairs.jsonl gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignment.data import DataConfig, PairData, run_data_stage
+
+    folder = shared_data / "tldr-rlaif"
+    if not (folder / "pairs.jsonl").is_file():
+        pytest.skip(f"{folder} is absent")
+    posts = {r["id"]: r for r in map(json.loads, (folder / "summaries.jsonl").read_text().splitlines())}
+    rows = []
+    for pair in map(json.loads, (folder / "pairs.jsonl").read_text().splitlines()):
+        post = posts[pair["id"]]
+        choice = 0 if pair["chosen"] == post["reference"] else 1
+        rows.append(_comparison(post["prompt"], [post["reference"], post["policy_summary"]], choice))
+    write_jsonl(tmp_path / "comparisons.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "comparisons.parquet")
+
+    def pairs(source: Path, name: str) -> set:
+        result = run_data_stage(DataConfig(source=str(source)), tmp_path / name)
+        data = PairData.concat([PairData.load(result.out_dir / f) for f in ("train.parquet", "validation.parquet")])
+        return result.summary["format"], {(json.dumps(p), c, r) for p, c, r in
+                                          zip(data.prompts, data.chosen, data.rejected, strict=True)}
+
+    fmt, want = pairs(folder / "pairs.jsonl", "pairs")
+    assert fmt == "pairs" and len(want) == 800
+    for name in ("comparisons.jsonl", "comparisons.parquet"):
+        fmt, got = pairs(tmp_path / name, name)
+        assert fmt == "comparisons" and got == want, name
+
+
+def test_malformed_comparisons_are_named_by_row_and_field(tmp_path):
+    good = _comparison("SUBREDDIT: r/food\n\nTITLE: Figs\n\nPOST: I ate figs.\n\nTL;DR:", ["ate figs", "figs"], 1)
+    rows = [json.loads(json.dumps(good)) for _ in range(6)]
+    rows[1]["choice"] = 2
+    rows[2]["summaries"] = rows[2]["summaries"][:1]
+    rows[3]["summaries"][1]["text"] = None
+    rows[4]["info"]["post"] = None
+    rows[5]["info"] = {"title": "News", "article": "The river rose.", "post": None}  # a CNN/DM row: read
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    from alignment.data import DataConfig, run_data_stage
+
+    with pytest.raises(BadRowsError) as err:
+        run_data_stage(DataConfig(source=str(path)), tmp_path / "data")
+    text = str(err.value)
+    assert "row 2, field 'choice': expected 0 or 1" in text
+    assert "row 3, field 'summaries': expected a list of two summaries, got 1 item(s)" in text
+    assert "row 4, field 'summaries[1].text': missing value" in text
+    assert "row 5, field 'info.post': missing value" in text and "row 6" not in text
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_hub_comparisons_are_read_from_their_configuration(tmp_path, monkeypatch):
+    """openai/summarize_from_feedback is read from its 'comparisons' configuration (the datasets call is
+    faked: the hub is out of reach here); offline it is one clear error."""
+    import datasets
+
+    import alignment.data as D
+
+    rows = [_comparison(f"SUBREDDIT: r/food\n\nTITLE: Figs {i}\n\nPOST: I ate {i} figs.\n\nTL;DR:",
+                        [f"ate {i} figs", "figs"], i % 2) for i in range(10)]
+    calls = []
+
+    def load_dataset(repo_id, name=None, split=None):
+        calls.append((repo_id, name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(D, "hub_status", lambda: (True, ""))
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = D.read_source(D.DataConfig(source="openai/summarize_from_feedback", split="validation"))
+    assert calls == [("openai/summarize_from_feedback", "comparisons", "validation")]
+    assert source.name == "openai/summarize_from_feedback/comparisons[validation]"
+    parsed = D.parse_source(source, D.DataConfig(source="openai/summarize_from_feedback"))
+    assert parsed.format == "comparisons" and len(parsed.pairs) == 10 and not parsed.issues
+    assert parsed.pairs[1].chosen == "figs" and parsed.pairs[1].rejected == "ate 1 figs"
+    assert parsed.pairs[0].prompt == [{"role": "user",
+                                       "content": "SUBREDDIT: r/food\n\nTITLE: Figs 0\n\nPOST: I ate 0 figs.\n\nTL;DR:"}]
+    monkeypatch.setattr(D, "hub_status", lambda: (False, "huggingface.co unreachable"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(DataError, match="cannot reach the Hugging Face hub to load dataset 'openai/summarize_from"):
+        D.read_source(D.DataConfig(source="openai/summarize_from_feedback"))
 
 
 def _rows(n: int = 40) -> list[dict]:
