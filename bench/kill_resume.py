@@ -6,12 +6,15 @@ the same command (killing again, up to ``--kills`` times) until it finishes. A t
 * ``--stage reinforce``: the final folder exists and metrics.jsonl holds steps 1..N exactly once each;
 * ``--stage rm``: the reward model's folder is complete and its weights and validation metrics equal
   those of an uninterrupted run of the same command (made first);
+* ``--stage sft``: the same for `align sft` on the shared TL;DR summaries (or ``--source``): weights and
+  held-out ROUGE equal the uninterrupted run's, no checkpoint folder left;
 * ``--stage pipeline`` (`align run` on a tiny configuration, Prefect included): the last run completes,
   every stage folder is complete (manifest and file hashes), no half-written folder is left, and every
   stage that had finished before a kill came back cached (its folder untouched).
 
     python bench/kill_resume.py                      # REINFORCE, 5 trials on a tiny random model
     python bench/kill_resume.py --stage rm --trials 5
+    python bench/kill_resume.py --stage sft --trials 5 --steps 48
     python bench/kill_resume.py --stage pipeline --trials 5 --max-delay 40
     python bench/kill_resume.py --policy DIR --rm DIR --data DIR --steps 20 --trials 5
 """
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SUMMARIES = ROOT.parent / "shared" / "data" / "tldr-rlaif" / "summaries.jsonl"
 sys.path.insert(0, str(ROOT))
 ALIGN = str(Path(sys.executable).parent / "align")
 
@@ -57,6 +61,14 @@ def rm_cmd(args, policy: str, data: str, out: Path) -> list[str]:
     return [ALIGN, "-q", "rm", "--model", policy, "--data", data, "--out", str(out), "max_length=128",
             f"epochs={max(1, args.steps // 8)}", "batch_size=4", "learning_rate=1e-3", "checkpoint_every=10",
             "max_eval_pairs=16", "bf16=false", "logging_steps=1"]
+
+
+def sft_cmd(args, policy: str, out: Path) -> list[str]:
+    """`align sft` for ``args.steps`` optimizer steps (batch 4 over 32 posts: 8 steps an epoch)."""
+    return [ALIGN, "-q", "sft", "--policy", policy, "--source", args.source, "--out", str(out), "max_train_posts=32",
+            f"epochs={args.steps / 8}", "eval_posts=8", "batch_size=4", "max_prompt_length=128",
+            "max_completion_length=32", "max_new_tokens=16", "learning_rate=1e-4", "checkpoint_every=4",
+            "bf16=false", "logging_steps=1"]
 
 
 def pipeline_cmd(args, policy: str, work: Path, runs: Path) -> list[str]:
@@ -92,6 +104,18 @@ def complete_folders(runs: Path) -> dict[str, int]:
     return done
 
 
+def newest_intact_checkpoint(out: Path) -> int | str:
+    """The step of the newest sealed, intact Trainer checkpoint of ``out`` (0: none), i.e. where a re-run
+    resumes; "complete" when the output was already written (the kill came after it)."""
+    from alignment.checkpoints import checkpoint_folder, checkpoint_problem
+
+    if (out / "manifest.json").is_file():
+        return "complete"
+    steps = [int(c.name.split("-")[-1]) for c in checkpoint_folder(out).glob("checkpoint-*")
+             if checkpoint_problem(c) is None]
+    return max(steps, default=0)
+
+
 def weights_equal(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
@@ -102,12 +126,13 @@ def weights_equal(a: Path, b: Path) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["reinforce", "rm", "pipeline"], default="reinforce")
+    parser.add_argument("--stage", choices=["reinforce", "rm", "sft", "pipeline"], default="reinforce")
     parser.add_argument("--policy")
+    parser.add_argument("--source", default=str(SUMMARIES), help="sft: the summaries file")
     parser.add_argument("--rm")
     parser.add_argument("--data")
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40, help="REINFORCE steps (rm: epochs = steps / 8)")
+    parser.add_argument("--steps", type=int, default=40, help="REINFORCE / SFT steps (rm: epochs = steps / 8)")
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per trial before letting it finish")
     parser.add_argument("--max-delay", type=float, default=15.0, help="seconds; each kill waits U(1, max-delay)")
     parser.add_argument("--seed", type=int, default=0)
@@ -115,11 +140,19 @@ def main() -> int:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix=f"kill-resume-{args.stage}-"))
-    policy, rm, data = (args.policy, args.rm, args.data) if args.rm else tiny_stack(work)
+    if args.stage == "sft":
+        from tests.tiny import tiny_model_dir
+
+        if not Path(args.source).is_file():
+            parser.error(f"--source {args.source}: no such file (the shared TL;DR summaries, or pass one)")
+        policy, rm, data = args.policy or str(tiny_model_dir(work / "policy")), None, None
+    else:
+        policy, rm, data = (args.policy, args.rm, args.data) if args.rm else tiny_stack(work)
     reference = None
-    if args.stage == "rm":  # the uninterrupted run every trial must reproduce
-        reference = work / "rm-reference"
-        subprocess.run(rm_cmd(args, policy, data, reference), check=True, stdout=subprocess.DEVNULL)
+    if args.stage in ("rm", "sft"):  # the uninterrupted run every trial must reproduce
+        reference = work / f"{args.stage}-reference"
+        cmd = rm_cmd(args, policy, data, reference) if args.stage == "rm" else sft_cmd(args, policy, reference)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     results = []
     for trial in range(args.trials):
         out = work / f"trial-{trial}"
@@ -127,9 +160,11 @@ def main() -> int:
             cmd = reinforce_cmd(args, policy, rm, data, out)
         elif args.stage == "rm":
             cmd = rm_cmd(args, policy, data, out)
+        elif args.stage == "sft":
+            cmd = sft_cmd(args, policy, out)
         else:
             cmd = pipeline_cmd(args, policy, work, out)
-        kills, runs, killed_at, finished_before = 0, 0, [], {}
+        kills, runs, killed_at, finished_before, resumable = 0, 0, [], {}, []
         start = time.perf_counter()
         while True:
             runs += 1
@@ -146,6 +181,7 @@ def main() -> int:
                     proc.wait()
                     kills += 1
                     killed_at.append(round(delay, 1))
+                    resumable.append(newest_intact_checkpoint(out))
                     continue
             else:
                 proc.wait()
@@ -155,8 +191,10 @@ def main() -> int:
             if args.stage != "reinforce" or (out / "final" / "manifest.json").is_file():
                 break
         if len(results) == trial:  # not already failed
+            trainer = {"resumable_step_after_kill": resumable} if args.stage in ("rm", "sft") else {}
             results.append({"trial": trial, **check(args, out, reference, finished_before), "kills": kills,
-                            "killed_after_s": killed_at, "runs": runs, "seconds": round(time.perf_counter() - start, 1)})
+                            "killed_after_s": killed_at, **trainer, "runs": runs,
+                            "seconds": round(time.perf_counter() - start, 1)})
         print(json.dumps(results[-1]), flush=True)
     passed = sum(r["ok"] for r in results)
     print(f"{args.stage}: {passed} passed, {len(results) - passed} failed")
@@ -178,6 +216,14 @@ def check(args, out: Path, reference: Path | None, finished_before: dict[str, in
         same_metrics = all(abs(got[k] - want[k]) < 1e-6 for k in ("accuracy", "mean_margin"))
         ok = same_metrics and weights_equal(out, reference) and not (out.parent / f".{out.name}.checkpoints").exists()
         return {"ok": ok, "accuracy": got["accuracy"], **({} if ok else {"why": "differs from the uninterrupted run"})}
+    if args.stage == "sft":
+        if not (out / "manifest.json").is_file():
+            return {"ok": False, "why": "no complete output"}
+        got, want = (json.loads((f / "metrics.json").read_text()) for f in (out, reference))
+        ok = (got["rouge_after"] == want["rouge_after"] and weights_equal(out, reference)
+              and not (out.parent / f".{out.name}.checkpoints").exists())
+        return {"ok": ok, "rougeL_after": got["rouge_after"]["rougeL"]["mean"],
+                **({} if ok else {"why": "differs from the uninterrupted run"})}
     done = complete_folders(out)
     leftovers = [str(p.relative_to(out)) for p in out.rglob(".*.tmp-*")]
     recomputed = [k for k, mtime in finished_before.items() if done.get(k) != mtime]

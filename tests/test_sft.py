@@ -284,6 +284,50 @@ def test_sft_resumes_after_an_interruption_with_the_uninterrupted_result(tmp_pat
     assert resumed.summary["rouge_after"] == straight.summary["rouge_after"]
 
 
+def test_sft_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, tiny_model):
+    """`align sft` in a subprocess killed with SIGKILL mid-training (after a sealed checkpoint): no output
+    folder is left half-written, and the same command resumes after the newest intact checkpoint and ends
+    with the weights and ROUGE of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from alignment.checkpoints import checkpoint_folder, checkpoint_problem
+
+    root = Path(__file__).resolve().parents[1]
+    config = _config(tmp_path, tiny_model, epochs=12, checkpoint_every=4)  # 96 steps
+    straight = run_sft_stage(config, tmp_path / "straight")
+    out = tmp_path / "killed"
+    overrides = [f"{k}={v}" for k, v in config.model_dump(exclude={"section", "policy", "source"}).items()
+                 if v is not None]
+    argv = [sys.executable, "-m", "cli", "-q", "sft", "--policy", config.policy, "--source", config.source,
+            "--out", str(out), *overrides]
+    proc = subprocess.Popen(argv, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    checkpoints = checkpoint_folder(out)
+    try:
+        deadline = time.time() + 180
+        while not list(checkpoints.glob("checkpoint-8/sealed.json")):
+            assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint in 180 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    intact = [int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if checkpoint_problem(c) is None]
+    assert 8 <= max(intact) < 96
+    steps: list[int] = []
+    resumed = run_sft_stage(config, out, progress=lambda done, total: steps.append(done))
+    assert steps[0] == max(intact) + 1 and steps[-1] == 96
+    a, b = load_file(straight.out_dir / "model.safetensors"), load_file(resumed.out_dir / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert resumed.summary["rouge_after"] == straight.summary["rouge_after"] and not checkpoints.exists()
+
+
 def test_sft_in_the_pipeline_is_where_rl_starts_and_what_scoring_compares_with(tmp_path, tiny_model):
     """options.sft: SFT runs after the data stage; REINFORCE's policy and the scoring's base are its output."""
     from alignment.pipeline import pipeline_stages, plan_pipeline
