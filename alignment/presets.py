@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "learning_rate": 2e-4, "checkpoint_every": 4, "eval_prompts": 8, "eval_every": 4},
         "score": {"n_prompts": 16, "max_new_tokens": 48, "max_prompt_length": 256,
                   "rouge_references": "../shared/data/tldr-rlaif/summaries.jsonl"},
-        "judge": {"backend": "local", "max_pairs": 16},
+        "judge": {"backend": "local", "max_pairs": 16, "task": "summary"},
         "options": {"sft": True, "train_distributional": False},
     },
     # HelpSteer2 from the hub at full size: needs a GPU and a Gemini key.
