@@ -220,7 +220,8 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
             weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio, lr_scheduler_type="linear",
             max_length=config.max_prompt_length + config.max_completion_length + 32, completion_only_loss=True,
-            logging_steps=config.logging_steps, save_strategy="steps" if config.checkpoint_every else "no",
+            logging_steps=config.logging_steps, logging_first_step=True,
+            save_strategy="steps" if config.checkpoint_every else "no",
             save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)

@@ -4,8 +4,9 @@ RLHF research measures this with a gold reward beside the proxy (Gao et al. 2023
 Reward Model Overoptimization") and with reward models the policy never trained against (Coste et
 al. 2024). From the scoring stage's summary (and the judge's, when there is one) this module lists
 each check's change against the starting model with its 95% interval -- the proxy reward model (the
-one trained against), every independent reward model, gold accuracy, the pairwise judge -- and reads
-them together in one line. A change counts as up or down only when its interval excludes no-change.
+one trained against), every independent reward model, gold accuracy, ROUGE-L against human reference
+summaries (where the scored prompts are posts with one), the pairwise judge -- and reads them together
+in one line. A change counts as up or down only when its interval excludes no-change.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _names(checks: list[dict[str, Any]]) -> str:
 
 def reading(checks: list[dict[str, Any]]) -> str:
     """One line from the checks' directions. ``checks``: dicts with ``kind`` ('proxy', 'independent',
-    'gold', 'judge'), ``name`` and ``direction``."""
+    'gold', 'reference', 'judge'), ``name`` and ``direction``."""
     proxy = next((c for c in checks if c["kind"] == "proxy"), None)
     others = [c for c in checks if c["kind"] != "proxy"]
     up = [c for c in others if c["direction"] == "up"]
@@ -86,6 +87,11 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
         checks.append({"kind": "gold", "name": "gold accuracy", "value": gold["paired_diff"],
                        "ci95": list(gold["paired_diff_ci95"]), "direction": direction(gold["paired_diff_ci95"]),
                        "unit": f"accuracy, {gold['n']} prompts", "accuracy": gold["accuracy"]})
+    rouge = m.get("rouge_gain", {}).get("rougeL")
+    if rouge:  # the truth of a summarisation task: overlap with the human summaries, paired over posts
+        checks.append({"kind": "reference", "name": "ROUGE-L vs references", "value": rouge["mean"],
+                       "ci95": list(rouge["ci95"]), "direction": direction(rouge["ci95"]),
+                       "unit": f"ROUGE-L F, {m['rouge']['rougeL']['n']} posts"})
     if judge and judge.get("n"):
         ci = judge["win_rate_ci95_wilson"]
         checks.append({"kind": "judge", "name": f"{judge['backend']} judge", "value": judge["win_rate"],

@@ -83,6 +83,23 @@ def test_verdict_from_a_scores_summary_and_a_judge():
     assert v["reading"].startswith("proxy reward rose while gold accuracy fell")
 
 
+def test_rouge_against_the_references_is_a_check_of_its_own():
+    """Scored posts with reference summaries: the paired ROUGE-L gain is a check beside gold and the judge
+    (the tldr run of the README: proxy up, ROUGE-L flat -> the exploitation reading)."""
+    scores = _scores([0.005, 0.184], [-0.1, 0.2], [-0.1, 0.1])
+    tuned = scores["models"]["tuned"]
+    tuned["rouge"] = {"rougeL": {"mean": 0.17, "ci95": [0.14, 0.2], "n": 16}}
+    tuned["rouge_gain"] = {"rougeL": {"mean": -0.006, "ci95": [-0.023, 0.010]}}
+    v = verdict(scores)
+    assert [c["kind"] for c in v["checks"]] == ["proxy", "independent", "gold", "reference"]
+    assert "| ROUGE-L vs references | -0.006 [-0.023, 0.010] | ROUGE-L F, 16 posts | ≈ no clear change |" in (
+        verdict_markdown(v))
+    assert v["reading"] == ("proxy reward rose, independent RM 'dist', gold accuracy and ROUGE-L vs references did "
+                            "not: the policy is likely exploiting the reward model rather than getting better")
+    tuned["rouge_gain"]["rougeL"]["ci95"] = [0.01, 0.05]
+    assert "ROUGE-L vs references confirms it" in verdict(scores)["reading"]
+
+
 def _history(proxy, gold, independent):
     return [{"step": 10 * i, "proxy": p, "gold": g, "independent": {"dist": r}, "independent_std": {"dist": 0.4}}
             for i, (p, g, r) in enumerate(zip(proxy, gold, independent, strict=True))]
