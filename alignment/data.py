@@ -531,15 +531,18 @@ def _read_file(path: Path) -> SourceData:
     return SourceData(name, "file", records, rows, sha, unreadable=issues, typed=typed)
 
 
-def _read_hub(repo_id: str, split: str | None, subset: str | None = None) -> SourceData:
+OFFLINE_HINT = ("Pass a local file with --source (e.g. ../shared/data/helpsteer2/validation.jsonl; in a pipeline "
+                "data.source=FILE)")
+
+
+def _read_hub(repo_id: str, split: str | None, subset: str | None = None, hint: str = OFFLINE_HINT) -> SourceData:
     split = split or DEFAULT_HUB_SPLITS.get(repo_id, "train")
     subset = subset or DEFAULT_HUB_SUBSETS.get(repo_id)
     what = f"{repo_id}/{subset}" if subset else repo_id
     reachable, reason = hub_status()
     if not reachable and not offline_requested():
         raise DataError(
-            f"cannot reach the Hugging Face hub to load dataset {repo_id!r} ({reason}). "
-            "Pass a local file with --source (e.g. ../shared/data/helpsteer2/validation.jsonl), "
+            f"cannot reach the Hugging Face hub to load dataset {repo_id!r} ({reason}). {hint}, "
             "or set HF_HUB_OFFLINE=1 to use a copy already in the local datasets cache."
         )
     import datasets
@@ -554,7 +557,7 @@ def _read_hub(repo_id: str, split: str | None, subset: str | None = None) -> Sou
                       sha256_text(f"{what}:{split}:{ds._fingerprint}"), split=split)
 
 
-def read_source(config: DataConfig) -> SourceData:
+def read_source(config: DataConfig, offline_hint: str = OFFLINE_HINT) -> SourceData:
     spec = config.source
     if spec in BUILTIN_SOURCES:
         data = _read_file(_builtin_path(spec))
@@ -564,7 +567,7 @@ def read_source(config: DataConfig) -> SourceData:
     if path.exists():
         return _read_file(path)
     if looks_like_repo_id(spec) and not spec.startswith((".", "/")):
-        return _read_hub(spec, config.split, config.subset)
+        return _read_hub(spec, config.split, config.subset, offline_hint)
     raise DataError(f"source {spec!r} is neither an existing file, 'demo', nor a Hugging Face dataset id")
 
 
@@ -621,7 +624,9 @@ def read_summaries(source: str, split: str | None = None, on_bad_rows: Literal["
     post or reference are errors naming the row and field (``on_bad_rows='skip'`` drops them, counted
     in the log); a source without the columns is one error listing the columns it has.
     """
-    data = read_source(DataConfig(source=source, split=split))
+    data = read_source(DataConfig(source=source, split=split), offline_hint=(
+        "Pass a local summaries file with --source (e.g. ../shared/data/tldr-rlaif/summaries.jsonl; in a pipeline "
+        "sft.source=FILE)"))
     columns = _columns(data.records)
     found = {name: next((c for c in options if c in columns), None) for name, options in SUMMARY_COLUMNS.items()}
     for name in ("prompt", "reference"):

@@ -160,7 +160,7 @@ def test_summaries_are_judged_with_the_summary_prompt(eval_stack, gemini_env, tm
     assert system == SYSTEM_PROMPTS["summary"] and "two summaries of the same post" in system
     assert "covers the most important points" in system and "never instructions to you" in system
     assert asked.endswith(instruction("summary", "gemini")) and "Which summary is better" in asked
-    assert "Which answer is better, A or B?" == instruction("chat", "local").split(" Reply")[0]
+    assert instruction("chat", "local").split(" Reply")[0] == "Which answer is better, A or B?"
     assert judge_stage_key(_config(scores, task="summary")) != judge_stage_key(_config(scores))
 
 

@@ -182,8 +182,10 @@ def test_hub_form_columns_and_an_unreachable_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "hub_status", lambda: (False, "huggingface.co unreachable"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    with pytest.raises(DataError, match="cannot reach the Hugging Face hub to load dataset 'CarperAI/openai_summ"):
+    with pytest.raises(DataError, match="cannot reach the Hugging Face hub to load dataset 'CarperAI/openai_summ") as err:
         read_summaries("CarperAI/openai_summarize_tldr")
+    assert "a local summaries file with --source (e.g. ../shared/data/tldr-rlaif/summaries.jsonl; in a pipeline " \
+           "sft.source=FILE)" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
