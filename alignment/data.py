@@ -1,6 +1,6 @@
 """Data stage: load preference data, binarise raw ratings, map ratings to distributions, split.
 
-Three input shapes are understood (detected from the columns, or forced with ``format``):
+Four input shapes are understood (detected from the columns, or forced with ``format``):
 
 * ``raw``   -- one row per response with five HelpSteer2 attribute scores 0-4
   (``prompt, response, helpfulness, correctness, coherence, complexity, verbosity``); responses of
