@@ -14,7 +14,8 @@ Four input shapes are understood (detected from the columns, or forced with ``fo
   ``subreddit``, ``title``, ``post``, or a news ``article``), ``summaries`` (two, each with ``text``) and
   ``choice`` (0 or 1, the human's pick). The post becomes the TL;DR prompt text of the seed documents,
   ``"SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:"`` (the shared ``tldr-rlaif`` files' form),
-  chosen = the picked summary.
+  chosen = the picked summary; a pair judged by several workers is one pair by majority vote (an even
+  split is a tie, dropped).
 
 Every pair is written with its prompt as chat messages, so later stages apply the model's own chat
 template. A rating x in [rating_min, rating_max] (default [0, 4]) maps to f(x) = 1 + 9 (x - min) /
@@ -822,6 +823,34 @@ def binarise(responses: list[RawResponse], pairing: str = "best_worst", tol: flo
     return pairs, stats
 
 
+def merge_votes(judgments: list[PreferencePair]) -> tuple[list[PreferencePair], BinariseStats]:
+    """Repeated judgments of the same two summaries of the same post -> one pair by majority vote.
+
+    OpenAI's comparisons hold some pairs labelled by several workers, sometimes in opposite directions.
+    Each pair (in either order) is counted once, chosen = the summary picked more often; an even split
+    is a tie, dropped and counted. ``source_rows`` keeps every vote's row.
+    """
+    groups: dict[str, list[PreferencePair]] = {}
+    for j in judgments:
+        key = sha256_text(json.dumps([j.prompt, sorted((j.chosen, j.rejected))], sort_keys=True, ensure_ascii=False))
+        groups.setdefault(key, []).append(j)
+    stats = BinariseStats()
+    pairs = []
+    for votes in groups.values():
+        first = votes[0]
+        wins = Counter(v.chosen for v in votes)
+        a, b = first.chosen, first.rejected
+        if wins[a] == wins[b]:
+            stats.n_ties_dropped += 1
+            continue
+        winner, loser = (a, b) if wins[a] > wins[b] else (b, a)
+        rows = tuple(sorted(r for v in votes for r in v.source_rows))
+        pairs.append(PreferencePair(first.prompt, winner, loser, source_rows=rows))
+    stats.n_pairs = len(pairs)
+    stats.n_prompts = len({p.prompt_key for p in pairs})
+    return pairs, stats
+
+
 @dataclass
 class ParsedData:
     pairs: list[PreferencePair]
@@ -853,6 +882,9 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
                 item = _parse_pair(rec, fmt, config, with_ratings, source.typed)
                 item = PreferencePair(item.prompt, item.chosen, item.rejected, item.chosen_rating,
                                       item.rejected_rating, (row,), item.gold_answer, item.gold_checker)
+                if fmt == "comparisons":  # a pair judged by several labellers: votes, merged below
+                    items.append(item)
+                    continue
                 key = item.pair_key
             if key in seen:
                 what = "response to the same prompt" if fmt == "raw" else "pair"
@@ -864,6 +896,8 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
     issues.sort(key=lambda i: i.row)
     if fmt == "raw":
         pairs, stats = binarise(items, config.pairing)
+    elif fmt == "comparisons":
+        pairs, stats = merge_votes(items)
     else:
         pairs = items
         stats = BinariseStats(n_prompts=len({p.prompt_key for p in pairs}), n_pairs=len(pairs))

@@ -113,6 +113,25 @@ def test_malformed_comparisons_are_named_by_row_and_field(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_repeated_judgments_of_a_pair_are_merged_by_majority_vote(tmp_path):
+    """Several workers judged the same two summaries: one pair, chosen by the majority (in either order of
+    the summaries); an even split is a tie, dropped and counted. Not errors: repeats are votes."""
+    from alignment.data import DataConfig, parse_source, read_source
+
+    post = "SUBREDDIT: r/food\n\nTITLE: Figs\n\nPOST: I ate figs.\n\nTL;DR:"
+    other = "SUBREDDIT: r/food\n\nTITLE: Plums\n\nPOST: I ate plums.\n\nTL;DR:"
+    rows = [_comparison(post, ["ate figs", "figs"], 0), _comparison(post, ["figs", "ate figs"], 1),  # 'ate figs'
+            _comparison(post, ["ate figs", "figs"], 1),                                              # 2 : 1
+            _comparison(other, ["ate plums", "plums"], 0), _comparison(other, ["ate plums", "plums"], 1),  # 1 : 1
+            _comparison(other, ["plums!", "plums"], 1)]
+    config = DataConfig(source=str(write_jsonl(tmp_path / "votes.jsonl", rows)))
+    parsed = parse_source(read_source(config), config)
+    assert not parsed.issues and parsed.stats.n_ties_dropped == 1 and parsed.stats.n_pairs == 2
+    figs, plums = parsed.pairs
+    assert (figs.chosen, figs.rejected, figs.source_rows) == ("ate figs", "figs", (1, 2, 3))
+    assert (plums.chosen, plums.rejected, plums.source_rows) == ("plums", "plums!", (6,))
+
+
 def test_the_hub_comparisons_are_read_from_their_configuration(tmp_path, monkeypatch):
     """openai/summarize_from_feedback is read from its 'comparisons' configuration (the datasets call is
     faked: the hub is out of reach here); offline it is one clear error."""
