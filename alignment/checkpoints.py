@@ -122,6 +122,13 @@ def seal_callback():
     return SealCheckpoints()
 
 
+def trainer_checkpoint_args(folder: str | Path, every: int) -> dict:
+    """The Trainer arguments of this checkpoint policy: into ``folder`` (:func:`checkpoint_folder`) every
+    ``every`` optimizer steps (0: never), the newest two kept."""
+    return {"output_dir": str(folder), "save_strategy": "steps" if every else "no", "save_steps": max(1, every),
+            "save_total_limit": 2}
+
+
 def progress_callback(report: Callable[[int, int], None]):
     """A transformers TrainerCallback that reports (step, max_steps) after every optimizer step."""
     from transformers import TrainerCallback

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks
+from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
 from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.footprint import records_footprint
@@ -120,11 +120,10 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
     resume_from = resume_point(checkpoints, plan.key) if config.checkpoint_every else None
     with atomic_directory(out) as tmp:
         args = DPOConfig(
-            output_dir=str(checkpoints), beta=config.beta, loss_type=[config.loss_type],
+            **trainer_checkpoint_args(checkpoints, config.checkpoint_every), beta=config.beta, loss_type=[config.loss_type],
             max_length=config.max_length, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
-            logging_steps=config.logging_steps, save_strategy="steps" if config.checkpoint_every else "no",
-            save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], seed=config.seed,
+            logging_steps=config.logging_steps, report_to=[], seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=preference_dataset(pairs),

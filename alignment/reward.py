@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks
+from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
 from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
@@ -525,14 +525,13 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     writer = atomic_directory(out) if rank == 0 else _scratch_directory()
     with writer as tmp:
         args = RewardConfig(
-            output_dir=str(checkpoints), num_train_epochs=config.epochs,
+            **trainer_checkpoint_args(checkpoints, config.checkpoint_every), num_train_epochs=config.epochs,
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
             learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,  # < 1: a ratio
             lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=bf16,
             gradient_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
             center_rewards_coefficient=config.center_rewards_coefficient if config.kind == "scalar" else None,
-            logging_steps=logging_steps, save_strategy="steps" if config.checkpoint_every else "no",
-            save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], use_cpu=device.type == "cpu",
+            logging_steps=logging_steps, report_to=[], use_cpu=device.type == "cpu",
             dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,

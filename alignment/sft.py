@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks
+from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
 from alignment.config import StageConfig
 from alignment.data import SummaryData, read_summaries
 from alignment.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
@@ -216,13 +216,12 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
 
     with atomic_directory(out) as tmp:
         args = TRLSFTConfig(
-            output_dir=str(checkpoints), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+            **trainer_checkpoint_args(checkpoints, config.checkpoint_every), num_train_epochs=config.epochs,
+            per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
             weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio, lr_scheduler_type="linear",
             max_length=config.max_prompt_length + config.max_completion_length + 32, completion_only_loss=True,
-            logging_steps=config.logging_steps, logging_first_step=True,
-            save_strategy="steps" if config.checkpoint_every else "no",
-            save_steps=max(1, config.checkpoint_every), save_total_limit=2, report_to=[], seed=config.seed,
+            logging_steps=config.logging_steps, logging_first_step=True, report_to=[], seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(training_records(train, tokenizer, config)),
