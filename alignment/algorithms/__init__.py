@@ -1,0 +1,15 @@
+"""Pure pieces of the online policy-optimisation loop: advantage estimators and policy losses, each in
+a registry keyed by name (``get_adv_est("grpo")``, ``get_policy_loss("clipped_token")``)."""
+
+from alignment.algorithms.advantages import ADV_ESTIMATORS, get_adv_est, register_adv_est
+from alignment.algorithms.losses import (
+    AGG_MODES,
+    POLICY_LOSSES,
+    PolicyLossOutput,
+    agg_loss,
+    get_policy_loss,
+    register_policy_loss,
+)
+
+__all__ = ["ADV_ESTIMATORS", "AGG_MODES", "POLICY_LOSSES", "PolicyLossOutput", "agg_loss", "get_adv_est",
+           "get_policy_loss", "register_adv_est", "register_policy_loss"]
