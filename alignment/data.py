@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from alignment import __version__
-from alignment.config import StageConfig
+from alignment.config import StageConfig, cut
 from alignment.footprint import records_footprint
 from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
@@ -73,6 +74,11 @@ DEFAULT_HUB_SPLITS = {"esfrankel17/HelpSteer2_binarized": "average_rating_split"
 DEFAULT_HUB_SUBSETS = {"openai/summarize_from_feedback": "comparisons"}
 # Lone surrogates mark bytes that were not valid UTF-8 (decoded with errors="surrogateescape").
 _UNDECODABLE = re.compile("[\udc80-\udcff]")
+# Any other lone surrogate (a JSON "\ud800" escape) is text that cannot be written as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# The longest text one field may hold: the stdlib csv reader's own limit (csv.field_size_limit()),
+# applied to every file format, so one line of megabytes is a bad row, not a stall or a memory spike.
+MAX_FIELD_CHARS = 131_072
 _HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -112,10 +118,10 @@ class DataConfig(StageConfig):
     pairing: Literal["best_worst", "all_pairs"] = Field(
         "best_worst", description="Raw form: one best-vs-worst pair per prompt, or every non-tied pair."
     )
-    rating_min: float = Field(0.0, description="Lowest rating on the source scale.")
-    rating_max: float = Field(4.0, description="Highest rating on the source scale.")
+    rating_min: float = Field(0.0, allow_inf_nan=False, description="Lowest rating on the source scale (finite).")
+    rating_max: float = Field(4.0, allow_inf_nan=False, description="Highest rating on the source scale (finite).")
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of prompts held out.")
-    seed: int = Field(0, description="Seed of the train/validation split and of max_pairs sampling.")
+    seed: int = Field(0, ge=0, description="Seed of the train/validation split and of max_pairs sampling.")
     max_pairs: int | None = Field(None, ge=2, description="Keep a seeded random subset of this many pairs.")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="'error' stops at bad input naming file, row and field; 'skip' drops and counts."
@@ -127,6 +133,13 @@ class DataConfig(StageConfig):
         unknown = sorted(set(value) - set(CANONICAL_COLUMNS))
         if unknown:
             raise ValueError(f"unknown canonical column(s) {unknown}; expected some of {list(CANONICAL_COLUMNS)}")
+        return value
+
+    @field_validator("score_weights", mode="before")
+    @classmethod
+    def _no_bool_weights(cls, value: Any) -> Any:
+        if isinstance(value, dict) and any(isinstance(w, bool) for w in value.values()):
+            raise ValueError("weights must be numbers, not booleans")
         return value
 
     @field_validator("score_weights")
@@ -143,6 +156,8 @@ class DataConfig(StageConfig):
     def _consistent(self) -> DataConfig:
         if self.rating_max <= self.rating_min:
             raise ValueError("rating_max must be greater than rating_min")
+        if not math.isfinite(self.rating_max - self.rating_min):
+            raise ValueError("rating_max - rating_min must be a finite number (the scale maps to 1..10)")
         if self.score == "weighted" and sum(self.score_weights.values()) <= 0:
             raise ValueError("score='weighted' needs score_weights with a positive sum")
         return self
@@ -229,6 +244,8 @@ def _text(value: Any, field: str) -> str:
         raise _Bad(field, f"expected text, got {type(value).__name__}")
     if _UNDECODABLE.search(value):
         raise _Bad(field, "undecodable bytes (the text is not valid UTF-8)")
+    if _SURROGATE.search(value):
+        raise _Bad(field, "invalid text: a lone UTF-16 surrogate (e.g. a JSON \\ud800 escape), not valid Unicode")
     if not value.strip():
         raise _Bad(field, "empty text")
     return value.strip()
@@ -265,8 +282,8 @@ def _messages(value: Any, field: str) -> list[Message]:
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise _Bad(field, f"message {i} must be an object with 'role' and 'content'")
-        if msg["role"] not in ROLES:
-            raise _Bad(field, f"message {i} has role {msg['role']!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(msg["role"], str) or msg["role"] not in ROLES:
+            raise _Bad(field, f"message {i} has role {cut(repr(msg['role']), 80)}; expected one of {sorted(ROLES)}")
         messages.append({"role": msg["role"], "content": _text(msg["content"], f"{field}[{i}].content")})
     return messages
 
@@ -301,7 +318,10 @@ def _rating(value: Any, field: str, config: DataConfig, coerce_text: bool) -> fl
             raise _Bad(field, f"rating {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise _Bad(field, f"rating must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise _Bad(field, f"rating outside [{config.rating_min:g}, {config.rating_max:g}] (a huge number)") from None
     if math.isnan(value):
         raise _Bad(field, "rating is NaN")
     if not (config.rating_min <= value <= config.rating_max):
@@ -384,8 +404,10 @@ def comparison_to_pair_record(rec: dict) -> dict[str, str]:
     choice = rec.get("choice")
     if isinstance(choice, str) and choice.strip() in ("0", "1"):
         choice = int(choice)
-    if isinstance(choice, bool) or choice not in (0, 1):
-        raise _Bad("choice", f"expected 0 or 1 (the index of the preferred summary), got {choice!r}")
+    if isinstance(choice, bool) or not isinstance(choice, (int, float, np.integer, np.floating)) \
+            or choice not in (0, 1):
+        raise _Bad("choice", f"expected 0 or 1 (the index of the preferred summary), got {cut(repr(choice), 80)}")
+    choice = int(choice)  # 1.0 from a JSON float indexes like 1
     return {"prompt": tldr_prompt(rec.get("info")), "chosen": texts[choice], "rejected": texts[1 - choice]}
 
 
@@ -452,10 +474,58 @@ def _builtin_path(name: str) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        data = gzip.decompress(data)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
+            what = "cut short (truncated)" if isinstance(exc, EOFError) else f"{exc}"
+            raise DataError(f"{path}: not a readable gzip file: {what}") from None
     return data
+
+
+MAX_NESTING = 100  # levels of lists/objects inside one row
+
+
+def _row_problem(record: Any) -> tuple[str | None, str] | None:
+    """(field, reason) when a row holds a text longer than MAX_FIELD_CHARS or nests deeper than
+    MAX_NESTING levels; None when it is fine. Iterative: a row nested a thousand levels costs no recursion."""
+    stack: list[tuple[Any, str, int]] = [(record, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, (str, bytes)):
+            if len(value) > MAX_FIELD_CHARS:
+                return where or None, (f"field larger than the field limit ({MAX_FIELD_CHARS:,} characters; it has "
+                                       f"{len(value):,})")
+            continue
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if isinstance(value, dict):
+            children = [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            return where or None, f"nested deeper than {MAX_NESTING} levels"
+        stack.extend((child, name, depth + 1) for child, name in children)
+    return None
+
+
+def _drop_bad_rows(name: str, records: list[dict], rows: list[int]) -> tuple[list[dict], list[int], list[RowIssue]]:
+    """Set aside the rows :func:`_row_problem` refuses, as row issues (skippable like any bad row)."""
+    kept, kept_rows, issues = [], [], []
+    for rec, row in zip(records, rows, strict=True):
+        problem = _row_problem(rec)
+        if problem is None:
+            kept.append(rec)
+            kept_rows.append(row)
+        else:
+            issues.append(RowIssue(name, row, cut(problem[0], 120) if problem[0] else None, problem[1]))
+    return kept, kept_rows, issues
 
 
 def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict], list[int], list[RowIssue]]:
@@ -472,6 +542,12 @@ def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict], list[int], list[Ro
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             issues.append(RowIssue(str(path), lineno, None, f"invalid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except RecursionError:
+            issues.append(RowIssue(str(path), lineno, None, "invalid JSON (nested too deeply)"))
+            continue
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            issues.append(RowIssue(str(path), lineno, None, f"invalid JSON ({cut(str(exc), 120)})"))
             continue
         if not isinstance(obj, dict):
             issues.append(RowIssue(str(path), lineno, None, f"expected a JSON object, got {type(obj).__name__}"))
@@ -501,7 +577,9 @@ def _read_file(path: Path) -> SourceData:
         except UnicodeDecodeError as exc:
             line = data[: exc.start].count(b"\n") + 1
             raise DataError(f"{name}: undecodable bytes (not UTF-8) on line {line}, byte {exc.start}") from None
-        except json.JSONDecodeError:
+        except RecursionError:
+            raise DataError(f"{name}: invalid JSON (nested too deeply)") from None
+        except ValueError:  # JSONDecodeError (or an integer of more than 4300 digits): maybe JSON Lines
             records, rows, issues = _read_jsonl(path, data)  # JSON Lines saved as .json
         else:
             if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -512,21 +590,23 @@ def _read_file(path: Path) -> SourceData:
     elif ext == ".parquet":
         try:
             table = pq.read_table(io.BytesIO(data))
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{name}: not a readable parquet file ({exc})") from None
-        records, rows = table.to_pylist(), list(range(1, table.num_rows + 1))
+            records, rows = table.to_pylist(), list(range(1, table.num_rows + 1))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{name}: not a readable parquet file ({cut(str(exc), 300)})") from None
     elif ext in (".csv", ".tsv"):
         # The stdlib reader, not pandas: bytes that are not UTF-8 survive as lone surrogates
         # (surrogateescape) and are then reported per row and field instead of failing the file.
         text = data.decode("utf-8", errors="surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
         try:
-            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
             records = [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader]
-        except csv.Error as exc:
-            raise DataError(f"{name}: not a readable {ext[1:]} file ({exc})") from None
+        except csv.Error as exc:  # e.g. "field larger than field limit (131072)": the stdlib reader's limit
+            raise DataError(f"{name}, line {reader.reader.line_num}: not a readable {ext[1:]} file ({exc})") from None
         rows, typed = list(range(1, len(records) + 1)), False
     else:
-        raise DataError(f"{name}: unsupported file type {ext or '(none)'}; use .jsonl, .json, .parquet or .csv")
+        raise DataError(f"{name}: unsupported file type {cut(ext, 40) or '(none)'}; use .jsonl, .json, .parquet or .csv")
+    records, rows, oversized = _drop_bad_rows(name, records, rows)
+    issues = sorted(issues + oversized, key=lambda i: i.row)
     if not records and not issues:
         raise DataError(f"{name}: the file holds no rows")
     return SourceData(name, "file", records, rows, sha, unreadable=issues, typed=typed)
@@ -564,12 +644,16 @@ def read_source(config: DataConfig, offline_hint: str = OFFLINE_HINT) -> SourceD
         data = _read_file(_builtin_path(spec))
         data.name, data.kind = f"builtin:{spec}", "builtin"
         return data
-    path = Path(spec).expanduser()
-    if path.exists():
+    try:
+        path = Path(spec).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unknown ~user
+        raise DataError(f"source {cut(repr(spec), 200)} is not a usable path ({exc})") from None
+    if exists:
         return _read_file(path)
     if looks_like_repo_id(spec) and not spec.startswith((".", "/")):
         return _read_hub(spec, config.split, config.subset, offline_hint)
-    raise DataError(f"source {spec!r} is neither an existing file, 'demo', nor a Hugging Face dataset id")
+    raise DataError(f"source {cut(repr(spec), 200)} is neither an existing file, 'demo', nor a Hugging Face dataset id")
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,7 +858,7 @@ def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: 
     score = sum(w * _rating(rec.get(a), a, config, not typed) for a, w in weights.items()) / sum(weights.values())
     raw = rec.get("prompt")
     exact = raw if isinstance(raw, str) else json.dumps(raw.tolist() if isinstance(raw, np.ndarray) else raw,
-                                                        sort_keys=True, ensure_ascii=False)
+                                                        sort_keys=True, ensure_ascii=False, default=str)
     return RawResponse(prompt, response, min(max(score, config.rating_min), config.rating_max), row, exact, _gold(rec))
 
 
@@ -958,9 +1042,34 @@ def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
     return pa.table(columns, schema=PAIR_SCHEMA)
 
 
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")  # what a split needs at least (older splits lack the gold columns)
+
+
 def read_pairs(path: str | Path) -> pa.Table:
-    """Read a split written by the data stage."""
-    return pq.read_table(path)
+    """Read a split written by the data stage. A missing, unreadable or foreign file is a :class:`DataError`
+    naming it (a later stage pointed at a damaged or wrong data folder), never an Arrow traceback."""
+    path = Path(path)
+    hint = (f"{path.parent} is not a complete data stage output: re-run `align data` "
+            "(with --overwrite if the folder is damaged)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; {hint}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({cut(' '.join(str(exc).split()), 200)}); {hint}"
+                        ) from None
+    missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: not a data stage split (no column(s) {', '.join(missing)}; it has "
+                        f"{cut(', '.join(table.column_names), 200) or 'none'}); {hint}")
+    types_ = {c: table.schema.field(c).type for c in PAIR_COLUMNS}
+    wrong = [f"prompt is {types_['prompt']}, not a list of messages"] if not (
+        pa.types.is_list(types_["prompt"]) or pa.types.is_large_list(types_["prompt"])) else []
+    wrong += [f"{c} is {types_[c]}, not text" for c in ("chosen", "rejected")
+              if not (pa.types.is_string(types_[c]) or pa.types.is_large_string(types_[c]))]
+    if wrong:
+        raise DataError(f"{path}: not a data stage split ({cut('; '.join(wrong), 300)}); {hint}")
+    return table
 
 
 @dataclass(frozen=True)

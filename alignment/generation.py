@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from alignment.config import ConfigModel
 from alignment.data import Message
 
 
-class SamplingConfig(BaseModel):
+class SamplingConfig(ConfigModel):
     """How completions are drawn: greedy, or sampled with temperature / top-p / top-k."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

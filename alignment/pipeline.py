@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from alignment.config import StageConfig
+from alignment.config import ConfigModel, StageConfig
 from alignment.data import DataConfig, plan_data
 from alignment.evaluate import ScoreConfig, plan_score
 from alignment.footprint import read_footprint
@@ -31,7 +31,7 @@ from alignment.stage import StagePlan, is_complete
 from alignment.verdict import verdict
 
 
-class PipelineOptions(BaseModel):
+class PipelineOptions(ConfigModel):
     """What the pipeline runs and where it writes."""
 
     model_config = ConfigDict(extra="forbid")
