@@ -25,6 +25,7 @@ from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.footprint import records_footprint
 from alignment.hardware import bf16_enabled, resolve_device
+from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
@@ -97,12 +98,12 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    if config.data is None or read_manifest(config.data) is None:
-        raise DPOError(f"dpo: data={config.data!r} is not a completed data stage output (run `align data`)")
+    require_stage_output(config.data, "data", DPOError, "dpo: data (--data)")  # complete and intact
     plan = plan_dpo(config, runs_root)
     out = Path(out_dir) if out_dir is not None else plan.out
     if reuse_or_guard(out, plan.key, DPOError, overwrite=overwrite) is not None:
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
+    require_model_source(config.policy, DPOError, "dpo: policy (--policy)")  # before any model is loaded
     set_seed(config.seed)
     device = resolve_device(config.device)
     pairs = PairData.load(Path(config.data) / "train.parquet", config.max_train_pairs, config.seed)

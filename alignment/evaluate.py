@@ -42,6 +42,7 @@ from alignment.generation import (
 )
 from alignment.gold import check_answer
 from alignment.hardware import bf16_enabled, resolve_device
+from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
 from alignment.reward import RewardModelError, RewardScorer
@@ -340,7 +341,14 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
         log.info("scores already computed in %s (same models, reward models and prompts): reusing them", out)
         return StageResult(out, json.loads((out / "scores.json").read_text()), reused=True)
 
-    # 1. The fixed prompt set (with gold answers where the data has them).
+    # 1. The inputs, before any model is loaded: complete, intact stage outputs and loadable models.
+    require_stage_output(config.data, "data", EvaluationError, "score: data (--data)")
+    for name, folder in config.reward_models.items():
+        require_stage_output(folder, "reward_model", EvaluationError, f"score: reward model {name!r} (--rm)")
+    for name, spec in config.models.items():
+        require_model_source(spec, EvaluationError, f"score: model {name!r} (--model)")
+
+    # 2. The fixed prompt set (with gold answers where the data has them).
     items = select_prompt_items(config.data, config.n_prompts, config.seed)
     prompts = [item.messages for item in items]
     device = resolve_device(config.device)
@@ -348,7 +356,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     names = list(config.models)
     reference = names[0]
 
-    # 2. Each model answers (one model in memory at a time, plus the reference for KL).
+    # 3. Each model answers (one model in memory at a time, plus the reference for KL).
     gens: dict[str, Generations] = {}
     kl: dict[str, list[float]] = {}
     ref_model = None
@@ -372,7 +380,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             del model
     del ref_model
 
-    # 3. Score every answer with every reward model.
+    # 4. Score every answer with every reward model.
     rewards: dict[str, dict[str, tuple[list[float], list[float]]]] = {n: {} for n in names}
     for rm_name, folder in config.reward_models.items():
         try:
@@ -384,7 +392,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             rewards[name][rm_name] = (s.mean.tolist(), s.var.tolist())
         del scorer
 
-    # 4. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
+    # 5. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
     gold = {name: gold_results(items, gens[name].texts) for name in names}
     rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
@@ -418,7 +426,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 entry["rouge_gain"] = paired_rouge_gain(rouge[name], rouge[reference], config.seed)
         summary["models"][name] = entry
 
-    # 5. Write everything atomically (manifest last).
+    # 6. Write everything atomically (manifest last).
     with atomic_directory(out) as tmp:
         (tmp / GENERATIONS).mkdir()
         (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")

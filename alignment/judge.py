@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 from alignment.config import StageConfig
 from alignment.evaluate import GENERATIONS, read_generations
 from alignment.footprint import records_footprint
+from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.stage import (
@@ -532,9 +533,8 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
     """Judge model A vs model B on the scoring stage's answers; resumable; writes CSV, summary, report.
     ``api_key``: the Gemini key when it does not come from the environment (e.g. a Prefect Secret block
     the flow read); it is used for the calls and never written or logged."""
-    score_manifest = read_manifest(config.scores) if config.scores else None
-    if score_manifest is None or score_manifest.get("stage") != "score":
-        raise JudgeError(f"{config.scores} is not a finished `align score` output (no manifest.json)")
+    # The answers judged: a complete, intact scoring output (its generations as the stage wrote them).
+    score_manifest = require_stage_output(config.scores, "score", JudgeError, "judge: scores (--scores)")
     available = list(score_manifest["config"]["models"])
     model_a, model_b = _pick_models(config, available)
     plan = plan_judge(config, runs_root)
@@ -542,6 +542,8 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
     if reuse_or_guard(out, key, JudgeError, resumable=True) is not None:
         log.info("judgments already complete in %s: reusing them", out)
         return StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
+    if config.backend == "local":  # before the local judge's model is loaded
+        require_model_source(config.local_model, JudgeError, "judge: local_model")
     claim_output(out, key, config.model_dump(mode="json"), model_a=model_a, model_b=model_b)
 
     # 1. The pairs: the same prompt answered by model A and model B.

@@ -32,6 +32,7 @@ from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
+from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import (
     MANIFEST,
     atomic_directory,
@@ -432,10 +433,8 @@ def _training_dataset(config: RewardModelConfig, tokenizer, pairs: PairData):
 def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
     if config.data is None:
         return run_data_stage(DataConfig(), runs_root=runs_root).out_dir
-    folder = Path(config.data)
-    if read_manifest(folder) is None:
-        raise RewardModelError(f"{folder} is not a completed data stage output (no manifest.json); run `align data`")
-    return folder
+    require_stage_output(config.data, "data", RewardModelError, "data (--data)")  # complete and intact
+    return Path(config.data)
 
 
 def reward_stage_key(config: RewardModelConfig, data_dir: str | Path) -> str:
@@ -481,6 +480,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
 
     # 1. Data: the data stage's splits (optionally a seeded subset of train).
+    require_model_source(config.model, RewardModelError, "model (--model)")  # before any model is loaded
     set_seed(config.seed)
     device = resolve_device(config.device)
     train = PairData.load(data_dir / "train.parquet", config.max_train_pairs, config.seed)

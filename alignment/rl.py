@@ -40,6 +40,7 @@ from alignment.evaluate import PolicyEval, evaluate_policy
 from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
+from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import (
     MANIFEST,
     atomic_directory,
@@ -767,6 +768,16 @@ def plan_online(config: OnlineConfig, key: str, runs_dir: str | Path) -> StagePl
     return StagePlan(key, out, out / "final")
 
 
+def check_input_folders(config: OnlineConfig, error: type[Exception]) -> None:
+    """The data and reward-model folders are complete, intact outputs of their stages and the policy is a
+    loadable model (``alignment.inputs``); else ``error``, one line naming the folder."""
+    require_stage_output(config.data, "data", error, "data (--data)")
+    require_stage_output(config.reward_model, "reward_model", error, "reward_model (--rm)")
+    for name, folder in config.independent_reward_models.items():
+        require_stage_output(folder, "reward_model", error, f"independent reward model {name!r}")
+    require_model_source(config.policy, error, "policy (--policy)")
+
+
 @exclusive_stage
 @records_footprint
 def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: StagePlan, out_dir: str | Path | None,
@@ -778,6 +789,7 @@ def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: Stage
     out = Path(out_dir) if out_dir is not None else plan.out
     if reuse_or_guard(out, plan.key, recipe_cls.error, done=out / "final", resumable=True) is not None:
         return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
+    check_input_folders(config, recipe_cls.error)  # before any model is loaded
     recipe = recipe_cls(config, out, plan.key, progress)
     recipe.setup()
     if recipe.dist.is_main:

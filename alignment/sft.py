@@ -46,6 +46,7 @@ from alignment.generation import (
     generate,
 )
 from alignment.hardware import bf16_enabled, resolve_device
+from alignment.inputs import require_model_source
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
@@ -188,6 +189,7 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
 
     # 1. Data: held-out posts for the evaluation, the rest (optionally a seeded subset) for training.
+    require_model_source(config.policy, SFTError, "sft: policy (--policy)")  # before any model is loaded
     set_seed(config.seed)
     train, held = data.split(config.eval_posts, config.seed)
     if config.max_train_posts is not None and config.max_train_posts < len(train):
