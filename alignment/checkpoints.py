@@ -16,8 +16,11 @@ training continues; with none, training starts over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -120,6 +123,24 @@ def seal_callback():
             return control
 
     return SealCheckpoints()
+
+
+@contextlib.contextmanager
+def refusing_pickles(checkpoint: str | Path | None, error: type[Exception]):
+    """Around ``trainer.train(resume_from_checkpoint=checkpoint)``: transformers reads the checkpoint's
+    ``rng_state.pth``, ``optimizer.pt`` and ``scheduler.pt`` with ``torch.load(weights_only=True)``, so a
+    file carrying a pickled object (one whose loading would run code) is refused there and nothing in it
+    runs; this turns that refusal into the stage's ``error``, one line naming the checkpoint."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        if checkpoint is None:
+            raise
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled reference to {named.group(1)}" if named else "a pickled object"
+        raise error(f"{checkpoint} holds a file with {what}, not only tensors and plain values: it was not written "
+                    "by this program or was changed since, and loading it could run code, so it is refused. "
+                    f"Remove {checkpoint} to resume from the checkpoint before it (or from the start)") from None
 
 
 def trainer_checkpoint_args(folder: str | Path, every: int) -> dict:

@@ -20,7 +20,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
+from alignment.checkpoints import (
+    checkpoint_folder,
+    refusing_pickles,
+    resume_point,
+    trainer_callbacks,
+    trainer_checkpoint_args,
+)
 from alignment.config import StageConfig
 from alignment.data import PairData
 from alignment.footprint import records_footprint
@@ -130,7 +136,8 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=preference_dataset(pairs),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress))
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with refusing_pickles(resume_from, DPOError):  # a checkpoint file that would run code: one line
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         final = trainer.model.merge_and_unload() if config.lora else trainer.model

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
+from alignment.checkpoints import (
+    checkpoint_folder,
+    refusing_pickles,
+    resume_point,
+    trainer_callbacks,
+    trainer_checkpoint_args,
+)
 from alignment.config import StageConfig
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
@@ -545,7 +551,8 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
                                   pairwise_weight=config.pairwise_weight,
                                   data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
         start = time.perf_counter()
-        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with refusing_pickles(resume_from, RewardModelError):  # a checkpoint file that would run code: one line
+            train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         if rank != 0:

@@ -110,15 +110,28 @@ class CollapseGuard:
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values only, so that a checkpoint loads with
+    ``torch.load(weights_only=True)`` (no pickled objects, no code run by loading it)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s states (also the tuples of checkpoints written before it kept tensors)."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"])
+    random.setstate(py)
+    if isinstance(npy, dict):
+        npy = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -181,17 +194,50 @@ def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str
     return target
 
 
+def _numpy_rng_globals() -> list:
+    """What checkpoints written before RNG states were kept as tensors need besides tensors: numpy's array
+    reconstruction (the same allowlist transformers uses for its ``rng_state.pth``), no arbitrary callable."""
+    core = np._core if hasattr(np, "_core") else np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors and plain values only. A file
+    that holds anything else (a pickled object whose loading would run code) is refused with
+    :class:`ResumeError`; nothing in it is executed."""
+    import pickle
+    import re
+
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a pickled reference to {named.group(1)}" if named else "a pickled object"
+        raise ResumeError(f"{path} holds {what}, not only tensors and plain values: it was not written by this "
+                          "program or was changed since, and loading it could run code, so it is refused. Remove "
+                          f"{path.parent} to resume from the checkpoint before it (or from the start)") from None
+    except (RuntimeError, EOFError, ValueError) as exc:  # not a torch file at all
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ResumeError(f"{path} cannot be read as a checkpoint file ({first[:200]}). Remove {path.parent} to "
+                          "resume from the checkpoint before it (or from the start)") from None
+
+
 def load_checkpoint(ckpt: Path, policy, optimizer, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Restore weights, optimizer and this process's RNG; returns the trainer state saved with them."""
+    """Restore weights, optimizer and this process's RNG; returns the trainer state saved with them.
+
+    The optimizer and RNG files are read with ``weights_only=True`` (:func:`load_tensors`) before anything
+    is restored, so a refused file leaves the models as they were."""
     from safetensors.torch import load_model
 
-    load_model(policy, str(ckpt / "policy.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    optimizer_state = load_tensors(ckpt / "optimizer.pt")
+    rng = load_tensors(ckpt / "rng.pt")
     ranks = rng.get("ranks", [rng])  # a data-parallel run keeps every process's state
     if len(ranks) != world:
         raise ResumeError(f"{ckpt} was written by {len(ranks)} process(es); resume it with the same number "
                           f"(this launch has {world}) so that every process continues its own sampling")
+    load_model(policy, str(ckpt / "policy.safetensors"))
+    optimizer.load_state_dict(optimizer_state)
     set_rng_state(ranks[rank])
     return json.loads((ckpt / "state.json").read_text())
 

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from alignment.checkpoints import checkpoint_folder, resume_point, trainer_callbacks, trainer_checkpoint_args
+from alignment.checkpoints import (
+    checkpoint_folder,
+    refusing_pickles,
+    resume_point,
+    trainer_callbacks,
+    trainer_checkpoint_args,
+)
 from alignment.config import StageConfig
 from alignment.data import SummaryData, read_summaries
 from alignment.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
@@ -229,7 +235,8 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(training_records(train, tokenizer, config)),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress))
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with refusing_pickles(resume_from, SFTError):  # a checkpoint file that would run code: one line
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         train_seconds = time.perf_counter() - start
         history = [h for h in trainer.state.log_history if "loss" in h]
         final = trainer.model.merge_and_unload() if config.lora else trainer.model
