@@ -4,7 +4,9 @@
 The Trainer writes ``checkpoint-N/`` folders (weights, optimizer, scheduler, RNG states, and
 ``trainer_state.json`` with the data position) into a folder of its own beside the stage's output,
 ``.<out>.checkpoints/``, which outlives a killed run; the stage's output folder itself is still written
-atomically at the end, and the checkpoints are removed once it is complete.
+atomically at the end, and the checkpoints are removed once it is complete. A checkpoint is written
+every ``checkpoint_every`` optimizer steps or every ``checkpoint_every_s`` seconds, whichever comes
+first (:func:`timed_checkpoint_callback`).
 
 A checkpoint counts only when it is sealed: after the Trainer has written it, :class:`SealCheckpoints`
 records every file's size and SHA-256 in ``sealed.json``. On a re-run :func:`resume_point` drops what
@@ -22,6 +24,7 @@ import logging
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,6 +164,45 @@ def progress_callback(report: Callable[[int, int], None]):
     return Progress()
 
 
-def trainer_callbacks(progress: Callable[[int, int], None] | None = None) -> list:
-    """What every Trainer-based stage passes: the checkpoint seal, and the progress report when asked."""
-    return [seal_callback(), *([progress_callback(progress)] if progress else [])]
+def _first_process_decides(flag: bool, device) -> bool:
+    """Process 0's ``flag`` on every process of a distributed run (so all save together); ``flag`` alone."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+def timed_checkpoint_callback(every_s: float):
+    """A transformers TrainerCallback that asks for a checkpoint after the optimizer step at which
+    ``every_s`` seconds have passed since the last one (or since training began), beside the Trainer's
+    own every-N-steps rule: whichever comes first. The clock restarts at every save."""
+    from transformers import TrainerCallback
+
+    class TimedCheckpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _first_process_decides(time.monotonic() - self.last >= every_s, args.device):
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return TimedCheckpoints()
+
+
+def trainer_callbacks(progress: Callable[[int, int], None] | None = None, checkpoint_every_s: float = 0.0) -> list:
+    """What every Trainer-based stage passes: the checkpoint seal, a checkpoint every ``checkpoint_every_s``
+    seconds as well as every N steps (0: by steps only; pass 0 when the stage keeps no checkpoints), and the
+    progress report when asked."""
+    return [seal_callback(), *([timed_checkpoint_callback(checkpoint_every_s)] if checkpoint_every_s > 0 else []),
+            *([progress_callback(progress)] if progress else [])]

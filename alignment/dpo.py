@@ -62,6 +62,9 @@ class DPOStageConfig(StageConfig):
     checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N optimizer steps; "
                                   "re-running the same command continues from the newest intact one. 0: none. "
                                   "Not part of the stage key.")
+    checkpoint_every_s: float = Field(600.0, ge=0.0, description="Also checkpoint once this many seconds have passed "
+                                      "since the last checkpoint (whichever comes first); 0: by steps only. "
+                                      "Not part of the stage key.")
     seed: int = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
@@ -73,7 +76,7 @@ class DPOStageConfig(StageConfig):
 
 def dpo_stage_key(config: DPOStageConfig) -> str:
     data = (read_manifest(config.data) if config.data else None) or {}
-    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every"})
+    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every", "checkpoint_every_s"})
     return sha256_text(json.dumps([cfg, data.get("stage_key"), "dpo-schema=1"], sort_keys=True))
 
 
@@ -125,6 +128,7 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
     bf16 = bf16_enabled(config.bf16, device)
     checkpoints = checkpoint_folder(out)  # beside the output, outliving a kill (alignment.checkpoints)
     resume_from = resume_point(checkpoints, plan.key) if config.checkpoint_every else None
+    timed = config.checkpoint_every_s if config.checkpoint_every else 0.0  # by time too (none without checkpoints)
     with atomic_directory(out) as tmp:
         args = DPOConfig(
             **trainer_checkpoint_args(checkpoints, config.checkpoint_every), beta=config.beta, loss_type=[config.loss_type],
@@ -134,7 +138,7 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=preference_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress))
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed))
         start = time.perf_counter()
         with refusing_pickles(resume_from, DPOError):  # a checkpoint file that would run code: one line
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -161,6 +161,9 @@ class RewardModelConfig(StageConfig):
     checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint (weights, optimizer, scheduler, "
                                   "RNG, data position) every N optimizer steps; re-running the same command "
                                   "continues from the newest intact one. 0: none. Not part of the stage key.")
+    checkpoint_every_s: float = Field(600.0, ge=0.0, description="Also checkpoint once this many seconds have passed "
+                                      "since the last checkpoint (whichever comes first); 0: by steps only. "
+                                      "Not part of the stage key.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -446,7 +449,7 @@ def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
 def reward_stage_key(config: RewardModelConfig, data_dir: str | Path) -> str:
     data_manifest = read_manifest(data_dir) or {}
     files = json.dumps(data_manifest.get("files", {}), sort_keys=True)
-    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every"})
+    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every", "checkpoint_every_s"})
     return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=2")
 
 
@@ -528,6 +531,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     # resumes from the newest intact one (alignment.checkpoints).
     checkpoints = checkpoint_folder(out)
     resume_from = resume_point(checkpoints, key, clean=rank == 0) if config.checkpoint_every else None
+    timed = config.checkpoint_every_s if config.checkpoint_every else 0.0  # by time too (none without checkpoints)
     writer = atomic_directory(out) if rank == 0 else _scratch_directory()
     with writer as tmp:
         args = RewardConfig(
@@ -542,7 +546,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                       peft_config=peft_config,
-                      callbacks=trainer_callbacks(progress))
+                      callbacks=trainer_callbacks(progress, timed))
         if config.kind == "scalar":
             trainer = RewardTrainer(**common)
         else:

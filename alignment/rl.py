@@ -422,7 +422,10 @@ class OnlineConfig(StageConfig):
     guard_min_distinct2: float = Field(0.2, ge=0.0, le=1.0, description="Collapse if distinct-2 stays below.")
     guard_max_repetition: float = Field(0.6, ge=0.0, le=1.0, description="Collapse if repetition stays above.")
     guard_patience: int = Field(3, ge=1, description="Consecutive unhealthy steps that stop the run.")
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
+    checkpoint_every_s: float = Field(600.0, ge=0.0, description="Also checkpoint once this many seconds have passed "
+                                      "since the last checkpoint (whichever comes first); 0: by steps only. Not "
+                                      "part of the stage key.")
     eval_prompts: int = Field(32, ge=0, description="Held-out validation prompts scored before, every eval_every "
                               "steps and after (greedy).")
     eval_every: int = Field(10, ge=0, description="Held-out evaluation every N steps (0: before and after only): "
@@ -544,6 +547,7 @@ class OnlineRecipe:
         self.alarms: list[str] = []
         self.best: dict[str, Any] | None = None  # {"step", "score"} of the policy saved in best/
         self.start_step = 0
+        self.last_checkpoint_at = time.monotonic()  # checkpoint_every_s counts from here
         ckpt = latest_checkpoint(self.out)
         if ckpt is not None:
             self._restore(load_checkpoint(ckpt, self.trainable, self.optimizer, dist.rank, dist.world))
@@ -629,6 +633,7 @@ class OnlineRecipe:
         if self.dist.is_main:
             save_checkpoint(self.out, step, self.trainable, self.optimizer, state, rng=rng)
         self.dist.barrier()
+        self.last_checkpoint_at = time.monotonic()
 
     def evaluate(self) -> PolicyEval:
         """Greedy answers to the held-out prompts: the proxy scored as in training (E[r] - lambda Var[r]),
@@ -771,14 +776,26 @@ class OnlineRecipe:
 
     def end_step(self, step: int, healthy: bool, stop_after: int | None) -> bool:
         """After step ``step``: the held-out evaluation every ``eval_every`` steps (with the alarm), the
-        checkpoint every ``checkpoint_every`` steps and at the end; True when ``stop_after`` steps of
-        this call are done (a controlled interruption, for tests)."""
+        checkpoint every ``checkpoint_every`` steps or ``checkpoint_every_s`` seconds, whichever comes first,
+        and at the end; True when ``stop_after`` steps of this call are done (a controlled interruption, for
+        tests)."""
         cfg = self.config
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and self.eval_prompts:
             self.watch_overoptimisation(step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or self.checkpoint_due():
             self.checkpoint(step, healthy)
         return stop_after is not None and step - self.start_step >= stop_after
+
+    def checkpoint_due(self) -> bool:
+        """``checkpoint_every_s`` seconds have passed since the last checkpoint (or the start of this run);
+        under data parallel the first process's clock decides for all, so they checkpoint together."""
+        every = self.config.checkpoint_every_s
+        if not every:
+            return False
+        due = time.monotonic() - self.last_checkpoint_at >= every
+        if self.dist.world > 1:
+            due = bool(self.dist.gather_objects([due])[0])
+        return due
 
     def heldout_before(self) -> None:
         """The held-out evaluation at step 0 (first process; the others wait at their first collective)."""
@@ -804,7 +821,8 @@ def online_stage_key(config: OnlineConfig, schema: str) -> str:
     data = (read_manifest(config.data) if config.data else None) or {}
     others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
               for name, folder in config.independent_reward_models.items()}
-    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models"})
+    cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models",
+                                                  "checkpoint_every_s"})  # (changes no result)
     return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, schema], sort_keys=True))
 
 

@@ -96,6 +96,9 @@ class SFTConfig(StageConfig):
     checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N optimizer steps; "
                                   "re-running the same command continues from the newest intact one. 0: none. "
                                   "Not part of the stage key.")
+    checkpoint_every_s: float = Field(600.0, ge=0.0, description="Also checkpoint once this many seconds have passed "
+                                      "since the last checkpoint (whichever comes first); 0: by steps only. "
+                                      "Not part of the stage key.")
     eval_batch_size: int = Field(16, ge=1)
     seed: int = 0
     bf16: bool | None = None
@@ -106,7 +109,7 @@ class SFTConfig(StageConfig):
 # Stage key and folder
 # --------------------------------------------------------------------------------------------
 def sft_stage_key(config: SFTConfig, data: SummaryData) -> str:
-    cfg = config.model_dump(mode="json", exclude={"checkpoint_every", "on_bad_rows"})
+    cfg = config.model_dump(mode="json", exclude={"checkpoint_every", "checkpoint_every_s", "on_bad_rows"})
     return sha256_text(json.dumps([cfg, data.sha256, "sft-schema=1"], sort_keys=True))
 
 
@@ -220,6 +223,7 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
                                  lora_dropout=config.lora_dropout, target_modules="all-linear")
     checkpoints = checkpoint_folder(out)
     resume_from = resume_point(checkpoints, plan.key) if config.checkpoint_every else None
+    timed = config.checkpoint_every_s if config.checkpoint_every else 0.0  # by time too (none without checkpoints)
     from datasets import Dataset
 
     with atomic_directory(out) as tmp:
@@ -233,7 +237,7 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
             gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(training_records(train, tokenizer, config)),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress))
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed))
         start = time.perf_counter()
         with refusing_pickles(resume_from, SFTError):  # a checkpoint file that would run code: one line
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
