@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignment.io import files_intact, sha256_file, write_json
+from alignment.ownership import NotOurs, foreign_entries, is_ours, remove_owned, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,15 @@ def resume_point(folder: str | Path, key: str, clean: bool = True) -> Path | Non
             recorded = json.loads(owner.read_text(encoding="utf-8")).get("stage_key")
         except (OSError, ValueError):
             recorded = None
-        if recorded != key:
+        if recorded != key and any(folder.iterdir()):
+            if recorded is None and not is_ours(folder):  # not a checkpoint folder of ours: never removed
+                raise NotOurs(f"{folder} is where this stage keeps its checkpoints, but it holds files this project "
+                              f"did not write ({', '.join(foreign_entries(folder)[:5])}); move them away")
             log.warning("%s holds checkpoints of another run (stage key %s, this one %s): removing them",
                         folder, (recorded or "unknown")[:12], key[:12])
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    write_marker(folder)
     write_json(owner, {"stage_key": key})
     newest = None
     for ckpt in sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True):
@@ -206,3 +211,14 @@ def trainer_callbacks(progress: Callable[[int, int], None] | None = None, checkp
     progress report when asked."""
     return [seal_callback(), *([timed_checkpoint_callback(checkpoint_every_s)] if checkpoint_every_s > 0 else []),
             *([progress_callback(progress)] if progress else [])]
+
+
+def remove_checkpoints(folder: str | Path) -> None:
+    """Remove a finished stage's checkpoint folder (:func:`checkpoint_folder`), only when it is ours."""
+    folder = Path(folder)
+    if folder.is_dir() and (folder / OWNER).is_file() and not is_ours(folder):
+        write_marker(folder)  # a folder of ours from before markers (stage.json written by resume_point)
+    try:
+        remove_owned(folder, "the checkpoints")
+    except NotOurs as exc:  # the output is complete all the same: keep the folder and say why
+        log.warning("%s", exc)

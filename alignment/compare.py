@@ -28,8 +28,9 @@ from pydantic import Field, model_validator
 from alignment.config import StageConfig
 from alignment.dpo import DPOStageConfig, plan_dpo
 from alignment.evaluate import ScoreConfig, run_score_stage
-from alignment.io import read_manifest, sha256_text, write_json
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
+from alignment.ownership import local_paths, replace_problem
 from alignment.ppo import PPOConfig, plan_ppo
 from alignment.reinforce import ReinforceConfig, plan_reinforce
 from alignment.stage import StageResult, complete_manifest, stage_folder
@@ -162,7 +163,11 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path | None = None, *, runs_r
     """Train every algorithm, score every policy once, write compare.json, compare.md and frontier.png."""
     if cfg.data is None or cfg.reward_model is None:
         raise CompareError("compare needs data (a folder written by `align data`) and reward_model (the proxy)")
-    out = Path(out_dir) if out_dir is not None else stage_folder(runs_root, "compare", compare_key(cfg))
+    key = compare_key(cfg)
+    out = Path(out_dir) if out_dir is not None else stage_folder(runs_root, "compare", key)
+    problem = replace_problem(out, "compare", inputs=local_paths(cfg.model_dump(mode="json")), runs_root=runs_root)
+    if problem is not None:  # checked before anything is trained: an earlier comparison of ours is replaced
+        raise CompareError(problem)
     runs: dict[str, dict[str, Any]] = {}
     for name, (command, config) in algorithm_configs(cfg).items():
         run_dir, policy = policy_folder(command, config, runs_root)
@@ -177,12 +182,14 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path | None = None, *, runs_r
         data=cfg.data, n_prompts=cfg.n_prompts, max_new_tokens=cfg.score_max_new_tokens, seed=cfg.seed,
         bf16=cfg.bf16, device=cfg.device), runs_root=runs_root)
     table = comparison_table(score.summary, runs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compare.json", {"config": cfg.model_dump(mode="json"), "score": str(score.out_dir),
-                                      "rows": table, "runs": {k: {kk: vv for kk, vv in v.items() if kk != "summary"}
-                                                               for k, v in runs.items()}})
-    (out / "compare.md").write_text(comparison_markdown(table, cfg, score.out_dir), encoding="utf-8")
-    plot_frontier(runs, score.summary, out / "frontier.png")
+    with atomic_directory(out) as tmp:
+        write_json(tmp / "compare.json", {"config": cfg.model_dump(mode="json"), "score": str(score.out_dir),
+                                          "rows": table, "runs": {k: {kk: vv for kk, vv in v.items() if kk != "summary"}
+                                                                   for k, v in runs.items()}})
+        (tmp / "compare.md").write_text(comparison_markdown(table, cfg, score.out_dir), encoding="utf-8")
+        plot_frontier(runs, score.summary, tmp / "frontier.png")
+        write_json(tmp / MANIFEST, {"stage": "compare", "stage_key": key, "files": {
+            f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if not f.name.startswith(".")}})
     log.info("comparison written to %s", out)
     return StageResult(out, {"rows": table, "score": str(score.out_dir)})
 

@@ -57,6 +57,7 @@ from alignment.footprint import records_footprint
 from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
+from alignment.ownership import local_paths
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
@@ -1162,7 +1163,8 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     source = read_source(config)
     plan = plan_data(config, runs_root, source)
     key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    existing = reuse_or_guard(out, key, DataError, overwrite=overwrite)
+    existing = reuse_or_guard(out, key, DataError, stage="data", overwrite=overwrite,
+                              inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root)
     if existing is not None:
         log.info("data stage already complete in %s (same config and input): reusing it", out)
         return StageResult(out, existing, reused=True)
@@ -1183,7 +1185,10 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     if not pairs:
         raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
                         f"{len(parsed.issues)}, ties dropped: {parsed.stats.n_ties_dropped})")
-    train_idx, val_idx = split_by_prompt(pairs, config.validation_fraction, config.seed)
+    try:
+        train_idx, val_idx = split_by_prompt(pairs, config.validation_fraction, config.seed)
+    except DataError as exc:
+        raise DataError(f"{source.name}: {exc}") from None
     splits = {"train": [pairs[i] for i in train_idx], "validation": [pairs[i] for i in val_idx]}
 
     with atomic_directory(out) as tmp:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import Field
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
+    remove_checkpoints,
     resume_point,
     trainer_callbacks,
     trainer_checkpoint_args,
@@ -34,6 +34,7 @@ from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.ownership import local_paths
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
     require_stage_output(config.data, "data", DPOError, "dpo: data (--data)")  # complete and intact
     plan = plan_dpo(config, runs_root)
     out = Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, plan.key, DPOError, overwrite=overwrite) is not None:
+    if reuse_or_guard(out, plan.key, DPOError, stage="dpo", overwrite=overwrite,
+                      inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root) is not None:
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
     require_model_source(config.policy, DPOError, "dpo: policy (--policy)")  # before any model is loaded
     set_seed(config.seed)
@@ -161,7 +163,7 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
         write_json(tmp / MANIFEST, {
             "stage": "dpo", "stage_key": plan.key, "config": config.model_dump(mode="json"),
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: its checkpoints are spent
+    remove_checkpoints(checkpoints)  # the output is complete: its checkpoints are spent
     log.info("dpo: %d pairs, loss %s -> %s in %.0f s; policy in %s", len(pairs), metrics["first_loss"],
              metrics["final_loss"], seconds, out)
     return StageResult(out, metrics)

@@ -45,6 +45,7 @@ from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
+from alignment.ownership import local_paths
 from alignment.reward import RewardModelError, RewardScorer
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 from alignment.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
@@ -337,7 +338,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                               f"models ({', '.join(config.reward_models)})")
     plan = plan_score(config, runs_root)
     key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, key, EvaluationError, overwrite=overwrite) is not None:
+    if reuse_or_guard(out, key, EvaluationError, stage="score", overwrite=overwrite,
+                      inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root) is not None:
         log.info("scores already computed in %s (same models, reward models and prompts): reusing them", out)
         return StageResult(out, json.loads((out / "scores.json").read_text()), reused=True)
 

@@ -63,26 +63,47 @@ def files_intact(folder: str | Path, manifest: dict[str, Any]) -> bool:
         for name, meta in files.items())
 
 
+def _replace_check(final: Path) -> None:
+    """Refuse to replace ``final`` unless it is missing, empty, or this project's own output with nothing foreign."""
+    from alignment.ownership import NotOurs, replace_problem
+
+    problem = replace_problem(final)
+    if problem is not None:
+        raise NotOurs(problem)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
 
     On any exception the temporary folder is removed and ``final`` is left exactly as it was, so a
     crash never leaves a half-written stage output behind; temporary folders of an earlier writer that
-    was killed (no exception handler runs on SIGKILL) are removed when the next one starts. Stages write their manifest last, so a
-    folder with a manifest is a complete one.
+    was killed (no exception handler runs on SIGKILL) are removed when the next one starts. Stages write
+    their manifest last, so a folder with a manifest is a complete one.
+
+    Only what this project wrote is ever removed (:mod:`alignment.ownership`): the temporary folder carries
+    the project's marker from the start (listing the output's entries once it is complete), stale siblings
+    are removed only when they carry it, and an existing ``final`` is replaced only when it is empty or ours
+    with nothing foreign in it (:class:`alignment.ownership.NotOurs` otherwise, before any work and again
+    before the rename).
     """
+    from alignment.ownership import remove_stale, seal_marker, write_marker
+
     final = Path(final)
+    _replace_check(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Temporary siblings left by a writer killed mid-write (SIGKILL skips the cleanup below). Whoever writes
-    # ``final`` holds its stage lock (alignment.stage), so they belong to dead runs: remove them.
+    # ``final`` holds its stage lock (alignment.stage), so they belong to dead runs: remove the ones we made.
     for stale in (*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(stale)
     token = uuid.uuid4().hex[:8]
     tmp = final.parent / f".{final.name}.tmp-{token}"
     tmp.mkdir()
     try:
+        write_marker(tmp)
         yield tmp
+        seal_marker(tmp)
+        _replace_check(final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
@@ -94,7 +115,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         raise
     if final.exists():
         old = final.parent / f".{final.name}.old-{token}"
-        os.rename(final, old)
+        os.rename(final, old)  # proven ours just above
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:

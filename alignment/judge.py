@@ -43,6 +43,7 @@ from alignment.footprint import records_footprint
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
+from alignment.ownership import local_paths
 from alignment.stage import (
     StagePlan,
     StageResult,
@@ -539,12 +540,13 @@ def run_judge_stage(config: JudgeConfig, out_dir: str | Path | None = None, *, r
     model_a, model_b = _pick_models(config, available)
     plan = plan_judge(config, runs_root)
     key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, key, JudgeError, resumable=True) is not None:
+    if reuse_or_guard(out, key, JudgeError, stage="judge", resumable=True,
+                      inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root) is not None:
         log.info("judgments already complete in %s: reusing them", out)
         return StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
     if config.backend == "local":  # before the local judge's model is loaded
         require_model_source(config.local_model, JudgeError, "judge: local_model")
-    claim_output(out, key, config.model_dump(mode="json"), model_a=model_a, model_b=model_b)
+    claim_output(out, key, config.model_dump(mode="json"), stage="judge", model_a=model_a, model_b=model_b)
 
     # 1. The pairs: the same prompt answered by model A and model B.
     gen_a, gen_b = read_generations(config.scores, model_a), read_generations(config.scores, model_b)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from pydantic import Field, model_validator
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
+    remove_checkpoints,
     resume_point,
     trainer_callbacks,
     trainer_checkpoint_args,
@@ -54,6 +54,7 @@ from alignment.models import (
     configure_padding,
     load_sequence_classifier,
 )
+from alignment.ownership import local_paths
 from alignment.parallel import launched_rank, launched_world_size
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
@@ -484,7 +485,8 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     data_dir = _resolve_data(config, runs_root)
     plan = plan_reward_model(config.model_copy(update={"data": str(data_dir)}), runs_root)
     key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, key, RewardModelError, overwrite=overwrite) is not None:
+    if reuse_or_guard(out, key, RewardModelError, stage="reward_model", overwrite=overwrite,
+                      inputs=[data_dir, *local_paths(config.model_dump(mode="json"))], runs_root=runs_root) is not None:
         log.info("reward model already trained in %s (same config and data): reusing it", out)
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
 
@@ -591,7 +593,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             "data": str(data_dir), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))},
         })
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: its checkpoints are spent
+    remove_checkpoints(checkpoints)  # the output is complete: its checkpoints are spent
     log.info("reward model (%s) saved to %s: validation accuracy %.3f", config.kind, out, metrics["accuracy"])
     return StageResult(out, metrics)
 

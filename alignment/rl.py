@@ -51,6 +51,7 @@ from alignment.io import (
     write_json,
 )
 from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
+from alignment.ownership import MARKER, local_paths, remove_stale
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer, reward_model_kind
 from alignment.stage import (
@@ -144,8 +145,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     folder = out_dir / CKPT_DIR
     if not folder.is_dir():
         return None
-    for partial in folder.glob(".step-*.tmp-*"):  # left by a kill during a checkpoint write
-        shutil.rmtree(partial, ignore_errors=True)
+    for partial in folder.glob(".step-*.tmp-*"):  # left by a kill during a checkpoint write (only ours: marked)
+        remove_stale(partial)
     done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
     damaged, good = [], None
     for ckpt in reversed(done):
@@ -186,7 +187,7 @@ def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str
         save_model(policy, str(tmp / "policy.safetensors"))  # handles tied embeddings
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-        files = {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.name != MARKER}
         write_json(tmp / "state.json", {"step": step, **state, "files": files})  # last: marks it complete
     for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
         if old.name != target.name and old.name not in state.get("protected", []):
@@ -851,11 +852,13 @@ def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: Stage
         raise recipe_cls.error(f"{config.section} needs both reward_model (a folder written by `align rm`) and "
                                "data (a folder written by `align data`)")
     out = Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, plan.key, recipe_cls.error, done=out / "final", resumable=True) is not None:
+    if reuse_or_guard(out, plan.key, recipe_cls.error, stage=recipe_cls.stage, done=out / "final",
+                      resumable=True, inputs=local_paths(config.model_dump(mode="json")),
+                      runs_root=plan.out.parents[1]) is not None:
         return StageResult(out, json.loads((out / "final" / "summary.json").read_text()), reused=True)
     check_input_folders(config, recipe_cls.error)  # before any model is loaded
     recipe = recipe_cls(config, out, plan.key, progress)
     recipe.setup()
     if recipe.dist.is_main:
-        claim_output(out, plan.key, config.model_dump(mode="json"))
+        claim_output(out, plan.key, config.model_dump(mode="json"), stage=recipe_cls.stage)
     return recipe.train(stop_after)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from pydantic import Field
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
+    remove_checkpoints,
     resume_point,
     trainer_callbacks,
     trainer_checkpoint_args,
@@ -55,6 +55,7 @@ from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, load_causal_lm
+from alignment.ownership import local_paths
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
     data = read_summaries(config.source, config.split, config.on_bad_rows)
     plan = plan_sft(config, runs_root, data)
     out = Path(out_dir) if out_dir is not None else plan.out
-    if reuse_or_guard(out, plan.key, SFTError, overwrite=overwrite) is not None:
+    if reuse_or_guard(out, plan.key, SFTError, stage="sft", overwrite=overwrite,
+                      inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root) is not None:
         return StageResult(out, json.loads((out / "metrics.json").read_text()), reused=True)
 
     # 1. Data: held-out posts for the evaluation, the rest (optionally a seeded subset) for training.
@@ -282,7 +284,7 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
             "stage": "sft", "stage_key": plan.key, "config": config.model_dump(mode="json"), "source": data.source,
             "source_sha256": data.sha256,
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is complete: its checkpoints are spent
+    remove_checkpoints(checkpoints)  # the output is complete: its checkpoints are spent
     r_before, r_after = metrics["rouge_before"]["rougeL"], metrics["rouge_after"]["rougeL"]
     log.info("sft: %d posts x %s epochs in %.0f s; ROUGE-L %.4f -> %.4f; policy in %s", len(train), config.epochs,
              train_seconds, r_before["mean"], r_after["mean"], out)

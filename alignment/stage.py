@@ -29,11 +29,12 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from alignment.io import files_intact, read_manifest, write_json
+from alignment.ownership import protected_reason, replace_problem
 
 RUN_RECORD = "run.json"
 
@@ -162,37 +163,53 @@ def _lock_for_this_stage(folder: Path) -> None:
         locked.add(folder.resolve())
 
 
-def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, overwrite: bool = False,
-                   done: str | Path | None = None, resumable: bool = False) -> dict[str, Any] | None:
-    """The manifest of a complete output for ``key`` (reuse it), else None after checking the folder is ours.
+def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, stage: str | None = None,
+                   overwrite: bool = False, done: str | Path | None = None, resumable: bool = False,
+                   inputs: Iterable[str | Path] = (), runs_root: str | Path | None = None) -> dict[str, Any] | None:
+    """The manifest of a complete output for ``key`` (reuse it), else None after checking the folder may be written.
 
-    ``done``: the folder whose manifest marks completion (default ``folder``). Raises ``error`` when
-    ``folder`` holds another config's output or unrecognised files, unless ``overwrite`` (the stage then
-    replaces it atomically). ``resumable``: a folder started by a run with the same key is continued.
-    Inside an :func:`exclusive_stage` function the folder is locked first (:class:`StageBusy` when another
-    run writes it), so what is decided here stays true while the stage runs.
+    ``done``: the folder whose manifest marks completion (default ``folder``). Raises ``error`` (one line) when
+    ``folder`` is one that is never written (:func:`alignment.ownership.protected_reason`: ``/``, the home
+    directory, the current directory, the checkout, the runs root ``runs_root``, a folder holding one of
+    ``inputs``), is a file, or holds another config's output or files this project did not write. With
+    ``overwrite`` an output of this project for the same ``stage`` with nothing foreign in it is replaced
+    (atomically, by the stage); anything else is refused all the same. ``resumable``: a folder started by a
+    run with the same key is continued. Inside an :func:`exclusive_stage` function the folder is locked first
+    (:class:`StageBusy` when another run writes it), so what is decided here stays true while the stage runs.
     """
     folder = Path(folder)
+    inputs = list(inputs)
+    reason = protected_reason(folder, inputs, runs_root)
+    if reason is not None:
+        raise error(f"{folder} is never used as an output folder: {reason}; choose another --out")
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise error(f"{folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}, not a folder; "
+                    "choose another --out")
     _lock_for_this_stage(folder)
     if not overwrite:
         manifest = complete_manifest(done if done is not None else folder, key)
         if manifest is not None:
             return manifest
-    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+    if not folder.is_dir() or not any(folder.iterdir()):
         return None
+    problem = replace_problem(folder, stage, inputs=inputs, runs_root=runs_root)
     owner = _recorded_key(folder)
-    if owner == key and resumable:
+    if owner == key and resumable and not overwrite and problem is None:
         return None
+    if overwrite or problem is not None:
+        if problem is None:
+            return None
+        raise error(problem)
     if owner is not None and owner != key:
         what = "a different output of this stage (made with a different config or inputs)"
     else:
-        what = "files that are not a complete output of this stage"
-    hint = "" if resumable else " or pass --overwrite"
+        what = "files of this stage that are not a complete output (interrupted, or changed since)"
+    hint = "" if resumable else " or pass --overwrite to replace it"
     raise error(f"{folder} already holds {what}; choose another --out{hint}")
 
 
-def claim_output(folder: str | Path, key: str, config: dict[str, Any], **extra: Any) -> None:
-    """Record in ``folder/run.json`` that a resumable stage with ``key`` writes here (call after the guard)."""
+def claim_output(folder: str | Path, key: str, config: dict[str, Any], *, stage: str, **extra: Any) -> None:
+    """Record in ``folder/run.json`` that a resumable ``stage`` with ``key`` writes here (call after the guard)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / RUN_RECORD, {"stage_key": key, "config": config, **extra})
+    write_json(folder / RUN_RECORD, {"stage": stage, "stage_key": key, "config": config, **extra})

@@ -569,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.io import DiskFullError
     from alignment.judge import JudgeError
     from alignment.models import ModelSourceError
+    from alignment.ownership import NotOurs
     from alignment.ppo import PPOError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
@@ -583,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError) as exc:
+            DiskFullError, SFTError, NotOurs) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

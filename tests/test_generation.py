@@ -89,8 +89,8 @@ def test_shared_prompt_pass_equals_the_full_pass_values_and_gradients(tiny_model
     (lp1, ent1, g1), (lpk, entk, gk) = results[1], results[k]
     torch.testing.assert_close(lpk * ro.mask, lp1 * ro.mask, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(entk * ro.mask, ent1 * ro.mask, atol=1e-5, rtol=1e-4)
-    for name in g1:
-        torch.testing.assert_close(gk[name], g1[name], atol=1e-6, rtol=1e-4, msg=name)
+    for name in g1:  # to summation order, in norm: per coordinate, a near-zero entry differs by kernel choice
+        assert torch.linalg.vector_norm(gk[name] - g1[name]) <= 1e-4 * torch.linalg.vector_norm(g1[name]) + 1e-7, name
     assert any(g.abs().sum() > 0 for g in gk.values())
     # without gradient, in chunks of whole groups
     lp, _ = batched_logprobs(policy, ro.input_ids, ro.attention_mask, ro.prompt_width, ro.mask, chunk=2 * k, group=k)

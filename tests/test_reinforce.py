@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -24,6 +25,33 @@ from alignment.reinforce import (
     train_reinforce,
 )
 
+
+@contextlib.contextmanager
+def step_gradients():
+    """Record the flattened gradient every optimizer step is about to apply (one (P,) tensor per step)."""
+    grads: list[torch.Tensor] = []
+
+    def hook(optimizer, args, kwargs):
+        grads.append(torch.cat([p.grad.detach().flatten().clone() for group in optimizer.param_groups
+                                for p in group["params"] if p.grad is not None]))
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield grads
+    finally:
+        handle.remove()
+
+
+def assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor], rel: float = 1e-4) -> None:
+    """The same gradients, step by step, up to summation order: |ga - gb| <= rel * |gb| (in norm). Not the
+    weights after Adam, which divides by sqrt(v) and so turns a 1e-9 difference in a near-zero gradient
+    coordinate into a step of up to the learning rate (different kernels on different CPUs do that)."""
+    assert len(a) == len(b) and a
+    for step, (ga, gb) in enumerate(zip(a, b, strict=True), 1):
+        assert ga.shape == gb.shape
+        assert torch.linalg.vector_norm(ga - gb) <= rel * torch.linalg.vector_norm(gb), step
 
 def test_completion_mask_includes_first_eos_only():
     eos = 2
@@ -316,7 +344,8 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
     import alignment.reinforce as R
 
     full = _config(tiny_stack, steps=2, eval_prompts=0, micro_batch_size=4)
-    train_reinforce(full, tmp_path / "full")
+    with step_gradients() as whole:
+        train_reinforce(full, tmp_path / "full")
 
     real, pending = R.token_logprobs, []
 
@@ -329,16 +358,15 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
         return lp, ent
 
     monkeypatch.setattr(R, "token_logprobs", tracked)
-    train_reinforce(full.model_copy(update={"micro_batch_size": 1}), tmp_path / "micro")
+    with step_gradients() as micro:
+        train_reinforce(full.model_copy(update={"micro_batch_size": 1}), tmp_path / "micro")
     a = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "micro" / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(a, b, strict=True):
         assert x["sample"] == y["sample"]
         for key in ("loss", "kl", "reward", "advantage", "entropy", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
-    wa = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    wb = load_file(tmp_path / "micro" / "final" / "model.safetensors")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_gradients(whole, micro)
 
 
 def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_stack, monkeypatch):
@@ -350,19 +378,19 @@ def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_st
     groups = []
     real = R.token_logprobs
     monkeypatch.setattr(R, "token_logprobs", lambda *a, **kw: groups.append(kw["group"]) or real(*a, **kw))
-    train_reinforce(config, tmp_path / "shared")
+    with step_gradients() as shared:
+        train_reinforce(config, tmp_path / "shared")
     assert groups and set(groups) == {2}
     monkeypatch.setattr(R.ReinforceRecipe, "prompt_group", property(lambda self: 1))
-    train_reinforce(config, tmp_path / "full")
+    with step_gradients() as full:
+        train_reinforce(config, tmp_path / "full")
     a = [json.loads(line) for line in (tmp_path / "shared" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(a, b, strict=True):
         assert x["sample"] == y["sample"]
         for key in ("loss", "kl", "reward", "entropy", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
-    wa = load_file(tmp_path / "shared" / "final" / "model.safetensors")
-    wb = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_gradients(shared, full)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -338,13 +338,20 @@ def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_lo
 
 def test_temporary_folders_of_a_killed_writer_are_removed_by_the_next(tmp_path):
     """SIGKILL skips atomic_directory's cleanup: the next writer of the folder (holding its lock) removes
-    what the dead one left (here the data stage)."""
+    what the dead one left (here the data stage), and only those: a look-alike without the project's marker stays."""
+    from alignment.ownership import write_marker
+
     out = tmp_path / "data"
     stale = [tmp_path / ".data.tmp-deadbeef", tmp_path / ".data.old-deadbeef"]
     for folder in stale:
         folder.mkdir()
+        write_marker(folder)  # what atomic_directory writes first into every folder it makes
         (folder / "train.parquet").write_bytes(b"half written")
+    look_alike = tmp_path / ".data.tmp-notmine"
+    look_alike.mkdir()
+    (look_alike / "thesis.txt").write_text("keep me")
     result = run_data_stage(DataConfig(), out)
     assert (out / "manifest.json").is_file() and result.summary
     assert not any(folder.exists() for folder in stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "data"]
+    assert (look_alike / "thesis.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", ".data.tmp-notmine", "data"]

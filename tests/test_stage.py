@@ -44,14 +44,16 @@ def test_complete_reused_other_config_refused_overwrite_allowed(tmp_path):
         reuse_or_guard(out, "k1", Refused)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("?")
-    with pytest.raises(Refused, match="files that are not a complete output"):
-        reuse_or_guard(tmp_path / "junk", "k1", Refused)
+    for overwrite in (False, True):  # never removed, with or without overwrite
+        with pytest.raises(Refused, match=r"holds files this project did not write \(x\)"):
+            reuse_or_guard(tmp_path / "junk", "k1", Refused, overwrite=overwrite)
 
 
 def test_resumable_stage_continues_its_own_run_and_refuses_another(tmp_path):
     out = tmp_path / "run"
-    claim_output(out, "k1", {"steps": 3}, model_a="tuned")
-    assert json.loads((out / "run.json").read_text()) == {"stage_key": "k1", "config": {"steps": 3}, "model_a": "tuned"}
+    claim_output(out, "k1", {"steps": 3}, stage="judge", model_a="tuned")
+    assert json.loads((out / "run.json").read_text()) == {"stage": "judge", "stage_key": "k1", "config": {"steps": 3},
+                                                          "model_a": "tuned"}
     (out / "checkpoints").mkdir()
     assert reuse_or_guard(out, "k1", Refused, resumable=True, done=out / "final") is None  # continue
     with pytest.raises(Refused, match="different config") as err:
