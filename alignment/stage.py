@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from alignment.io import files_intact, read_manifest, write_json
-from alignment.ownership import protected_reason, replace_problem
+from alignment.ownership import is_ours, protected_reason, replace_problem
 
 RUN_RECORD = "run.json"
 
@@ -185,6 +185,8 @@ def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, stag
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise error(f"{folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}, not a folder; "
                     "choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):  # before the lock: leave no lock file there
+        raise error(replace_problem(folder, stage, inputs=inputs, runs_root=runs_root))
     _lock_for_this_stage(folder)
     if not overwrite:
         manifest = complete_manifest(done if done is not None else folder, key)

@@ -52,13 +52,15 @@ def _source(tmp_path: Path) -> Path:
 
 def _refused(argv: list[str], victim: Path, capsys, match: str) -> None:
     """``align`` exits 2 with one line naming what is wrong, and every byte of ``victim`` survives."""
-    before = tree_digest(victim)
+    before, theirs = tree_digest(victim), not is_ours(victim)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert match in err, err
     assert tree_digest(victim) == before
     assert not list(victim.parent.glob(f".{victim.name}.tmp-*")) and not list(victim.parent.glob(f".{victim.name}.old-*"))
+    if theirs:  # refused before the stage lock: not even a lock file is left beside someone else's folder
+        assert not (victim.parent / f".{victim.name}.lock").exists()
 
 
 @pytest.fixture
