@@ -565,6 +565,8 @@ def _read_file(path: Path) -> SourceData:
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     ext = suffixes[-1] if suffixes else ""
     data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (spreadsheet exports): not part of the text
+        data = data[3:]
     if not data.strip():
         raise DataError(f"{name}: the file is empty")
     sha = sha256_file(path)
@@ -649,7 +651,8 @@ def read_source(config: DataConfig, offline_hint: str = OFFLINE_HINT) -> SourceD
         path = Path(spec).expanduser()
         exists = path.exists()
     except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, an unknown ~user
-        raise DataError(f"source {cut(repr(spec), 200)} is not a usable path ({exc})") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else cut(str(exc), 100)
+        raise DataError(f"source {cut(repr(spec), 200)} is not a usable path ({why})") from None
     if exists:
         return _read_file(path)
     if looks_like_repo_id(spec) and not spec.startswith((".", "/")):

@@ -322,3 +322,59 @@ def test_non_string_keys_and_odd_yaml_types_are_config_errors(tmp_path):
         cfg.write_text(text)
         with pytest.raises(ConfigError):
             build_config(DataConfig, config_file=cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by tests/test_data_fuzz.py
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column_or_row(tmp_path, suffix):
+    rows = [pair(i) for i in range(4)]
+    if suffix == ".csv":
+        buf = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+    elif suffix == ".jsonl":
+        buf = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        buf = json.dumps(rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + buf.encode())
+    res = run_data_stage(DataConfig(source=str(path)), tmp_path / "out", runs_root=tmp_path / "runs")
+    assert res.summary["n_pairs"] == 4 and res.summary["n_rows_rejected"] == 0
+
+
+def test_odd_values_in_rows_are_bad_rows_not_crashes(tmp_path):
+    """Each of these crashed the stage with a traceback (TypeError, OverflowError, UnicodeEncodeError)."""
+    rows = [pair(0), pair(1),
+            pair(2, prompt=[{"role": ["user"], "content": "hi"}]),  # an unhashable role
+            pair(3, chosen_rating=10**400, rejected_rating=1),  # too large for a float
+            pair(4, chosen="lone \ud800 surrogate"),  # valid JSON escape, not valid UTF-8 text
+            pair(5), pair(6)]
+    for r in rows:
+        r.setdefault("chosen_rating", 3)
+        r.setdefault("rejected_rating", 1)
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadRowsError) as info:
+        run_data_stage(DataConfig(source=str(path)), tmp_path / "o", runs_root=tmp_path / "runs")
+    assert [(i.row, i.field) for i in info.value.issues] == [(3, "prompt"), (4, "chosen_rating"), (5, "chosen")]
+    comparisons = tmp_path / "cmp.jsonl"
+    info_ = {"subreddit": "r/x", "title": "t", "post": "p"}
+    comparisons.write_text("".join(json.dumps({"info": {**info_, "post": f"p{i}"}, "choice": choice,
+                                               "summaries": [{"text": f"a{i}"}, {"text": f"b{i}"}]}) + "\n"
+                                   for i, choice in enumerate([1.0, 0, 1, [1], {"a": 1}])))
+    with pytest.raises(BadRowsError) as info:
+        run_data_stage(DataConfig(source=str(comparisons)), tmp_path / "o2", runs_root=tmp_path / "runs")
+    assert [(i.row, i.field) for i in info.value.issues] == [(4, "choice"), (5, "choice")]  # 1.0 reads as 1
+
+
+def test_one_prompt_only_names_the_file(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "one.jsonl", [pair(0), {**pair(0), "chosen": "another good answer"}])
+    assert main(["-q", "data", "--source", str(path), "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert f"{path}: need at least 2 distinct prompts" in line
+
+
+def test_unusable_source_paths_are_one_line(tmp_path, capsys):
+    for spec in ("bad\x00name.jsonl", "x" * 5000 + ".jsonl"):
+        assert main(["-q", "data", "--source", spec, "--out", str(tmp_path / "o")]) == 2
+        assert len(one_error_line(capsys)) < 600
