@@ -25,19 +25,28 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from alignment.algorithms.registry import ALGORITHMS, get_algorithm
 from alignment.config import StageConfig
 from alignment.dpo import DPOStageConfig, plan_dpo
 from alignment.evaluate import ScoreConfig, run_score_stage
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.ownership import local_paths, replace_problem
-from alignment.ppo import PPOConfig, plan_ppo
-from alignment.reinforce import ReinforceConfig, plan_reinforce
+from alignment.ppo import PPOConfig
+from alignment.reinforce import ReinforceConfig
 from alignment.stage import StageResult, complete_manifest, stage_folder
 
 log = logging.getLogger(__name__)
 
-Algorithm = Literal["reinforce", "rloo", "ppo", "reinforce++", "dpo"]
+# Besides every registered online algorithm (alignment.algorithms.registry: reinforce, ppo, grpo, ...),
+# these variants, each run by one of them (or DPO).
+VARIANTS = {"rloo": "reinforce", "reinforce++": "ppo", "dpo": "dpo"}
+
+
+def known_algorithms() -> list[str]:
+    return [*ALGORITHMS, *(v for v in VARIANTS if v not in ALGORITHMS)]
+
+
 TIMING = "timing.json"
 
 
@@ -49,7 +58,9 @@ class CompareConfig(StageConfig):
     """Which algorithms, on what, with which equal budget."""
 
     section: str = "compare"
-    algorithms: list[Algorithm] = Field(default_factory=lambda: ["reinforce", "rloo", "ppo", "dpo"])
+    algorithms: list[str] = Field(default_factory=lambda: ["reinforce", "rloo", "ppo", "dpo"],
+                                  description="Any registered online algorithm (reinforce, ppo, grpo, ...), "
+                                  "rloo, reinforce++ or dpo.")
     policy: str = Field(DEFAULT_MODEL, description="The starting policy of every algorithm.")
     data: str | None = Field(None, description="Folder written by `align data`.")
     reward_model: str | None = Field(None, description="The proxy: the reward model the online algorithms train "
@@ -78,6 +89,9 @@ class CompareConfig(StageConfig):
             raise ValueError(f"samples={self.samples} is less than one batch (batch_size={self.batch_size})")
         if not self.algorithms:
             raise ValueError("at least one algorithm is needed")
+        unknown = [a for a in self.algorithms if a not in known_algorithms()]
+        if unknown:
+            raise ValueError(f"unknown algorithm(s) {', '.join(unknown)}; known: {', '.join(known_algorithms())}")
         return self
 
     @property
@@ -108,7 +122,16 @@ def algorithm_configs(cfg: CompareConfig) -> dict[str, tuple[str, StageConfig]]:
         "dpo": ("dpo", DPOStageConfig(policy=cfg.policy, data=cfg.data, learning_rate=cfg.dpo_learning_rate,
                                       beta=cfg.dpo_beta, seed=cfg.seed, bf16=cfg.bf16, device=cfg.device)),
     }
-    return {name: table[name] for name in cfg.algorithms}
+    out = {}
+    for name in cfg.algorithms:
+        if name in table:
+            out[name] = table[name]
+            continue
+        # Any other registered algorithm: its own defaults, batch_size / k prompts x its k samples per prompt.
+        spec = get_algorithm(name)
+        k = spec.config_cls.model_fields["samples_per_prompt"].default
+        out[name] = (name, spec.config_cls(batch_size=max(1, cfg.batch_size // k), **common))
+    return out
 
 
 def policy_folder(command: str, config: StageConfig, runs_dir: str | Path) -> tuple[Path, Path]:
@@ -116,7 +139,7 @@ def policy_folder(command: str, config: StageConfig, runs_dir: str | Path) -> tu
     if command == "dpo":
         out = plan_dpo(config, runs_dir).out
         return out, out
-    out = (plan_ppo if command == "ppo" else plan_reinforce)(config, runs_dir).out
+    out = get_algorithm(command).plan_fn(config, runs_dir).out
     return out, out / "final"
 
 

@@ -268,6 +268,12 @@ class PPORecipe(OnlineRecipe):
     stage = "ppo"
     error = PPOError
 
+    def check_inputs(self, rm_kind: str) -> None:
+        super().check_inputs(rm_kind)
+        if self.config.critic == "reward_model" and self.config.reward_model is None:
+            raise PPOError("critic='reward_model' initialises the critic from one reward model: give "
+                           "reward_model=FOLDER (not rewards), or critic='value_head'")
+
     def build_trainable(self) -> torch.nn.Module:
         critic = None
         if self.config.critic == "reward_model":
@@ -311,9 +317,10 @@ class PPORecipe(OnlineRecipe):
             timer.mark("generate")
 
             # 2. The reward model's score, shaped (E[r] - lambda Var[r] - eos penalty, clipped). (B,)
-            scores = self.scorer.score(ro.prompts, ro.texts)
+            #    (With reward components: their combined total, each reward model's -lambda Var[r] in it.)
+            scores, per_component = self.score_rollout(ro)
             score = shape_rewards(scores.mean, scores.var, torch.zeros(len(ro.prompts)), ro.has_eos,
-                                  var_lambda=cfg.reward_var_lambda, kl_beta=0.0,
+                                  var_lambda=self.reward_var_lambda, kl_beta=0.0,
                                   missing_eos_penalty=cfg.missing_eos_penalty, clip=cfg.reward_clip)
             timer.mark("reward")
 
@@ -350,12 +357,13 @@ class PPORecipe(OnlineRecipe):
             lengths, has_eos = dist.gather(ro.lengths), dist.gather(ro.has_eos)
             record = {
                 "step": step + 1, "reward": float(dist.gather(score).mean()),
-                "rm_reward": float(dist.gather(scores.mean - cfg.reward_var_lambda * scores.var).mean()),
+                "rm_reward": float(dist.gather(scores.mean - self.reward_var_lambda * scores.var).mean()),
                 "kl": float(seq_kl.mean()), "kl_beta": self.kl_ctl.beta, **stats,
                 "value_explained_variance": (explained_variance(old_values, returns, mask) if cfg.estimator == "gae"
                                              else float("nan")),
                 "length": float(lengths.mean()), "eos_rate": float(has_eos.float().mean()), **health,
                 "seconds": dict(timer.seconds), "sample": ro.texts[0][:200], "healthy": healthy,
+                **self.component_metrics(per_component),
             }
             self.write_record(record, f"loss {stats['loss']:.4f} reward {record['reward']:.3f} kl {record['kl']:.3f} "
                                       f"clipfrac {stats['clip_fraction']:.2f} approx_kl {stats['approx_kl']:.4f} "

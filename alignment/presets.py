@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-SECTIONS = ("data", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "dpo", "score", "judge", "options")
+SECTIONS = ("data", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge", "options")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from alignment.algorithms.advantages import get_adv_est, rloo_advantages
+from alignment.algorithms.losses import get_policy_loss
 from alignment.generation import Int8Rollouts, Rollout, batched_logprobs, text_health, token_logprobs
 from alignment.rl import (
     CollapseDetected,
@@ -52,7 +54,7 @@ from alignment.stage import StagePlan, StageResult
 log = logging.getLogger(__name__)
 
 __all__ = ["CollapseDetected", "OverOptimisationDetected", "ReinforceConfig", "ReinforceError", "ReinforceRecipe",
-           "train_reinforce"]
+           "rloo_advantages", "train_reinforce"]
 
 
 class ReinforceError(ValueError):
@@ -62,11 +64,22 @@ class ReinforceError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
+GROUP_BASELINES = ("rloo", "grpo", "dr_grpo")  # estimators over each prompt's k samples (the registry's)
+
+
 class ReinforceConfig(OnlineConfig):
     """REINFORCE fine-tuning of the policy against a trained reward model."""
 
     section: str = "reinforce"
-    baseline: Literal["moving_average", "ema", "rloo", "none"] = "moving_average"
+    baseline: Literal["moving_average", "ema", "rloo", "grpo", "dr_grpo", "none"] = Field(
+        "moving_average", description="moving_average, ema, none, or a group estimator over the k samples of each "
+        "prompt (samples_per_prompt >= 2): rloo (leave-one-out mean), grpo ((r - mean) / (std + eps), sample "
+        "std), dr_grpo (r - mean); the group ones come from alignment.algorithms.advantages.")
+    loss_agg: Literal["sequence", "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "sequence", description="How the per-token loss -A log pi_t is aggregated: sequence (REINFORCE: "
+        "-mean_i A_i sum_t log pi_it), token_mean (DAPO / GRPO: the mean over every completion token of the "
+        "batch), seq_mean_token_mean (the original GRPO: mean over sequences of each one's token mean), "
+        "seq_mean_token_sum_norm (Dr. GRPO: sum / (sequences x max_new_tokens)).")
     ema_decay: float = Field(0.9, gt=0.0, lt=1.0)
     variance_weighted_advantage: bool = Field(False, description="Distributional RM: A / sqrt(Var[r] + eps).")
     whiten_advantages: bool = False
@@ -77,8 +90,9 @@ class ReinforceConfig(OnlineConfig):
 
     @model_validator(mode="after")
     def _check(self) -> ReinforceConfig:
-        if self.baseline == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("baseline='rloo' needs samples_per_prompt >= 2 (leave-one-out over k samples)")
+        if self.baseline in GROUP_BASELINES and self.samples_per_prompt < 2:
+            raise ValueError(f"baseline='{self.baseline}' needs samples_per_prompt >= 2 (a baseline over each "
+                             "prompt's k samples)")
         if self.int8_rollouts and self.device == "cuda":
             raise ValueError("int8_rollouts runs on the CPU only (torch's fbgemm int8 kernels): set device='cpu' "
                              "or int8_rollouts=false")
@@ -105,16 +119,6 @@ def action_logprobs(token_logp: torch.Tensor, mask: torch.Tensor, weights: torch
     sequence log-prob, whose gradient the REINFORCE loss scales by the advantage. token_logp, mask,
     weights: (B, T)."""
     return (token_logp * (mask if weights is None else weights)).sum(-1)
-
-
-def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    """A_i = r_i - mean_{j != i} r_j over the k samples of the same prompt (Kool et al. 2019).
-
-    rewards: (B * k,) grouped prompt-major (the k samples of prompt 0 first) -> (B * k,).
-    """
-    grouped = rewards.view(-1, k)
-    loo_mean = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - loo_mean).reshape(-1)
 
 
 @dataclass
@@ -151,11 +155,14 @@ def compute_advantages(rewards: torch.Tensor, config: ReinforceConfig, baseline_
                        reward_var: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(advantages (N,), baseline value) for rewards (N,); updates a running baseline afterwards.
 
-    A = R - b (b: moving average, EMA, leave-one-out or 0), then optionally A / sqrt(Var[r] + eps)
+    A = R - b (b: moving average, EMA, or 0), or a group estimator of ``alignment.algorithms.advantages``
+    over each prompt's k samples (rloo, grpo, dr_grpo; ``b`` is then the batch mean, for the metrics), then optionally A / sqrt(Var[r] + eps)
     (distributional RM) and whitening (A - mean) / std over the batch.
     """
-    if config.baseline == "rloo":
-        adv, b = rloo_advantages(rewards, config.samples_per_prompt), float(rewards.mean())
+    if config.baseline in GROUP_BASELINES:  # the registry's estimator, one value per completion
+        ones = torch.ones(rewards.shape[0], 1, dtype=rewards.dtype)
+        adv = get_adv_est(config.baseline)(rewards, config.samples_per_prompt, ones)[:, 0]
+        b = float(rewards.mean())
     elif config.baseline == "none":
         adv, b = rewards.clone(), 0.0
     else:
@@ -194,7 +201,7 @@ class ReinforceRecipe(OnlineRecipe):
         super().check_inputs(rm_kind)
         if self.config.variance_weighted_advantage and rm_kind != "distributional":
             raise ReinforceError(f"variance_weighted_advantage=true needs a distributional reward model (it divides "
-                                 f"by Var[r]); reward_model={self.config.reward_model} is {rm_kind}")
+                                 f"by Var[r]); the (first) reward model is {rm_kind}")
 
     def setup_algorithm(self) -> None:
         cfg = self.config
@@ -231,8 +238,9 @@ class ReinforceRecipe(OnlineRecipe):
             ro = self.next_rollout()
             timer.mark("generate")
 
-            # 2. Rewards from the reward-model stage's scorer: E[r] and Var[r], (B,) each.
-            scores = self.scorer.score(ro.prompts, ro.texts)
+            # 2. Rewards: the reward model's E[r] and Var[r] (the reward_model shorthand), or the reward
+            #    components' combined total (mean) and variance, (B,) each, and every component's scores.
+            scores, per_component = self.score_rollout(ro)
             timer.mark("reward")
 
             # 3. log pi_ref(y | x) and log pi(y | x), (B,) each: the KL and the advantages need both before
@@ -244,7 +252,8 @@ class ReinforceRecipe(OnlineRecipe):
 
             # 4. Shaping: R = E[r] - lambda Var[r] - beta KL - eos penalty, clipped. (B,)
             kl = logp - ref_logp if ref_logp is not None else torch.zeros(len(ro.prompts))
-            reward = shape_rewards(scores.mean, scores.var, kl, ro.has_eos, var_lambda=cfg.reward_var_lambda,
+            #    With components the total already holds each reward model's -lambda Var[r]: lambda 0 here.
+            reward = shape_rewards(scores.mean, scores.var, kl, ro.has_eos, var_lambda=self.reward_var_lambda,
                                    kl_beta=cfg.kl_beta, missing_eos_penalty=cfg.missing_eos_penalty,
                                    clip=cfg.reward_clip)
 
@@ -264,7 +273,7 @@ class ReinforceRecipe(OnlineRecipe):
             health = text_health(dist.gather_objects(ro.tokens))
             healthy = self.guard.update(health)
             self.metrics(step + 1, ro, scores, kl, entropy, all_reward, all_adv, b, loss, grad_norm, health, healthy,
-                         timer)
+                         timer, self.component_metrics(per_component))
             self.guard.check(health, step + 1, self.last_healthy, ro.texts[0])
 
             # 8. Held-out evaluation every N steps (and the over-optimisation alarm); checkpoint every N steps.
@@ -301,6 +310,8 @@ class ReinforceRecipe(OnlineRecipe):
         """
         dist, device, n = self.dist, self.device, len(ro.prompts)
         self.is_stats = []
+        if self.token_level:
+            return self.token_update(ro, graph, advantages)
         if graph is not None:
             loss = reinforce_loss(self.weighted_logprobs(graph, ro, slice(None)), advantages.to(graph.device))
             dist.backward(loss)
@@ -319,6 +330,66 @@ class ReinforceRecipe(OnlineRecipe):
             total += float(loss.detach())
         return dist.mean(total)
 
+    # The policy loss of ``alignment.algorithms.losses`` (REINFORCE's own path above is the default).
+    policy_loss = "sequence"
+
+    @property
+    def token_level(self) -> bool:
+        """The loss goes through the losses registry: another aggregation than REINFORCE's sequence loss, or
+        another loss (GRPO's clipped surrogate)."""
+        return self.config.loss_agg != "sequence" or self.policy_loss != "sequence"
+
+    def loss_options(self) -> dict[str, Any]:
+        """Extra keyword arguments of the policy loss (e.g. the clip range of ``clipped_token``)."""
+        return {}
+
+    def token_update(self, ro: Rollout, graph: torch.Tensor | None, advantages: torch.Tensor) -> float:
+        """Backward of the registry's policy loss (``policy_loss``, aggregated by ``loss_agg``), micro-batch by
+        micro-batch; returns the loss averaged over processes.
+
+        Each micro-batch's loss is its share of the whole batch's (the loss functions' ``batch_tokens`` /
+        ``batch_sequences``): token modes divide by the batch's completion tokens over every process (each
+        process by its share of them, as DDP averages the processes' gradients), sequence modes by this
+        process's sequences. ``old_logp`` is the policy's own log-probs, detached: one optimizer step per
+        batch, so the importance ratio is 1 (with int8 rollouts the truncated importance weights of the
+        sequence loss correct for the sampler instead)."""
+        dist, device, n, cfg = self.dist, self.device, len(ro.prompts), self.config
+        tokens = float(dist.gather(ro.mask.sum().reshape(1).float()).sum()) / dist.world
+        agg = "seq_mean_token_sum" if cfg.loss_agg == "sequence" else cfg.loss_agg
+        loss_fn = get_policy_loss(self.policy_loss)
+
+        def micro_loss(token_logp: torch.Tensor, rows: slice) -> torch.Tensor:
+            token_logp = token_logp.float()
+            mask = ro.mask[rows].to(token_logp.device)
+            options: dict[str, Any] = dict(agg=agg, max_length=cfg.max_new_tokens, batch_tokens=tokens,
+                                           batch_sequences=n, **self.loss_options())
+            if self.policy_loss == "sequence" and ro.sampler_logp is not None:
+                sampler_logp = ro.sampler_logp[rows].to(token_logp.device)
+                options["weights"] = tis_weights(token_logp, sampler_logp, mask, cfg.tis_cap)
+                log_ratio = (token_logp.detach() - sampler_logp) * mask
+                self.is_stats.append(torch.stack([options["weights"].sum(),
+                                                  (log_ratio.exp() * mask > cfg.tis_cap).sum(),
+                                                  log_ratio.sum(), mask.sum()]).cpu())
+            return loss_fn(token_logp, token_logp.detach(), advantages[rows].to(token_logp.device), mask,
+                           **options).loss
+
+        if graph is not None:
+            loss = micro_loss(graph, slice(None))
+            dist.backward(loss)
+            return dist.mean(float(loss.detach()))
+        ids, attn = ro.input_ids, ro.attention_mask
+        micro = [slice(s, s + cfg.micro_batch_size) for s in range(0, n, cfg.micro_batch_size)]
+        total = 0.0
+        for i, sl in enumerate(micro):
+            with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    token_logp, _ = token_logprobs(self.model, ids[sl].to(device), attn[sl].to(device),
+                                                   ro.prompt_width, group=self.prompt_group, entropy=False)
+                loss = micro_loss(token_logp, sl)
+                dist.backward(loss)
+            total += float(loss.detach())
+        return dist.mean(total)
+
     def weighted_logprobs(self, token_logp: torch.Tensor, ro: Rollout, rows: slice) -> torch.Tensor:
         """(b,) sum_t w_t log pi(y_t) for the rows ``rows`` of the rollout: w = the mask, or with int8
         rollouts the truncated importance weights (their statistics kept for the metrics)."""
@@ -333,10 +404,11 @@ class ReinforceRecipe(OnlineRecipe):
         return action_logprobs(token_logp, mask, weights)
 
     def metrics(self, step: int, ro: Rollout, scores, kl, entropy, all_reward, all_adv, baseline: float, loss: float,
-                grad_norm: float, health: dict[str, float], healthy: bool, timer: StepTimer) -> dict[str, Any]:
+                grad_norm: float, health: dict[str, float], healthy: bool, timer: StepTimer,
+                components: dict[str, float | None] | None = None) -> dict[str, Any]:
         """One metrics line over the whole batch (written by the first process), and the progress callback."""
-        dist, cfg = self.dist, self.config
-        rm_reward = dist.gather(scores.mean - cfg.reward_var_lambda * scores.var)
+        dist = self.dist
+        rm_reward = dist.gather(scores.mean - self.reward_var_lambda * scores.var)
         kl, entropy = dist.gather(kl), dist.gather(entropy)
         lengths, has_eos = dist.gather(ro.lengths), dist.gather(ro.has_eos)
         sec = timer.seconds
@@ -354,7 +426,7 @@ class ReinforceRecipe(OnlineRecipe):
             # real prompt and completion tokens, and the padded width the passes compute on (B x (P + T))
             "tokens": {"prompt": int(dist.gather(ro.prompt_mask.sum(-1)).sum()), "completion": int(lengths.sum()),
                        "padded": int(ro.input_ids.numel()) * dist.world},
-            "sample": ro.texts[0][:200], "healthy": healthy,
+            "sample": ro.texts[0][:200], "healthy": healthy, **(components or {}),
         }
         if self.is_stats:  # int8 rollouts: mean token weight, share of tokens capped, mean log(pi / mu)
             w, capped, log_ratio, tokens = dist.gather(torch.stack(self.is_stats).sum(0)[None]).sum(0).tolist()

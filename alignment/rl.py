@@ -28,11 +28,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignment.config import StageConfig
 from alignment.data import PairData
@@ -54,6 +54,19 @@ from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
 from alignment.ownership import MARKER, local_paths, remove_stale
 from alignment.parallel import DataParallel
 from alignment.reward import RewardScorer, reward_model_kind
+from alignment.rewards.components import (
+    ComponentScores,
+    EnsembleComponent,
+    RewardComponentConfig,
+    RewardComponentError,
+    RewardModelComponent,
+    check_unique_names,
+    combine,
+    combined_variance,
+    components_from,
+    rewards_key,
+    score_components,
+)
 from alignment.stage import (
     StagePlan,
     StageResult,
@@ -398,7 +411,12 @@ class OnlineConfig(StageConfig):
 
     policy: str = Field(DEFAULT_MODEL, description="Starting policy: hub id, local folder or .gguf file.")
     reward_model: str | None = Field(None, description="Folder written by `align rm` (scalar or distributional); "
-                                     "filled in by the pipeline.")
+                                     "filled in by the pipeline. Shorthand for rewards=[{kind: reward_model, "
+                                     "folder: FOLDER}] (give one or the other).")
+    rewards: list[RewardComponentConfig] | None = Field(
+        None, description="Reward components (alignment.rewards.components): kinds reward_model, gold, length, "
+        "python, ensemble, each {name, kind, weight, ...}; the reward is sum_c weight_c * value_c. Replaces "
+        "reward_model (None: the reward_model shorthand).")
     data: str | None = Field(None, description="Folder written by `align data`: prompts from train, held-out from "
                              "validation; filled in by the pipeline.")
     steps: int = Field(40, ge=1, description="Optimizer steps.")
@@ -450,6 +468,18 @@ class OnlineConfig(StageConfig):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    @model_validator(mode="after")
+    def _check_rewards(self) -> OnlineConfig:
+        if self.rewards is not None:
+            if self.reward_model is not None:
+                raise ValueError("give either reward_model (one folder written by `align rm`) or rewards (a list of "
+                                 "components), not both: add the folder as a {kind: reward_model, folder: ...} "
+                                 "component instead")
+            if not self.rewards:
+                raise ValueError("rewards is empty: give at least one component (or reward_model=FOLDER)")
+            check_unique_names(self.rewards)
+        return self
+
     def sampling(self, greedy: bool = False) -> SamplingConfig:
         """The rollout settings (greedy for the held-out evaluation)."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=greedy, temperature=self.temperature,
@@ -482,6 +512,46 @@ class StepTimer:
         self.last = now
 
 
+class ProxyScores(NamedTuple):
+    """What a reward model's scorer returns, for scores that come from reward components."""
+
+    mean: torch.Tensor  # (N,)
+    var: torch.Tensor  # (N,)
+
+
+class ComponentProxy:
+    """A scorer (``score(prompts, texts) -> (mean, var)``) over reward components, for the held-out proxy.
+
+    One component: its own (unweighted) values. Several: their weighted total. ``items``: prompt items
+    (``alignment.data.PromptItem``) whose gold answers a gold component looks up by the prompt's messages."""
+
+    def __init__(self, components, items=()):
+        self.components = list(components)
+        self.items = {json.dumps(item.messages, sort_keys=True): item for item in items}
+
+    def score(self, prompts, texts) -> ProxyScores:
+        if not self.components:  # only a length penalty: no proxy on the held-out answers
+            return ProxyScores(torch.zeros(len(texts)), torch.zeros(len(texts)))
+        rows = [self.items.get(json.dumps(list(p), sort_keys=True)) or {"prompt": list(p)} for p in prompts]
+        per = score_components(self.components, rows, texts)
+        if len(self.components) == 1:
+            total = torch.tensor([0.0 if v is None else v for v in per[self.components[0].name].values])
+        else:
+            total = combine(self.components, per)[0]
+        return ProxyScores(total, torch.zeros_like(total))
+
+
+def proxy_scorer(components, items=()) -> ComponentProxy:
+    """The held-out proxy of a run rewarded by ``components``: the first reward_model or ensemble
+    component (its value E[r] - lambda Var[r], or the ensemble's aggregate), else the weighted total of
+    the components that need no token counts (the length penalty is left out: the evaluation's answers
+    come without them), gold looked up in ``items``."""
+    for c in components:
+        if isinstance(c, (RewardModelComponent, EnsembleComponent)):
+            return ComponentProxy([c])
+    return ComponentProxy([c for c in components if c.kind != "length"], items)
+
+
 class OnlineRecipe:
     """The house every online algorithm lives in: ``setup()`` (models, data, optimizer, resume), the
     held-out evaluations with the over-optimisation alarm and ``best/``, checkpoints with exact resume,
@@ -509,7 +579,15 @@ class OnlineRecipe:
         self.dist = dist = DataParallel(resolve_device(cfg.device))
         if cfg.batch_size % dist.world:
             raise self.error(f"batch_size={cfg.batch_size} prompts do not split evenly over {dist.world} processes")
-        self.check_inputs(reward_model_kind(cfg.reward_model))  # before any model is loaded
+        # The reward components: built and checked (small files only) before any model is loaded.
+        try:
+            self.components = components_from(cfg.reward_model, cfg.rewards, var_lambda=cfg.reward_var_lambda)
+            for component in self.components:
+                component.check()
+        except RewardComponentError as exc:
+            raise self.error(str(exc)) from None
+        rm_folder = next((c.config.folder for c in self.components if isinstance(c, RewardModelComponent)), None)
+        self.check_inputs(reward_model_kind(rm_folder) if rm_folder else "none")
         self.device, self.bf16 = dist.device, bf16_enabled(cfg.bf16, dist.device)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -523,7 +601,14 @@ class OnlineRecipe:
         if cfg.kl_beta > 0 and not cfg.lora:
             self.reference, _ = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
             self.reference.eval().requires_grad_(False)
-        self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
+        if cfg.rewards is None:  # the shorthand: today's scorer, loaded as before
+            self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
+            self.components[0].scorer = self.scorer
+        try:
+            for component in self.components:
+                component.setup(str(self.device), self.bf16)
+        except RewardComponentError as exc:
+            raise self.error(str(exc)) from None
         # Reward models the policy never trains against, for the held-out evaluations (first process only):
         # checked here, loaded by each evaluation and let go after it (not held through the training steps).
         if dist.is_main:
@@ -531,8 +616,13 @@ class OnlineRecipe:
                 RewardScorer.from_pretrained(folder, device="cpu")
 
         data_dir = Path(cfg.data)
-        self.train_prompts = PairData.load(data_dir / "train.parquet").unique_prompts()
+        # The prompt items keep their gold answers and checkers (for the reward components); the messages go
+        # to the rollout.
+        self.train_items = PairData.load(data_dir / "train.parquet").prompt_items()
+        self.train_prompts = [item.messages for item in self.train_items]
         self.eval_prompts = PairData.load(data_dir / "validation.parquet").prompt_items()[: cfg.eval_prompts]
+        if cfg.rewards is not None:  # the held-out proxy
+            self.scorer = proxy_scorer(self.components, self.eval_prompts)
         if len(self.train_prompts) < cfg.batch_size:
             raise self.error(f"{data_dir}: {len(self.train_prompts)} train prompts, fewer than "
                                  f"batch_size={cfg.batch_size}")
@@ -624,6 +714,36 @@ class OnlineRecipe:
             return k
         return 1
 
+    @property
+    def reward_var_lambda(self) -> float:
+        """The lambda of E[r] - lambda Var[r] applied to ``score_rollout``'s scores: the config's with the
+        reward_model shorthand; 0 with ``rewards`` (each reward_model component subtracts its own)."""
+        return self.config.reward_var_lambda if self.config.rewards is None else 0.0
+
+    def score_rollout(self, ro: Rollout) -> tuple[Any, dict[str, ComponentScores]]:
+        """(scores with ``mean`` and ``var``, (B,) each; every component's scores by name) of this process's
+        rollout. The shorthand: the reward model's own E[r] and Var[r], exactly as before components (no
+        component scores). With ``rewards``: mean = the combined total sum_c w_c value_c, var = sum_c w_c^2
+        Var_c over the components that have variances (0 elsewhere; only the variance-weighted advantage
+        and the rm_var metric read it)."""
+        if self.config.rewards is None:
+            return self.scorer.score(ro.prompts, ro.texts), {}
+        try:
+            per = score_components(self.components, self.batch_items, ro.texts, token_ids=ro.tokens,
+                                   lengths=ro.lengths)
+        except RewardComponentError as exc:
+            raise self.error(str(exc)) from None
+        total, _ = combine(self.components, per)
+        var = combined_variance(self.components, per)
+        return ProxyScores(total, torch.zeros_like(total) if var is None else var), per
+
+    def component_metrics(self, per: dict[str, ComponentScores]) -> dict[str, float | None]:
+        """``rewards/<name>/mean`` and ``rewards/<name>/none_share`` over the whole batch (every process's)."""
+        if not per:
+            return {}
+        gathered = {name: ComponentScores(self.dist.gather_objects(list(s.values))) for name, s in per.items()}
+        return combine(self.components, gathered)[1]
+
     def checkpoint(self, step: int, healthy: bool) -> None:
         """Atomic checkpoint with every process's RNG; the last healthy one is protected from deletion."""
         if healthy:
@@ -644,7 +764,7 @@ class OnlineRecipe:
                        for name, folder in cfg.independent_reward_models.items()}
         try:
             return evaluate_policy(self.policy, self.tokenizer, self.scorer, self.eval_prompts,
-                                   cfg.sampling(greedy=True), cfg.max_prompt_length, var_lambda=cfg.reward_var_lambda,
+                                   cfg.sampling(greedy=True), cfg.max_prompt_length, var_lambda=self.reward_var_lambda,
                                    bf16=self.bf16, independent=independent, reference_logprobs=self.reference_logprobs)
         finally:
             del independent
@@ -764,6 +884,8 @@ class OnlineRecipe:
         (prompt-major: the k samples of a prompt are neighbours)."""
         cfg = self.config
         idx = self.dist.shard(self.sampler.next(cfg.batch_size))
+        # The rows the reward components score: each prompt's item k times, prompt-major like ``ro.prompts``.
+        self.batch_items = [self.train_items[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         sampler, bf16 = self.sampling_model()
         return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
                        cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
@@ -823,8 +945,11 @@ def online_stage_key(config: OnlineConfig, schema: str) -> str:
     others = {name: (read_manifest(folder) or {}).get("stage_key", folder)
               for name, folder in config.independent_reward_models.items()}
     cfg = config.model_dump(mode="json", exclude={"reward_model", "data", "independent_reward_models",
-                                                  "checkpoint_every_s"})  # (changes no result)
-    return sha256_text(json.dumps([cfg, rm.get("stage_key"), data.get("stage_key"), others, schema], sort_keys=True))
+                                                  "checkpoint_every_s", "rewards"})  # (changes no result)
+    parts = [cfg, rm.get("stage_key"), data.get("stage_key"), others, schema]
+    if config.rewards is not None:  # the reward_model shorthand keeps the key it had before components existed
+        parts.append(rewards_key(config.reward_model, config.rewards, var_lambda=config.reward_var_lambda))
+    return sha256_text(json.dumps(parts, sort_keys=True))
 
 
 def plan_online(config: OnlineConfig, key: str, runs_dir: str | Path) -> StagePlan:
@@ -837,7 +962,13 @@ def check_input_folders(config: OnlineConfig, error: type[Exception]) -> None:
     """The data and reward-model folders are complete, intact outputs of their stages and the policy is a
     loadable model (``alignment.inputs``); else ``error``, one line naming the folder."""
     require_stage_output(config.data, "data", error, "data (--data)")
-    require_stage_output(config.reward_model, "reward_model", error, "reward_model (--rm)")
+    if config.rewards is None:
+        require_stage_output(config.reward_model, "reward_model", error, "reward_model (--rm)")
+    else:
+        for i, component in enumerate(config.rewards):
+            folders = [component.folder] if component.kind == "reward_model" else getattr(component, "members", [])
+            for folder in folders:
+                require_stage_output(folder, "reward_model", error, f"rewards[{i}] ({component.name})")
     for name, folder in config.independent_reward_models.items():
         require_stage_output(folder, "reward_model", error, f"independent reward model {name!r}")
     require_model_source(config.policy, error, "policy (--policy)")
@@ -848,9 +979,10 @@ def check_input_folders(config: OnlineConfig, error: type[Exception]) -> None:
 def run_online(recipe_cls: type[OnlineRecipe], config: OnlineConfig, plan: StagePlan, out_dir: str | Path | None,
                stop_after: int | None, progress: Callable[[int, int, dict[str, Any]], None] | None) -> StageResult:
     """Reuse a finished run of the same key, refuse another config's folder, else set up and train (or resume)."""
-    if config.reward_model is None or config.data is None:
-        raise recipe_cls.error(f"{config.section} needs both reward_model (a folder written by `align rm`) and "
-                               "data (a folder written by `align data`)")
+    if (config.reward_model is None and config.rewards is None) or config.data is None:
+        raise recipe_cls.error(f"{config.section} needs a reward (reward_model, a folder written by `align rm`, or "
+                               "rewards, a list of reward components) and data (a folder written by `align data`)")
+
     out = Path(out_dir) if out_dir is not None else plan.out
     if reuse_or_guard(out, plan.key, recipe_cls.error, stage=recipe_cls.stage, done=out / "final",
                       resumable=True, inputs=local_paths(config.model_dump(mode="json")),

@@ -33,6 +33,8 @@ EPILOG = textwrap.dedent("""\
       reinforce  fine-tune the policy with REINFORCE (moving-average baseline) against a reward
               model, with a collapse guard and exact resume from checkpoints
       ppo     fine-tune the policy with PPO (value head, GAE, clipped losses) against a reward model
+      grpo    fine-tune the policy with GRPO (k samples per prompt, group-normalised advantages,
+              token-level clipped loss) against a reward model or reward components
       dpo     fine-tune the policy with DPO on the data stage's pairs (TRL's DPOTrainer)
       compare run several algorithms on equal budgets, score them once, one table and a frontier
       score   answer fixed validation prompts with each model (default: starting and tuned) and
@@ -121,29 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm_eval.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
     rm_eval.add_argument("--json", metavar="PATH", help="also write the metrics to this file")
 
-    rl = sub.add_parser(
-        "reinforce", help="fine-tune the policy with REINFORCE against a reward model",
-        description="REINFORCE with a moving-average (or EMA / RLOO / no) baseline, the whole completion as one "
-        "action (Ahmadian et al. 2024). Logs reward, KL, entropy, length, EOS rate, distinct-n and repetition every "
-        "step, stops on collapse, checkpoints atomically; re-running the same command resumes.",
-        epilog="examples:\n  align reinforce --rm runs/rm/scalar-<hash> --data runs/data/demo-<hash>\n"
-        "  align reinforce --rm RM --data DATA baseline=rloo samples_per_prompt=4 kl_beta=0.05",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ppo = sub.add_parser(
-        "ppo", help="fine-tune the policy with PPO against a reward model",
-        description="PPO in the InstructGPT / trlx form: a value head on the policy, per-token KL rewards with the "
-        "reward model's score at the last token, GAE, clipped policy and value losses, several epochs per batch, "
-        "optional adaptive KL. Same rollouts, guard, held-out evaluations, checkpoints and resume as reinforce.",
-        epilog="examples:\n  align ppo --rm runs/rm/scalar-<hash> --data runs/data/demo-<hash> steps=40\n"
-        "  align ppo --rm RM --data DATA ppo_epochs=2 adaptive_kl=true kl_target=4",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for p in (rl, ppo):
+    from alignment.algorithms.registry import ALGORITHMS
+
+    for spec in ALGORITHMS.values():  # reinforce, ppo, grpo and any registered online algorithm
+        p = sub.add_parser(spec.name, help=spec.help, description=spec.description or spec.help,
+                           epilog=spec.epilog or None, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--rm", dest="reward_model", metavar="DIR", help="folder written by `align rm`")
         p.add_argument("--data", metavar="DIR", help="folder written by `align data`")
         p.add_argument("--policy", help="starting policy (default SmolLM2-135M-Instruct)")
-        p.add_argument("--out", metavar="DIR", help=f"run folder (default: runs/{p.prog.split()[-1]}/<hash>)")
+        p.add_argument("--out", metavar="DIR", help=f"run folder (default: runs/{spec.name}/<hash>)")
         _add_common(p, sorted(PRESETS))
 
     dpo = sub.add_parser(
@@ -340,15 +328,11 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reinforce(args: argparse.Namespace) -> int:
-    from alignment.ppo import PPOConfig, train_ppo
-    from alignment.reinforce import (
-        CollapseDetected,
-        OverOptimisationDetected,
-        ReinforceConfig,
-        train_reinforce,
-    )
+    from alignment.algorithms.registry import get_algorithm
+    from alignment.rl import CollapseDetected, OverOptimisationDetected
 
-    cls, train = (PPOConfig, train_ppo) if args.command == "ppo" else (ReinforceConfig, train_reinforce)
+    spec = get_algorithm(args.command)
+    cls, train = spec.config_cls, spec.train_fn
     config = _stage_config(args, cls, args.command, {"reward_model": args.reward_model, "data": args.data,
                                                      "policy": args.policy})
     if config is None:
@@ -561,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.footprint import tune_allocator
 
     tune_allocator()  # freed tensor memory goes back to the system between steps and stages
+    from alignment.algorithms.registry import ALGORITHMS
     from alignment.compare import CompareError
     from alignment.data import DataError
     from alignment.dpo import DPOError
@@ -573,18 +558,19 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.ppo import PPOError
     from alignment.reinforce import ReinforceError
     from alignment.reward import RewardModelError
+    from alignment.rewards.components import RewardComponentError
     from alignment.rl import ResumeError
     from alignment.sft import SFTError
     from alignment.stage import StageBusy
 
-    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "reinforce": _cmd_reinforce, "ppo": _cmd_reinforce, "dpo": _cmd_dpo, "sft": _cmd_sft,
-                "compare": _cmd_compare,
+    handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
+                "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError, NotOurs) as exc:
+            DiskFullError, SFTError, NotOurs, RewardComponentError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)
