@@ -41,6 +41,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_at`: a controlled interruption of a Trainer stage."""
+
+
+def interrupt_at(step: int):
+    """A stage progress callback that interrupts the stage once ``step`` optimizer steps are done."""
+    def progress(done: int, total: int) -> None:
+        if done == step:
+            raise Interrupt(f"interrupted at step {done}")
+    return progress
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

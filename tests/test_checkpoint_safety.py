@@ -18,6 +18,7 @@ from alignment import checkpoints as C
 from alignment import rl
 from alignment.io import sha256_file, write_json
 from alignment.reinforce import ReinforceConfig, train_reinforce
+from tests.conftest import Interrupt, interrupt_at
 
 
 def _draws() -> tuple:
@@ -134,17 +135,6 @@ def test_a_tampered_checkpoint_whose_hash_differs_is_dropped_unread(tmp_path, ch
     assert result.summary["steps"] == 4 and (out / "final" / "manifest.json").is_file()
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def progress(done: int, total: int) -> None:
-        if done == step:
-            raise Interrupt(f"interrupted at step {done}")
-    return progress
-
-
 def test_a_trainer_checkpoint_carrying_a_pickle_is_refused_in_one_line(tmp_path, tiny_stack):
     """The Trainer stages resume through transformers, which reads rng_state.pth (and optimizer.pt,
     scheduler.pt) with weights_only=True: a resealed checkpoint whose RNG file carries a code-running
@@ -156,7 +146,7 @@ def test_a_trainer_checkpoint_carrying_a_pickle_is_refused_in_one_line(tmp_path,
                                bf16=False, checkpoint_every=2)
     out = tmp_path / "rm"
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=_stop_at(3))
+        run_reward_stage(config, out, progress=interrupt_at(3))
     ckpt, marker = C.checkpoint_folder(out) / "checkpoint-2", tmp_path / "marker"
     torch.save({"python": RunsCode(marker)}, ckpt / "rng_state.pth")
     C.seal(ckpt)  # consistent: the seal matches

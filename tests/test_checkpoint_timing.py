@@ -11,6 +11,7 @@ import pytest
 from alignment import checkpoints as C
 from alignment import rl
 from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
+from tests.conftest import Interrupt, interrupt_at
 
 
 def test_checkpoint_every_s_is_not_part_of_any_stage_key(tiny_stack):
@@ -70,17 +71,6 @@ def test_the_trainer_callback_asks_for_a_save_once_the_interval_passed(monkeypat
     assert len(C.trainer_callbacks(None, 0.0)) == 1 and len(C.trainer_callbacks(None, 600.0)) == 2
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_at(step: int):
-    def progress(done: int, total: int) -> None:
-        if done == step:
-            raise Interrupt(f"interrupted at step {done}")
-    return progress
-
-
 @pytest.mark.parametrize("every_s", [1e-9, 0.0])
 def test_a_trainer_stage_checkpoints_by_time(every_s, tmp_path, tiny_stack):
     """checkpoint_every far away: with checkpoint_every_s tiny the reward-model stage saves (and seals) a
@@ -92,7 +82,7 @@ def test_a_trainer_stage_checkpoints_by_time(every_s, tmp_path, tiny_stack):
                                logging_steps=1, bf16=False, checkpoint_every=10_000, checkpoint_every_s=every_s)
     out = tmp_path / "rm"
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=_stop_at(2))  # saved after step 1 (if at all), stopped in step 2
+        run_reward_stage(config, out, progress=interrupt_at(2))  # saved after step 1 (if at all), stopped in step 2
     ckpts = sorted(C.checkpoint_folder(out).glob("checkpoint-*"))
     if every_s:
         assert [p.name for p in ckpts] == ["checkpoint-1"] and C.checkpoint_problem(ckpts[0]) is None

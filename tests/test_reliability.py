@@ -23,7 +23,7 @@ from alignment.io import DiskFullError
 from alignment.reinforce import ReinforceConfig, train_reinforce
 from alignment.reward import RewardModelConfig, run_reward_stage
 from alignment.stage import StageBusy
-from tests.conftest import raw_row, write_jsonl
+from tests.conftest import Interrupt, interrupt_at, raw_row, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,17 +34,6 @@ def _rm_data(tmp_path: Path) -> Path:
         rows.append(raw_row(f"What is {a} plus 1?", f"{a} plus 1 is {a + 1}.", 4, 4, 4, 2, 2))
         rows.append(raw_row(f"What is {a} plus 1?", "!!!!!!!!!!!!!!!!", 0, 0, 0, 0, 4))
     return run_data_stage(DataConfig(source=str(write_jsonl(tmp_path / "toy.jsonl", rows))), tmp_path / "data").out_dir
-
-
-class Interrupt(Exception):
-    pass
-
-
-def _interrupt_at(step: int):
-    def progress(done: int, total: int) -> None:
-        if done == step:
-            raise Interrupt(f"interrupted at step {done}")
-    return progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +62,7 @@ def test_reward_model_resumes_after_an_interruption_with_the_uninterrupted_resul
     config, straight = rm_runs
     out = tmp_path / "rm"
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=_interrupt_at(5))  # checkpoints at 2 and 4, killed in step 5
+        run_reward_stage(config, out, progress=interrupt_at(5))  # checkpoints at 2 and 4, killed in step 5
     assert not out.exists()  # the output folder is atomic: nothing half-written
     ckpts = sorted(p.name for p in checkpoint_folder(out).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"] and all(
@@ -92,7 +81,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, rm
     config, straight = rm_runs
     out = tmp_path / "rm"
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=_interrupt_at(5))
+        run_reward_stage(config, out, progress=interrupt_at(5))
     latest = checkpoint_folder(out) / "checkpoint-4"
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated (a disk, a copy)
@@ -133,7 +122,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, rm_runs, caplog
     config, _ = rm_runs
     out = tmp_path / "rm"
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=_interrupt_at(3))
+        run_reward_stage(config, out, progress=interrupt_at(3))
     other = config.model_copy(update={"learning_rate": 1e-3})
     caplog.set_level(logging.WARNING)
     steps: list[int] = []
@@ -150,7 +139,7 @@ def test_dpo_resumes_after_an_interruption_with_the_uninterrupted_result(tmp_pat
                             checkpoint_every=2)
     straight = run_dpo_stage(config, tmp_path / "straight")
     with pytest.raises(Interrupt):
-        run_dpo_stage(config, tmp_path / "dpo", progress=_interrupt_at(5))
+        run_dpo_stage(config, tmp_path / "dpo", progress=interrupt_at(5))
     assert not (tmp_path / "dpo").exists()
     steps: list[int] = []
     resumed = run_dpo_stage(config, tmp_path / "dpo", progress=lambda done, total: steps.append(done))
