@@ -49,6 +49,7 @@ from alignment.ownership import local_paths
 from alignment.reward import RewardModelError, RewardScorer
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
 from alignment.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
+from alignment.verdict import trained_against
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
             "generation_seconds": round(g.seconds, 1), "rewards": {},
             "gold": gold_summary(gold[name], gold[reference] if name != reference else None),
+            "trained_against": trained_against(config.models[name]),  # e.g. gold: then not an independent check
         }
         for rm_name, (mean, var) in rewards[name].items():
             r = entry["rewards"][rm_name] = {

@@ -338,14 +338,15 @@ class OverOptimisationDetected(RuntimeError):
 
 
 def overoptimisation_alarm(history: list[dict[str, Any]], window: int, gold_margin: float,
-                           rm_margin_sd: float) -> str | None:
+                           rm_margin_sd: float, watch_gold: bool = True) -> str | None:
     """A warning when, over the last ``window`` held-out evaluations, the proxy reward rose while gold
     accuracy fell by more than ``gold_margin`` or an independent reward model fell by more than
     ``rm_margin_sd`` of its standard deviation over the prompts at the first evaluation; else None.
 
     history: one dict per evaluation, oldest first, with ``step``, ``proxy`` (mean reward of the model
     trained against), ``independent`` ({name: mean}), ``independent_std`` ({name: std}) and ``gold``
-    (accuracy or None).
+    (accuracy or None). ``watch_gold=False`` when gold is itself a training reward: it is then no witness
+    against the proxy, and only the reward models not trained against are watched.
     """
     if len(history) < max(window, 2):
         return None
@@ -353,7 +354,8 @@ def overoptimisation_alarm(history: list[dict[str, Any]], window: int, gold_marg
     if last["proxy"] <= first["proxy"]:
         return None
     fell = []
-    if first.get("gold") is not None and last.get("gold") is not None and first["gold"] - last["gold"] > gold_margin:
+    if (watch_gold and first.get("gold") is not None and last.get("gold") is not None
+            and first["gold"] - last["gold"] > gold_margin):
         fell.append(f"gold accuracy {first['gold']:.3f} -> {last['gold']:.3f}")
     for name, start in first.get("independent", {}).items():
         sd0 = history[0].get("independent_std", {}).get(name) or 0.0
@@ -787,7 +789,8 @@ class OnlineRecipe:
                  "" if entry["gold"] is None else f", gold {entry['gold']:.3f} (n={entry['gold_n']})",
                  "-" if entry["kl"] is None else f"{entry['kl']:.3f}")
         cfg = self.config
-        message = overoptimisation_alarm(self.heldout, cfg.alarm_window, cfg.alarm_gold_margin, cfg.alarm_rm_margin_sd)
+        message = overoptimisation_alarm(self.heldout, cfg.alarm_window, cfg.alarm_gold_margin, cfg.alarm_rm_margin_sd,
+                                         watch_gold=not any(c.kind == "gold" for c in self.components))
         if message:
             self.alarms.append(f"step {step}: {message}")
             log.warning("%s (best/ holds step %s)", message, self.best["step"] if self.best else "none")

@@ -11,10 +11,26 @@ in one line. A change counts as up or down only when its interval excludes no-ch
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 Direction = Literal["up", "down", "flat"]
 ARROWS = {"up": "↑ rose", "down": "↓ fell", "flat": "≈ no clear change"}
+
+
+def trained_against(model_folder: str | Path) -> list[str]:
+    """The reward kinds a policy folder was trained against (from its manifest's ``config.rewards``):
+    e.g. ``["reward_model", "gold"]``; ``["reward_model"]`` for the ``reward_model=FOLDER`` shorthand; ``[]``
+    for a folder that records no online training (the starting model, SFT, DPO)."""
+    try:
+        config = json.loads((Path(model_folder) / "manifest.json").read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    rewards = config.get("rewards")
+    if rewards:
+        return sorted({str(r.get("kind")) for r in rewards if isinstance(r, dict)})
+    return ["reward_model"] if config.get("reward_model") else []
 
 
 def direction(ci: tuple[float, float] | list[float], null: float = 0.0) -> Direction:
@@ -29,10 +45,17 @@ def _names(checks: list[dict[str, Any]]) -> str:
 
 
 def reading(checks: list[dict[str, Any]]) -> str:
-    """One line from the checks' directions. ``checks``: dicts with ``kind`` ('proxy', 'independent',
-    'gold', 'reference', 'judge'), ``name`` and ``direction``."""
-    proxy = next((c for c in checks if c["kind"] == "proxy"), None)
-    others = [c for c in checks if c["kind"] != "proxy"]
+    """One line from the checks' directions. ``checks``: dicts with ``kind`` ('proxy', 'trained',
+    'independent', 'gold', 'reference', 'judge'), ``name`` and ``direction``.
+
+    'proxy' and 'trained' (gold used as a training reward, measured on held-out prompts) are what the
+    policy was optimised for: the reading weighs them against the checks it never trained against.
+    """
+    trained = [c for c in checks if c["kind"] in ("proxy", "trained")]
+    proxy = next((c for c in trained if c["kind"] == "proxy"), trained[0] if trained else None)
+    others = [c for c in checks if c["kind"] not in ("proxy", "trained")]
+    if proxy is not None and len(trained) > 1 and proxy["direction"] != "up":
+        proxy = next((c for c in trained if c["direction"] == "up"), proxy)  # any trained-for reward that rose
     up = [c for c in others if c["direction"] == "up"]
     down = [c for c in others if c["direction"] == "down"]
     if proxy is None:
@@ -41,20 +64,22 @@ def reading(checks: list[dict[str, Any]]) -> str:
         if up:
             return f"{_names(up)} rose against the starting model (no proxy reward model named)"
         return "no check changed clearly at this sample size (every interval includes no-change)"
+    what, target = ("proxy reward", "the reward model") if proxy["kind"] == "proxy" else (
+        "gold accuracy (trained against, on held-out prompts)", "its training reward")
     if proxy["direction"] == "up":
         if down:
-            return (f"proxy reward rose while {_names(down)} fell: the policy is likely exploiting the reward "
-                    f"model (over-optimisation)")
+            return (f"{what} rose while {_names(down)} fell: the policy is likely exploiting "
+                    f"{target} (over-optimisation)")
         if up:
             flat = [c for c in others if c["direction"] == "flat"]
             tail = f"; {_names(flat)} did not move clearly" if flat else ""
-            return f"proxy reward rose and {_names(up)} confirm{'s' if len(up) == 1 else ''} it{tail}"
+            return f"{what} rose and {_names(up)} confirm{'s' if len(up) == 1 else ''} it{tail}"
         if not others:
-            return "proxy reward rose; nothing independent was measured, so the gain is unconfirmed"
-        return (f"proxy reward rose, {_names(others)} did not: the policy is likely exploiting the reward model "
+            return f"{what} rose; nothing independent was measured, so the gain is unconfirmed"
+        return (f"{what} rose, {_names(others)} did not: the policy is likely exploiting {target} "
                 f"rather than getting better")
     if proxy["direction"] == "down":
-        return "proxy reward fell" + (f", and {_names(down)} fell too: the model got worse" if down else
+        return f"{what} fell" + (f", and {_names(down)} fell too: the model got worse" if down else
                                       f"; {_names(up)} rose" if up else "")
     if down:
         return f"no clear proxy gain, and {_names(down)} fell: the model got worse"
@@ -83,10 +108,13 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
                        "direction": direction(r["paired_diff_ci95"]), "unit": "reward"})
     checks.sort(key=lambda c: c["kind"] != "proxy")
     gold = m.get("gold")
-    if gold and "paired_diff" in gold:
-        checks.append({"kind": "gold", "name": "gold accuracy", "value": gold["paired_diff"],
-                       "ci95": list(gold["paired_diff_ci95"]), "direction": direction(gold["paired_diff_ci95"]),
-                       "unit": f"accuracy, {gold['n']} prompts", "accuracy": gold["accuracy"]})
+    gold_trained = "gold" in m.get("trained_against", [])
+    if gold and "paired_diff" in gold:  # trained against: the gain on prompts it never saw, not an independent check
+        checks.append({"kind": "trained" if gold_trained else "gold",
+                       "name": "gold accuracy (trained against, held-out prompts)" if gold_trained else "gold accuracy",
+                       "value": gold["paired_diff"], "ci95": list(gold["paired_diff_ci95"]),
+                       "direction": direction(gold["paired_diff_ci95"]), "unit": f"accuracy, {gold['n']} prompts",
+                       "accuracy": gold["accuracy"]})
     rouge = m.get("rouge_gain", {}).get("rougeL")
     if rouge:  # the truth of a summarisation task: overlap with the human summaries, paired over posts
         checks.append({"kind": "reference", "name": "ROUGE-L vs references", "value": rouge["mean"],

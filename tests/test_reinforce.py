@@ -469,7 +469,7 @@ def test_overoptimisation_alarm_stops_when_asked(tmp_path, tiny_stack, monkeypat
     import alignment.reinforce as R
     import alignment.rl
 
-    monkeypatch.setattr(alignment.rl, "overoptimisation_alarm", lambda history, *a: "over-optimisation: test" if len(history) > 1
+    monkeypatch.setattr(alignment.rl, "overoptimisation_alarm", lambda history, *a, **k: "over-optimisation: test" if len(history) > 1
                         else None)
     config = _config(tiny_stack, steps=6, eval_every=2, eval_prompts=2, alarm_action="stop", checkpoint_every=10)
     with pytest.raises(R.OverOptimisationDetected, match="over-optimisation: test; stopped"):
