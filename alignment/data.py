@@ -9,6 +9,12 @@ Four input shapes are understood (detected from the columns, or forced with ``fo
   ``chosen_rating, rejected_rating`` (e.g. ``esfrankel17/HelpSteer2_binarized``, UltraFeedback).
 * ``hh``    -- Anthropic hh-rlhf transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``; the prompt is
   everything before the last Assistant turn.
+* ``prompts`` -- prompts without responses for the online stages: ``prompt`` (text or chat messages),
+  optionally ``gold_answer``/``gold_checker`` and any other columns, which travel with the prompt
+  (``PromptItem.extra``) to the reward components; detected when a file has a ``prompt`` column and
+  none of the pair, raw or comparison columns (the embedded ``demo-verifiable`` set is one). The splits
+  hold one row per prompt with empty (null) pair columns; :meth:`PairData.load` refuses them to the
+  stages that need pairs (reward model, DPO).
 * ``comparisons`` -- OpenAI's summarize-from-feedback comparisons (``openai/summarize_from_feedback``,
   configuration ``comparisons``, and the JSON files it was built from): ``info`` (the post's
   ``subreddit``, ``title``, ``post``, or a news ``article``), ``summaries`` (two, each with ``text``) and
@@ -68,7 +74,7 @@ ROLES = frozenset({"system", "user", "assistant"})
 GOLD_COLUMNS = ("gold_answer", "gold_checker")  # optional, per prompt: a checkable answer and how to check it
 CANONICAL_COLUMNS = ("prompt", "chosen", "rejected", "chosen_rating", "rejected_rating", "response", *ATTRIBUTES,
                      *GOLD_COLUMNS)
-BUILTIN_SOURCES = {"demo": "demo_helpsteer.jsonl"}
+BUILTIN_SOURCES = {"demo": "demo_helpsteer.jsonl", "demo-verifiable": "demo_verifiable.jsonl"}
 # Splits a hub dataset is read from when the config names none.
 DEFAULT_HUB_SPLITS = {"esfrankel17/HelpSteer2_binarized": "average_rating_split", "nvidia/HelpSteer2": "train"}
 # Configurations (subsets) a hub dataset is read from when the config names none.
@@ -85,8 +91,11 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 SCHEMA_VERSION = 3  # 2: raw responses grouped by the exact prompt string; 3: gold columns. Bump when the output files change shape or meaning: invalidates reuse
 Message = dict[str, str]
-Format = Literal["raw", "pairs", "hh", "comparisons"]
+Format = Literal["raw", "pairs", "hh", "comparisons", "prompts"]
 COMPARISON_COLUMNS = ("info", "summaries", "choice")
+# Columns that mean a file is not a prompts-only source (a near miss of one, e.g. "respnse", stops detection).
+PAIR_LIKE_COLUMNS = ("chosen", "rejected", "response", "chosen_rating", "rejected_rating", *ATTRIBUTES,
+                     *COMPARISON_COLUMNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,11 +107,13 @@ class DataConfig(StageConfig):
     section: str = "data"
     source: str = Field(
         "demo",
-        description="'demo' (the embedded set), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
+        description="'demo' (the embedded preference set), 'demo-verifiable' (embedded prompts with checkable "
+        "constraints and answers, for the online stages), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
         "dataset id such as esfrankel17/HelpSteer2_binarized or nvidia/HelpSteer2.",
     )
-    format: Literal["auto", "raw", "pairs", "hh", "comparisons"] = Field(
-        "auto", description="Input shape; 'auto' detects it from the columns."
+    format: Literal["auto", "raw", "pairs", "hh", "comparisons", "prompts"] = Field(
+        "auto", description="Input shape; 'auto' detects it from the columns ('prompts': prompts only, for the "
+        "online stages)."
     )
     split: str | None = Field(None, description="Hub split to read (default: the dataset's usual one).")
     subset: str | None = Field(None, description="Hub configuration (subset) to read, e.g. 'comparisons' of "
@@ -339,6 +350,10 @@ def _gold(rec: dict) -> tuple[str | None, str | None]:
         raise _Bad("gold_checker", f"gold_answer is given but gold_checker is missing (one of {', '.join(CHECKERS)})")
     if _is_missing(answer):
         raise _Bad("gold_answer", "gold_checker is given but gold_answer is missing")
+    if isinstance(answer, np.ndarray):
+        answer = answer.tolist()
+    if checker == "constraints" and isinstance(answer, dict):  # a spec written as a JSON object, not as text
+        answer = json.dumps(answer, ensure_ascii=False)
     answer = _text(str(answer) if isinstance(answer, (int, float)) else answer, "gold_answer")
     try:
         validate_reference(answer, checker)
@@ -418,13 +433,14 @@ def comparison_to_pair_record(rec: dict) -> dict[str, str]:
 @dataclass(frozen=True)
 class PreferencePair:
     prompt: list[Message]
-    chosen: str
-    rejected: str
+    chosen: str | None  # None (and rejected too) for a prompts source's rows
+    rejected: str | None
     chosen_rating: float | None = None
     rejected_rating: float | None = None
     source_rows: tuple[int, ...] = ()
     gold_answer: str | None = None
     gold_checker: str | None = None
+    extra: dict[str, Any] | None = None  # a prompts source's other columns
 
     @property
     def prompt_key(self) -> str:
@@ -792,11 +808,16 @@ def detect_format(source: SourceData) -> Format:
         if first is not None and "Assistant:" in first:
             return "hh"
         return "pairs"
+    if "prompt" in cols and not cols & set(PAIR_LIKE_COLUMNS):
+        near = sorted({c for c in cols - set(CANONICAL_COLUMNS)
+                       if difflib.get_close_matches(c, PAIR_LIKE_COLUMNS, n=1, cutoff=0.75)})
+        if not near:
+            return "prompts"
     raise DataError(
         f"{source.name}: cannot tell the format from the columns {sorted(cols)}. Expected "
         "prompt/chosen/rejected (pairs), chosen/rejected hh-rlhf transcripts (hh), or "
         f"prompt/response/{'/'.join(ATTRIBUTES)} (raw), or info/summaries/choice (summarize-from-feedback "
-        "comparisons). Rename columns with column_map or set format."
+        "comparisons), or prompt alone (prompts, for the online stages). Rename columns with column_map or set format."
     )
 
 
@@ -807,6 +828,8 @@ def _required_columns(fmt: Format, config: DataConfig, cols: set[str]) -> list[s
         return ["chosen", "rejected"]
     if fmt == "comparisons":
         return list(COMPARISON_COLUMNS)
+    if fmt == "prompts":
+        return ["prompt"]
     need = ["chosen", "rejected"]
     if "chosen_rating" in cols or "rejected_rating" in cols:
         need += ["chosen_rating", "rejected_rating"]
@@ -853,6 +876,33 @@ def _parse_pair(rec: dict, fmt: Format, config: DataConfig, with_ratings: bool, 
     if chosen == rejected:
         raise _Bad("rejected", "chosen and rejected are the same text")
     return PreferencePair(prompt, chosen, rejected, *ratings, (), *_gold(rec))
+
+
+def _json_value(value: Any) -> Any:
+    """A source cell as plain JSON (numpy arrays as lists, NaN as null, anything else unusual as text)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if _is_missing(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value if isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _parse_prompt_row(rec: dict, extra_columns: list[str], row: int) -> PreferencePair:
+    """A prompts-source row: the prompt (ending with a user turn), its gold answer, the other columns."""
+    prompt = _check_prompt(_messages(rec.get("prompt"), "prompt"))
+    extra = {c: _json_value(rec.get(c)) for c in extra_columns}
+    for c, value in extra.items():
+        if isinstance(value, str) and (_UNDECODABLE.search(value) or _SURROGATE.search(value)):
+            raise _Bad(c, "undecodable or invalid text (not valid UTF-8 / a lone surrogate)")
+    return PreferencePair(prompt, None, None, None, None, (row,), *_gold(rec), extra)
 
 
 def _parse_raw(rec: dict, config: DataConfig, weights: dict[str, float], typed: bool, row: int) -> RawResponse:
@@ -961,11 +1011,15 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
     with_ratings = fmt == "pairs" and "chosen_rating" in cols
     seen: dict[str, int] = {}
     items: list[Any] = []
+    extra_columns = sorted(cols - {"prompt", *GOLD_COLUMNS}) if fmt == "prompts" else []
     for rec, row in zip(source.records, source.rows, strict=True):
         try:
             if fmt == "raw":
                 item = _parse_raw(rec, config, weights, source.typed, row)
                 key = sha256_text(json.dumps([item.prompt_key, item.response], sort_keys=True))
+            elif fmt == "prompts":
+                item = _parse_prompt_row(rec, extra_columns, row)
+                key = item.prompt_key
             else:
                 item = _parse_pair(rec, fmt, config, with_ratings, source.typed)
                 item = PreferencePair(item.prompt, item.chosen, item.rejected, item.chosen_rating,
@@ -975,7 +1029,7 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
                     continue
                 key = item.pair_key
             if key in seen:
-                what = "response to the same prompt" if fmt == "raw" else "pair"
+                what = {"raw": "response to the same prompt", "prompts": "prompt"}.get(fmt, "pair")
                 raise _Bad(None, f"duplicate {what} (first seen at row {seen[key]})")
             seen[key] = row
             items.append(item)
@@ -988,7 +1042,8 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
         pairs, stats = merge_votes(items)
     else:
         pairs = items
-        stats = BinariseStats(n_prompts=len({p.prompt_key for p in pairs}), n_pairs=len(pairs))
+        stats = BinariseStats(n_prompts=len({p.prompt_key for p in pairs}),
+                              n_pairs=0 if fmt == "prompts" else len(pairs))
     return ParsedData(pairs, stats, fmt, issues, len(source.records) + len(source.unreadable))
 
 
@@ -1025,7 +1080,13 @@ PAIR_SCHEMA = pa.schema([
 ])
 
 
-def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
+# A prompts source's splits: the pair schema (pair columns null) plus ``extra``, the row's other columns as
+# a JSON object text (one column whatever they hold, so any source's columns fit one schema).
+PROMPTS_SCHEMA = PAIR_SCHEMA.append(pa.field("extra", pa.string()))
+
+
+def pairs_to_table(pairs: list[PreferencePair], config: DataConfig, *, prompts: bool = False) -> pa.Table:
+    """A split as a table: :data:`PAIR_SCHEMA`, or for a prompts source (``prompts``) :data:`PROMPTS_SCHEMA`."""
     def dist(x: float | None) -> list[float] | None:
         return None if x is None else rating_to_distribution(x, config.rating_min, config.rating_max).tolist()
 
@@ -1043,6 +1104,9 @@ def pairs_to_table(pairs: list[PreferencePair], config: DataConfig) -> pa.Table:
         "gold_answer": [p.gold_answer for p in pairs],
         "gold_checker": [p.gold_checker for p in pairs],
     }
+    if prompts:
+        columns["extra"] = [json.dumps(p.extra or {}, ensure_ascii=False, sort_keys=True) for p in pairs]
+        return pa.table(columns, schema=PROMPTS_SCHEMA)
     return pa.table(columns, schema=PAIR_SCHEMA)
 
 
@@ -1078,11 +1142,22 @@ def read_pairs(path: str | Path) -> pa.Table:
 
 @dataclass(frozen=True)
 class PromptItem:
-    """A prompt with its optional gold answer and the checker kind that decides it."""
+    """A prompt with its optional gold answer, the checker kind that decides it and, from a prompts source,
+    its other columns (``extra``: what a ``python`` reward component receives beside the gold columns)."""
 
     messages: list[Message]
     gold_answer: str | None = None
     gold_checker: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptsOnlyError(DataError):
+    """A prompts-only data folder (format ``prompts``) given to a stage that needs preference pairs."""
+
+
+def is_prompts_split(table: pa.Table) -> bool:
+    """Whether a split holds prompts only (a ``prompts`` source: every chosen is null)."""
+    return "extra" in table.column_names or (table.num_rows > 0 and table.column("chosen").null_count == table.num_rows)
 
 
 @dataclass
@@ -1098,24 +1173,51 @@ class PairData:
     rejected_dist: list[list[float] | None]
     gold_answer: list[str | None]
     gold_checker: list[str | None]
+    # Not dataclass fields (callers rebuild a PairData from its fields): set by load, concat and head.
+    extra = None  # list[dict | None] per row: a prompts source's other columns; None: the split has none
+    prompts_only = False  # a prompts source's split: every chosen/rejected is None
 
     @classmethod
-    def load(cls, path: str | Path, limit: int | None = None, seed: int = 0) -> PairData:
-        rows = read_pairs(path).to_pylist()
+    def load(cls, path: str | Path, limit: int | None = None, seed: int = 0, *, prompts_ok: bool = False
+             ) -> PairData:
+        """A split. A prompts-only split (format ``prompts``) is a :class:`PromptsOnlyError` naming the folder
+        unless ``prompts_ok`` (the online stages and the scoring stage, which need prompts only)."""
+        table = read_pairs(path)
+        prompts_only = is_prompts_split(table)
+        if prompts_only and not prompts_ok:
+            folder = Path(path).parent
+            raise PromptsOnlyError(
+                f"{folder} is a prompts-only data folder (format 'prompts': prompts with gold answers, no "
+                "chosen/rejected pairs); this stage needs preference pairs: give it a data folder built from a "
+                "pairs source (e.g. source=demo), and use this one with reinforce, ppo or grpo")
+        rows = table.to_pylist()
         if limit is not None and len(rows) > limit:
             keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
             rows = [rows[i] for i in keep]
         # .get: splits written before the gold columns existed read as "no gold answer"
-        return cls([r["prompt"] for r in rows], *([r.get(k) for r in rows] for k in (
+        data = cls([r["prompt"] for r in rows], *([r.get(k) for r in rows] for k in (
             "chosen", "rejected", "chosen_rating", "rejected_rating", "chosen_dist", "rejected_dist",
             "gold_answer", "gold_checker")))
+        if "extra" in table.column_names:
+            data.extra = [json.loads(r["extra"]) if r["extra"] else {} for r in rows]
+        data.prompts_only = prompts_only
+        return data
+
+    def _extras(self) -> list[dict[str, Any] | None]:
+        return self.extra if self.extra is not None else [None] * len(self.prompts)
 
     @classmethod
     def concat(cls, parts: Sequence[PairData]) -> PairData:
-        return cls(*(sum((getattr(p, f) for p in parts), []) for f in cls.__dataclass_fields__))
+        data = cls(*(sum((getattr(p, f) for p in parts), []) for f in cls.__dataclass_fields__))
+        if any(p.extra is not None for p in parts):
+            data.extra = sum((p._extras() for p in parts), [])
+        data.prompts_only = bool(parts) and all(p.prompts_only for p in parts)
+        return data
 
     def head(self, n: int) -> PairData:
-        return PairData(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+        data = PairData(*(getattr(self, f)[:n] for f in self.__dataclass_fields__))
+        data.extra, data.prompts_only = None if self.extra is None else self.extra[:n], self.prompts_only
+        return data
 
     def unique_prompts(self) -> list[list[Message]]:
         """The distinct prompts in first-seen order (several pairs can share a prompt)."""
@@ -1124,14 +1226,15 @@ class PairData:
     def prompt_items(self) -> list[PromptItem]:
         """The distinct prompts in first-seen order, each with its gold answer and checker (or None)."""
         seen: dict[str, PromptItem] = {}
-        for p, answer, checker in zip(self.prompts, self.gold_answer, self.gold_checker, strict=True):
+        for p, answer, checker, extra in zip(self.prompts, self.gold_answer, self.gold_checker, self._extras(),
+                                             strict=True):
             key = json.dumps(p, sort_keys=True)
             if key not in seen or seen[key].gold_answer is None and answer is not None:
-                seen[key] = PromptItem(p, answer, checker)
+                seen[key] = PromptItem(p, answer, checker, extra or {})
         return list(seen.values())
 
     def __len__(self) -> int:
-        return len(self.chosen)
+        return len(self.prompts)
 
     @property
     def has_ratings(self) -> bool:
@@ -1185,6 +1288,10 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     if config.max_pairs is not None and len(pairs) > config.max_pairs:
         keep = np.sort(np.random.default_rng(config.seed).choice(len(pairs), config.max_pairs, replace=False))
         pairs = [pairs[i] for i in keep]
+    prompts_only = parsed.format == "prompts"
+    if not pairs and prompts_only:
+        raise DataError(f"{source.name}: no usable prompts (rows read: {parsed.n_rows_read}, rejected: "
+                        f"{len(parsed.issues)})")
     if not pairs:
         raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
                         f"{len(parsed.issues)}, ties dropped: {parsed.stats.n_ties_dropped})")
@@ -1198,7 +1305,7 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
         files = {}
         for name, subset in splits.items():
             fname = f"{name}.parquet"
-            pq.write_table(pairs_to_table(subset, config), tmp / fname)
+            pq.write_table(pairs_to_table(subset, config, prompts=prompts_only), tmp / fname)
             files[fname] = {"sha256": sha256_file(tmp / fname), "rows": len(subset)}
         if parsed.issues:
             with open(tmp / "rejected_rows.jsonl", "w", encoding="utf-8") as fh:
@@ -1222,7 +1329,7 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "n_prompts_unpaired": parsed.stats.n_prompts_unpaired,
             "n_ties_dropped": parsed.stats.n_ties_dropped,
             "n_pairs_before_limit": n_before_limit,
-            "n_pairs": len(pairs),
+            "n_pairs": 0 if prompts_only else len(pairs),
             "n_train": len(train_idx),
             "n_validation": len(val_idx),
             "n_train_prompts": len({p.prompt_key for p in splits["train"]}),
@@ -1230,11 +1337,16 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "n_gold_prompts": {name: len({p.prompt_key for p in subset if p.gold_answer is not None})
                                for name, subset in splits.items()},
             "has_ratings": pairs[0].chosen_rating is not None,
+            **({"prompts_only": True, "extra_columns": sorted(pairs[0].extra or {})} if prompts_only else {}),
             "files": files,
             "created_by": f"alignment {__version__}",
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         write_json(tmp / MANIFEST, manifest)  # last: a folder with a manifest is complete
+    if prompts_only:
+        log.info("data: %d prompts, no pairs (%d bad rows skipped) -> %d train / %d validation prompts in %s",
+                 manifest["n_prompts"], manifest["n_rows_rejected"], manifest["n_train"], manifest["n_validation"], out)
+        return StageResult(out, manifest)
     log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows skipped) -> %d train / %d validation in %s",
              manifest["n_prompts"], manifest["n_pairs"], manifest["n_ties_dropped"], manifest["n_rows_rejected"],
              manifest["n_train"], manifest["n_validation"], out)

@@ -146,7 +146,7 @@ def select_prompt_items(data_dir: str | Path, n: int, seed: int) -> list[PromptI
     path = Path(data_dir) / "validation.parquet"
     if not path.is_file():
         raise EvaluationError(f"{data_dir} is not a data stage output (no validation.parquet)")
-    items = PairData.load(path).prompt_items()
+    items = PairData.load(path, prompts_ok=True).prompt_items()  # a prompts-only folder is fine: prompts only
     if not items:
         raise EvaluationError(f"{path} holds no prompts")
     if len(items) > n:

@@ -13,6 +13,11 @@ A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS
 ``contains``
     The normalised reference occurs in the normalised completion as whole words ("Parisian" does not
     contain "paris"), and its last occurrence is not directly negated ("not Paris", "isn't Paris").
+``constraints``
+    The reference is a JSON object of verifiable instruction-following constraints (IFEval-style, as
+    Tulu 3's RLVR rewards), e.g. ``{"max_words": 20, "lowercase": true, "must_include": ["blue"]}``; the
+    completion is right when every constraint holds (:func:`check_constraints` gives the breakdown,
+    :data:`CONSTRAINTS` lists the kinds and what each means).
 
 With ``prompt`` given, text in the completion that restates the question is ignored: a verbatim copy
 of the prompt, and copies of its arithmetic expressions or assignments (``13 + 13``, ``x = 5``).
@@ -24,11 +29,12 @@ completions, thousands separated by spaces.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
 
-CHECKERS = ("number", "exact", "contains")
+CHECKERS = ("number", "exact", "contains", "constraints")
 
 
 class GoldCheckError(ValueError):
@@ -230,13 +236,16 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
 
     ``number``: :func:`extract_number` within ``math.isclose(got, ref, rel_tol=1e-9, abs_tol=tolerance)``;
     ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
-    reference appears as whole words and its last occurrence is not negated. Raises :class:`GoldCheckError`
-    for an unknown checker, a ``number`` reference that does not parse, or a reference that normalises
-    to nothing.
+    reference appears as whole words and its last occurrence is not negated; ``constraints``: every
+    constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused). Raises :class:`GoldCheckError`
+    for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec, or a
+    reference that normalises to nothing.
     """
     if checker not in CHECKERS:
         raise GoldCheckError(f"unknown gold checker {checker!r}; known checkers: {', '.join(CHECKERS)}")
     reference = str(reference)
+    if checker == "constraints":
+        return all(check_constraints(completion, reference).values())
     if checker == "number":
         expected = _parse_reference(reference)
         got = extract_number(completion, prompt)
@@ -256,5 +265,165 @@ def validate_reference(reference: str, checker: str) -> None:
         raise GoldCheckError(f"unknown gold checker {checker!r}; known checkers: {', '.join(CHECKERS)}")
     if checker == "number":
         _parse_reference(str(reference))
+    elif checker == "constraints":
+        parse_constraints(reference)
     elif not normalise(str(reference)):
         raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# constraints: verifiable instruction following (IFEval-style)
+# --------------------------------------------------------------------------------------------
+CONSTRAINTS = {
+    "min_words": "at least N words (N a positive integer)",
+    "max_words": "at most N words",
+    "max_sentences": "at most N sentences",
+    "lowercase": "true: no uppercase letter anywhere",
+    "uppercase": "true: no lowercase letter anywhere, and at least one letter",
+    "no_commas": "true: no comma (',' or the full-width '，')",
+    "must_include": "a word or phrase, or a list of them: each occurs as whole words, case-insensitively",
+    "must_exclude": "a word or phrase, or a list of them: none occurs as whole words, case-insensitively",
+    "starts_with": "a phrase the answer begins with (case-insensitive)",
+    "ends_with": "a phrase the answer ends with (case-insensitive), nothing after it",
+    "json": "true: the answer is one JSON object (a ```json fenced block counts)",
+    "bullets": "exactly N bullet points: lines starting with '* ', '- ' or '• ' (N >= 1)",
+}
+"""The constraint kinds of the ``constraints`` checker. Every check runs on the completion with its
+surrounding whitespace stripped. Words are runs of letters or digits, joined by an inner apostrophe,
+hyphen or period ("don't", "well-known", "3.5" are one word each); sentences are the pieces between
+sentence-ending punctuation (. ! ? … and the CJK 。！？) followed by whitespace, and between lines, that
+hold a word (so an abbreviation such as "e.g. " ends a sentence). Phrases (must_include, must_exclude)
+are compared after :func:`normalise`, so case, accents and punctuation do not matter."""
+
+_COUNTS = ("min_words", "max_words", "max_sentences", "bullets")
+_FLAGS = ("lowercase", "uppercase", "no_commas", "json")
+_WORD_LISTS = ("must_include", "must_exclude")
+_PHRASES = ("starts_with", "ends_with")
+_WORD = re.compile(r"[^\W_]+(?:['’.\-][^\W_]+)*")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?…。！？])\s+|\n+|(?<=[。！？])")
+_BULLET = re.compile(r"^[ \t]*(?:[*\-•])[ \t]+\S", re.M)
+_FENCE = re.compile(r"^```[A-Za-z]*[ \t]*\n(.*)\n```$", re.S)
+MAX_CONSTRAINT_COUNT = 100_000  # a bound far above any completion, so a typo (1e12) is an error
+
+
+def _spec_error(name: str, message: str) -> GoldCheckError:
+    return GoldCheckError(f"constraint {name!r}: {message}")
+
+
+def parse_constraints(reference: str | dict) -> dict:
+    """The constraints spec of a ``constraints`` reference (a JSON object text, or the object itself),
+    validated: every name one of :data:`CONSTRAINTS`, counts positive integers, flags ``true``, phrases
+    non-empty text, the word lists text or lists of text (returned as lists), and no contradiction
+    (``min_words`` above ``max_words``, ``lowercase`` with ``uppercase``, a word both required and
+    forbidden). Raises :class:`GoldCheckError` naming the constraint."""
+    if isinstance(reference, str):
+        try:
+            spec = json.loads(reference)
+        except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+            raise GoldCheckError(f"gold reference {cut_repr(reference)} is not a JSON object of constraints "
+                                 f"(checker 'constraints'): {exc}") from None
+    else:
+        spec = reference
+    if not isinstance(spec, dict):
+        raise GoldCheckError(f"gold reference {cut_repr(reference)} is not a JSON object of constraints "
+                             "(checker 'constraints')")
+    if not spec:
+        raise GoldCheckError("gold reference {} names no constraint (checker 'constraints'; known: "
+                             f"{', '.join(CONSTRAINTS)})")
+    out: dict = {}
+    for name, value in spec.items():
+        if name not in CONSTRAINTS:
+            raise _spec_error(name, f"unknown constraint; known constraints: {', '.join(CONSTRAINTS)}")
+        if name in _COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONSTRAINT_COUNT:
+                raise _spec_error(name, f"expected a whole number from 1 to {MAX_CONSTRAINT_COUNT:,}, got "
+                                        f"{cut_repr(value)}")
+            out[name] = value
+        elif name in _FLAGS:
+            if value is not True:
+                raise _spec_error(name, f"expected true (leave the constraint out otherwise), got {cut_repr(value)}")
+            out[name] = True
+        elif name in _PHRASES:
+            if not isinstance(value, str) or not value.strip():
+                raise _spec_error(name, f"expected a non-empty phrase, got {cut_repr(value)}")
+            out[name] = value.strip()
+        else:
+            words = [value] if isinstance(value, str) else value
+            if not isinstance(words, list) or not words:
+                raise _spec_error(name, f"expected a word or a non-empty list of words, got {cut_repr(value)}")
+            for i, word in enumerate(words):
+                if not isinstance(word, str) or not normalise(word):
+                    raise _spec_error(name, f"item {i} is {cut_repr(word)}, not a word or phrase")
+            out[name] = list(words)
+    if out.get("min_words", 0) > out.get("max_words", MAX_CONSTRAINT_COUNT):
+        raise _spec_error("min_words", f"{out['min_words']} is above max_words={out['max_words']}")
+    if out.get("lowercase") and out.get("uppercase"):
+        raise _spec_error("uppercase", "contradicts lowercase (no text is both)")
+    both = {normalise(w) for w in out.get("must_include", [])} & {normalise(w) for w in out.get("must_exclude", [])}
+    if both:
+        raise _spec_error("must_exclude", f"forbids {sorted(both)[0]!r}, which must_include requires")
+    return out
+
+
+def cut_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def count_words(text: str) -> int:
+    """Words as :data:`CONSTRAINTS` counts them."""
+    return len(_WORD.findall(text))
+
+
+def count_sentences(text: str) -> int:
+    """Sentences as :data:`CONSTRAINTS` counts them."""
+    return sum(1 for piece in _SENTENCE_SPLIT.split(text) if piece and _WORD.search(piece))
+
+
+def _has_phrase(text: str, phrase: str) -> bool:
+    return f" {normalise(phrase)} " in f" {normalise(text)} "
+
+
+def _json_object(text: str) -> bool:
+    fenced = _FENCE.match(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return False
+    return isinstance(value, dict)
+
+
+def check_constraints(completion: str, reference: str | dict) -> dict[str, bool]:
+    """Per constraint of the spec (see :data:`CONSTRAINTS`), in the spec's order: does the completion
+    (surrounding whitespace stripped) meet it? The ``constraints`` checker is right when all are True.
+    Raises :class:`GoldCheckError` for a bad spec (:func:`parse_constraints`)."""
+    spec = parse_constraints(reference)
+    text = (completion or "").strip()
+    result: dict[str, bool] = {}
+    for name, value in spec.items():
+        if name == "min_words":
+            ok = count_words(text) >= value
+        elif name == "max_words":
+            ok = count_words(text) <= value
+        elif name == "max_sentences":
+            ok = count_sentences(text) <= value
+        elif name == "lowercase":
+            ok = not any(c.isupper() for c in text)
+        elif name == "uppercase":
+            ok = any(c.isalpha() for c in text) and not any(c.islower() for c in text)
+        elif name == "no_commas":
+            ok = "," not in text and "，" not in text
+        elif name == "must_include":
+            ok = all(_has_phrase(text, w) for w in value)
+        elif name == "must_exclude":
+            ok = not any(_has_phrase(text, w) for w in value)
+        elif name == "starts_with":
+            ok = text.casefold().startswith(value.casefold())
+        elif name == "ends_with":
+            ok = text.casefold().endswith(value.casefold())
+        elif name == "json":
+            ok = _json_object(text)
+        else:  # bullets
+            ok = len(_BULLET.findall(text)) == value
+        result[name] = ok
+    return result

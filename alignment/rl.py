@@ -619,10 +619,11 @@ class OnlineRecipe:
 
         data_dir = Path(cfg.data)
         # The prompt items keep their gold answers and checkers (for the reward components); the messages go
-        # to the rollout.
-        self.train_items = PairData.load(data_dir / "train.parquet").prompt_items()
+        # to the rollout. A prompts-only folder (format 'prompts') is fine: only the prompts are needed.
+        self.train_items = PairData.load(data_dir / "train.parquet", prompts_ok=True).prompt_items()
         self.train_prompts = [item.messages for item in self.train_items]
-        self.eval_prompts = PairData.load(data_dir / "validation.parquet").prompt_items()[: cfg.eval_prompts]
+        self.eval_prompts = PairData.load(data_dir / "validation.parquet", prompts_ok=True).prompt_items()[
+            : cfg.eval_prompts]
         if cfg.rewards is not None:  # the held-out proxy
             self.scorer = proxy_scorer(self.components, self.eval_prompts)
         if len(self.train_prompts) < cfg.batch_size:

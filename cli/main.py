@@ -80,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "  align data --source ../shared/data/helpsteer2/validation.jsonl --out runs/hs2\n"
         "  align data --preset helpsteer2               # esfrankel17/HelpSteer2_binarized from the hub\n"
         "  align data --source my.csv column_map.prompt=question --on-bad-rows skip\n"
-        "  align data --source openai/summarize_from_feedback --split validation   # TL;DR comparisons",
+        "  align data --source openai/summarize_from_feedback --split validation   # TL;DR comparisons\n"
+        "  align data --source demo-verifiable          # prompts with checkable constraints, for reinforce/grpo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data.add_argument("--source", help="'demo', a .jsonl/.json/.parquet/.csv file, or a hub dataset id")
-    data.add_argument("--format", choices=["auto", "raw", "pairs", "hh", "comparisons"],
+    data.add_argument("--source", help="'demo', 'demo-verifiable', a .jsonl/.json/.parquet/.csv file, or a hub "
+                      "dataset id")
+    data.add_argument("--format", choices=["auto", "raw", "pairs", "hh", "comparisons", "prompts"],
                       help="input shape (default: detect)")
     data.add_argument("--split", help="hub split (default: the dataset's usual one)")
     data.add_argument("--subset", help="hub configuration, e.g. comparisons (openai/summarize_from_feedback's default)")
@@ -281,6 +283,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
     status = "reused" if result.reused else "written"
     print(f"data {status}: {result.out_dir}")
     print(f"  source {m['source']} ({m['format']}): {m['n_rows_read']} rows read, {m['n_rows_rejected']} rejected")
+    if m.get("prompts_only"):
+        print(f"  {m['n_prompts']} prompts, no pairs (for reinforce/ppo/grpo; gold answers: "
+              f"{sum(m['n_gold_prompts'].values())})")
+        print(f"  train {m['n_train']} prompts / validation {m['n_validation']} prompts")
+        return 0
     print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped)")
     print(f"  train {m['n_train']} pairs / validation {m['n_validation']} pairs; ratings: {m['has_ratings']}")
     return 0

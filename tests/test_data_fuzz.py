@@ -285,8 +285,11 @@ def run_stage(arena: dict[str, Any], suffix: str, content: bytes, cfg: dict[str,
     else:
         assert not into_victim, "the stage wrote into a folder holding someone else's files"
         m = result.summary
-        assert (out / "manifest.json").is_file() and m["n_train"] + m["n_validation"] == m["n_pairs"] > 0
-        train, validation = PairData.load(out / "train.parquet"), PairData.load(out / "validation.parquet")
+        # a prompts source (prompt, no pair columns): one row per prompt, no pairs
+        rows = m["n_prompts"] if m.get("prompts_only") else m["n_pairs"]
+        assert (out / "manifest.json").is_file() and m["n_train"] + m["n_validation"] == rows > 0
+        train, validation = (PairData.load(out / f"{s}.parquet", prompts_ok=bool(m.get("prompts_only")))
+                             for s in ("train", "validation"))
         assert (len(train), len(validation)) == (m["n_train"], m["n_validation"])
         for dist in train.chosen_dist + validation.rejected_dist:
             assert dist is None or abs(sum(dist) - 1.0) < 1e-9

@@ -88,6 +88,9 @@ CASES = [
     ("It is Port-au-Prince.", "Port au Prince", "contains", None, True),
     ("Is it Paris or Lyon? It is Lyon.", "Paris", "contains", "Is it Paris or Lyon?", False),
     ("", "Paris", "contains", CAPITAL, False),
+    # constraints: a JSON spec, every constraint must hold (each kind in tests/test_constraints.py)
+    ("the ocean is deep and blue.", '{"max_words": 15, "lowercase": true}', "constraints", None, True),
+    ("The ocean is deep and blue.", '{"max_words": 15, "lowercase": true}', "constraints", None, False),
 ]
 
 

@@ -242,14 +242,15 @@ def register_reward_kind(kind: str) -> Callable[[type[RewardComponent]], type[Re
 # --------------------------------------------------------------------------------------------
 def prompt_rows(items: Sequence[Any]) -> list[dict[str, Any]]:
     """The batch's prompt rows as dicts: mappings are copied; a ``PromptItem`` (``messages``,
-    ``gold_answer``, ``gold_checker``) becomes ``{"prompt": messages, "gold_answer": .., "gold_checker": ..}``."""
+    ``gold_answer``, ``gold_checker``, ``extra``: a prompts source's other columns) becomes ``{**extra, "prompt":
+    messages, "gold_answer": .., "gold_checker": ..}``."""
     rows = []
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
             row = dict(item)
         elif hasattr(item, "messages"):
-            row = {"prompt": item.messages, "gold_answer": getattr(item, "gold_answer", None),
-                   "gold_checker": getattr(item, "gold_checker", None)}
+            row = {**(getattr(item, "extra", None) or {}), "prompt": item.messages,
+                   "gold_answer": getattr(item, "gold_answer", None), "gold_checker": getattr(item, "gold_checker", None)}
         else:
             raise RewardComponentError(f"prompt row {i} is a {type(item).__name__}, not a mapping with a 'prompt'")
         if "prompt" not in row:
@@ -378,7 +379,7 @@ def states_final_answer(completion: str, checker: str, prompt: str | None = None
     count) and, for the ``number`` checker, a number :func:`alignment.gold.extract_number` reads, for
     ``exact`` an answer :func:`alignment.gold.extract_answer` reads.
     """
-    if not _FINAL_ANSWER.search(completion or ""):
+    if checker == "constraints" or not _FINAL_ANSWER.search(completion or ""):  # constraints: no final answer
         return False
     if checker == "number":
         return extract_number(completion, prompt) is not None
