@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from alignment.algorithms.registry import ALGORITHMS
 from alignment.hub import looks_like_repo_id
 from alignment.io import MANIFEST, sha256_file
 
@@ -30,7 +31,8 @@ LABELS = {
 }
 # Files a stage always writes (and lists in its manifest); a folder without them is not its output.
 REQUIRED_FILES = {"data": ("train.parquet", "validation.parquet")}
-# Stages whose folder is a plain policy (transformers causal LM) folder.
+# Stages whose folder is a plain policy (transformers causal LM) folder (and every registered online
+# algorithm's final/: reinforce, ppo, grpo, ...).
 POLICY_STAGES = ("sft", "dpo", "reinforce", "ppo")
 
 
@@ -117,7 +119,7 @@ def model_source_problem(spec: str) -> str | None:
             found = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("stage")
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             return f"its {MANIFEST} cannot be read"
-        if found not in POLICY_STAGES:
+        if found not in POLICY_STAGES and found not in ALGORITHMS:
             return f"its {MANIFEST} says stage {found!r}, which writes no policy"
         problem, _ = stage_output_problem(path, found)
         if problem is not None:

@@ -1,7 +1,13 @@
 """The whole pipeline's configuration and where each stage writes (no Prefect here).
 
-data -> [SFT] -> reward model(s) -> REINFORCE -> scoring -> judge (SFT when ``options.sft``: the RL
-policy then starts from its output, which is also the "base" the tuned policy is scored against). Every stage follows the contract of
+data -> [SFT] -> reward model(s) -> RL -> scoring -> judge (SFT when ``options.sft``: the RL
+policy then starts from its output, which is also the "base" the tuned policy is scored against). The RL
+stage is any registered online algorithm (``options.algorithm``: reinforce, ppo, grpo, ...; see
+:mod:`alignment.algorithms.registry`), run with that algorithm's section of the config; the pipeline
+stage is named after it, so the default (reinforce) keeps its stage name, keys and folders. An RL
+section with ``rewards`` (components) is not given the trained reward model as ``reward_model``:
+instead a ``reward_model`` component (or an ``ensemble`` member) whose folder is ``"@rm_scalar"`` or
+``"@rm_distributional"`` is resolved to the pipeline's trained reward model of that kind. Every stage follows the contract of
 :mod:`alignment.stage`: a deterministic folder under ``runs_dir`` named after its stage key, completion
 marked by a ``manifest.json`` written last. Each stage's own ``plan_*`` function (collected in
 :data:`PLANNERS`) computes (key, folder) before it runs -- the same function the stage itself uses for
@@ -16,16 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from alignment.algorithms.registry import ALGORITHMS, get_algorithm
 from alignment.config import ConfigModel, StageConfig
 from alignment.data import DataConfig, plan_data
+from alignment.dpo import plan_dpo
 from alignment.evaluate import ScoreConfig, plan_score
 from alignment.footprint import read_footprint
+from alignment.grpo import GRPOConfig
 from alignment.judge import JudgeConfig, plan_judge
+from alignment.ppo import PPOConfig
 from alignment.presets import pipeline_preset
 from alignment.reinforce import ReinforceConfig, plan_reinforce
 from alignment.reward import RewardModelConfig, plan_reward_model
+from alignment.rl import OnlineConfig
 from alignment.sft import SFTConfig, plan_sft
 from alignment.stage import StagePlan, is_complete
 from alignment.verdict import verdict
@@ -41,14 +52,24 @@ class PipelineOptions(ConfigModel):
                       "starts from its output, and scoring compares the tuned policy with it.")
     train_scalar: bool = Field(True, description="Train the scalar (Bradley-Terry) reward model.")
     train_distributional: bool = Field(True, description="Train the distributional (10-bin) reward model.")
+    algorithm: str = Field("reinforce", description="The RL stage: any registered online algorithm (reinforce, "
+                           "ppo, grpo, ...), run with its section of this config (reinforce / ppo / grpo); "
+                           "scoring, the judge and the verdict then take that algorithm's policy.")
     reinforce_reward: Literal["scalar", "distributional"] = Field(
-        "scalar", description="Which reward model REINFORCE optimises (it must be trained).")
+        "scalar", description="Which reward model the RL stage optimises (it must be trained); unused when the "
+        "RL section has rewards (components: '@rm_scalar' / '@rm_distributional' name the trained ones).")
     judge: bool = Field(True, description="Run the pairwise judge after scoring.")
     num_processes: int = Field(1, ge=1, description="Data-parallel processes for the reward-model and REINFORCE "
                                "stages: > 1 runs them under `accelerate launch` from inside the task (one per "
                                "GPU; gloo on CPU).")
     judge_retries: int = Field(1, ge=0, description="Prefect retries of the judge stage on transient failures.")
     judge_retry_delay_s: float = Field(30.0, ge=0.0)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, value: str) -> str:
+        get_algorithm(value)  # ValueError: unknown algorithm 'x'; known: grpo, ppo, reinforce
+        return value
 
 
 class PipelineConfig(StageConfig):
@@ -60,6 +81,8 @@ class PipelineConfig(StageConfig):
     rm_scalar: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="scalar"))
     rm_distributional: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="distributional"))
     reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(backend="local"))
     options: PipelineOptions = Field(default_factory=PipelineOptions)
@@ -69,9 +92,26 @@ class PipelineConfig(StageConfig):
         """The sections of preset ``name`` this pipeline runs (the table also holds other stages, e.g. ppo)."""
         return {k: v for k, v in pipeline_preset(name).items() if k in cls.model_fields}
 
+    @model_validator(mode="after")
+    def _algorithm_section(self) -> PipelineConfig:
+        section = get_algorithm(self.options.algorithm).section
+        if not isinstance(getattr(self, section, None), OnlineConfig):
+            raise ValueError(f"options.algorithm={self.options.algorithm!r}: the pipeline has no {section!r} "
+                             f"section (PipelineConfig needs a field of that name holding its config)")
+        return self
+
+    def online(self) -> OnlineConfig:
+        """The RL stage's config as given: the section of ``options.algorithm``."""
+        return getattr(self, get_algorithm(self.options.algorithm).section)
+
     def flow_parameters(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
-                ("data", "sft", "rm_scalar", "rm_distributional", "reinforce", "score", "judge", "options")}
+                ("data", "sft", "rm_scalar", "rm_distributional", *ONLINE_SECTIONS, "score", "judge", "options")}
+
+
+# The pipeline's sections of online algorithms (every registered algorithm's section must be one of them:
+# tests/test_pipeline_algorithms.py checks it).
+ONLINE_SECTIONS = ("reinforce", "ppo", "grpo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,18 +119,90 @@ class PipelineConfig(StageConfig):
 # --------------------------------------------------------------------------------------------
 PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
     "data": plan_data, "sft": plan_sft, "reward-model": plan_reward_model, "reinforce": plan_reinforce,
-    "score": plan_score, "judge": plan_judge}
+    "dpo": plan_dpo, "score": plan_score, "judge": plan_judge}
+
+
+def stage_planner(name: str) -> Callable[[Any, str], StagePlan]:
+    """The plan function of stage (or task) ``name``: :data:`PLANNERS`, else a registered online algorithm's
+    ``plan_<name>`` (so an algorithm registered later plans without an entry here)."""
+    if name in PLANNERS:
+        return PLANNERS[name]
+    if name in ALGORITHMS:
+        return ALGORITHMS[name].plan_fn
+    raise ValueError(f"no planner for stage {name!r} (known: {', '.join([*PLANNERS, *ALGORITHMS])})")
 
 
 # --------------------------------------------------------------------------------------------
 # The wiring between stages: one function, used by the flow and by planning ahead
 # --------------------------------------------------------------------------------------------
+RM_PLACEHOLDERS = {"@rm_scalar": "scalar", "@rm_distributional": "distributional"}
+
+
+def _placeholder(folder: str, rms: dict[str, str], where: str) -> str:
+    """``folder``, or the trained reward model's folder when it is one of :data:`RM_PLACEHOLDERS`."""
+    if not folder.startswith("@rm_"):
+        return folder
+    kind = RM_PLACEHOLDERS.get(folder)
+    if kind is None:
+        raise ValueError(f"{where}: unknown placeholder {folder!r} (known: {', '.join(RM_PLACEHOLDERS)})")
+    if kind not in rms:
+        raise ValueError(f"{where}: folder {folder!r} names the pipeline's {kind} reward model, which it does "
+                         f"not train (options.train_{kind}=false)")
+    return rms[kind]
+
+
+def resolve_rewards(rewards: list[Any], rms: dict[str, str], section: str = "reinforce"
+                    ) -> tuple[list[Any], list[str]]:
+    """(the components with every ``@rm_<kind>`` folder -- a ``reward_model``'s ``folder``, an ``ensemble``'s
+    ``members`` -- replaced by the trained reward model of that kind, the kinds of ``rms`` the components use).
+    A component with a real folder is left as given (and counts as using a trained RM if it is that folder)."""
+    resolved, used_folders = [], []
+    for i, component in enumerate(rewards):
+        where = f"{section}.rewards[{i}] ({component.name})"
+        update: dict[str, Any] = {}
+        if getattr(component, "folder", None) is not None:
+            update["folder"] = _placeholder(component.folder, rms, where)
+            used_folders.append(update["folder"])
+        if getattr(component, "members", None) is not None:
+            update["members"] = [_placeholder(m, rms, where) for m in component.members]
+            used_folders.extend(update["members"])
+        resolved.append(component.model_copy(update=update) if update else component)
+    used = {str(Path(f).resolve()) for f in used_folders}
+    return resolved, [kind for kind, folder in rms.items() if str(Path(folder).resolve()) in used]
+
+
+def _rl_wiring(config: PipelineConfig, rms: dict[str, str]) -> tuple[list[Any] | None, list[str]]:
+    """(the RL section's resolved rewards or None, the trained reward models it trains against)."""
+    online = config.online()
+    if online.rewards is None:
+        proxy = config.options.reinforce_reward
+        if proxy not in rms:
+            raise ValueError(f"options.reinforce_reward={proxy!r} but that reward model is not trained "
+                             f"(options.train_{proxy}=false)")
+        return None, [proxy]
+    return resolve_rewards(online.rewards, rms, online.section)
+
+
+def check_pipeline(config: PipelineConfig) -> None:
+    """Raise a ValueError before anything runs when the RL stage's reward cannot be wired: the proxy
+    (``options.reinforce_reward``) or an ``@rm_<kind>`` component names a reward model the pipeline does
+    not train, or a placeholder is unknown."""
+    o = config.options
+    trained = [k for k, on in (("scalar", o.train_scalar), ("distributional", o.train_distributional)) if on]
+    _rl_wiring(config, {kind: f"{o.runs_dir}/rm/{kind}" for kind in trained})
+
+
+def rl_stage(options: PipelineOptions) -> str:
+    """The RL stage's name in the pipeline: the online algorithm's (``reinforce`` by default)."""
+    return options.algorithm
+
+
 def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> Any:
     """Stage ``name``'s config with the paths between stages filled in from ``outputs`` (stage name ->
     output folder of the stages before it): what the flow hands each task, whatever the form said."""
     rms = {kind: outputs[f"rm_{kind}"] for kind in ("scalar", "distributional") if f"rm_{kind}" in outputs}
-    proxy = config.options.reinforce_reward
-    start = outputs.get("sft", config.reinforce.policy)  # the policy RL starts from: the SFT output, if any
+    rl = rl_stage(config.options)
+    start = outputs.get("sft", config.online().policy)  # the policy RL starts from: the SFT output, if any
     if name == "data":
         return config.data
     if name == "sft":
@@ -98,23 +210,29 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
     if name in ("rm_scalar", "rm_distributional"):
         kind = name.removeprefix("rm_")
         return getattr(config, name).model_copy(update={"kind": kind, "data": outputs["data"]})
-    if name == "reinforce":  # against the proxy; the other reward models watch as independent judges
-        return config.reinforce.model_copy(update={
-            "policy": start, "reward_model": rms[proxy], "data": outputs["data"],
-            "independent_reward_models": {k: v for k, v in rms.items() if k != proxy}})
+    if name == rl:  # against the proxy; the other reward models watch as independent judges
+        rewards, used = _rl_wiring(config, rms)
+        update = {"policy": start, "data": outputs["data"],
+                  "independent_reward_models": {k: v for k, v in rms.items() if k not in used}}
+        if rewards is None:
+            update["reward_model"] = rms[used[0]]
+        else:  # the components train it; '@rm_<kind>' folders are the trained reward models
+            update["rewards"] = rewards
+        return config.online().model_copy(update=update)
     if name == "score":  # both models on the same validation prompts, scored by every reward model
+        _, used = _rl_wiring(config, rms)
         return config.score.model_copy(update={
-            "data": outputs["data"], "models": {"base": start, "tuned": outputs["reinforce"]},
-            "reward_models": rms, "proxy_reward_model": proxy})
+            "data": outputs["data"], "models": {"base": start, "tuned": outputs[rl]},
+            "reward_models": rms, "proxy_reward_model": used[0] if used else None})
     if name == "judge":
         return config.judge.model_copy(update={"scores": outputs["score"], "model_a": "tuned", "model_b": "base"})
     raise ValueError(f"unknown pipeline stage {name!r}")
 
 
 def pipeline_stages(options: PipelineOptions) -> list[str]:
-    """The stages this pipeline runs, in order."""
+    """The stages this pipeline runs, in order (the RL stage named after its algorithm)."""
     return ["data", *(["sft"] if options.sft else []), *(["rm_scalar"] if options.train_scalar else []),
-            *(["rm_distributional"] if options.train_distributional else []), "reinforce", "score",
+            *(["rm_distributional"] if options.train_distributional else []), rl_stage(options), "score",
             *(["judge"] if options.judge else [])]
 
 
@@ -131,7 +249,7 @@ def plan_pipeline(config: PipelineConfig) -> dict[str, tuple[Any, StagePlan]]:
     outputs: dict[str, str] = {}
     for name in pipeline_stages(config.options):
         stage = stage_config(config, name, outputs)
-        plan = STAGE_PLANNERS[name](stage, config.options.runs_dir)
+        plan = (STAGE_PLANNERS.get(name) or stage_planner(name))(stage, config.options.runs_dir)
         stages[name], outputs[name] = (stage, plan), str(plan.done)
     return stages
 
@@ -173,6 +291,7 @@ def completed_result(plans: dict[str, StagePlan]) -> dict[str, Any]:
             "verdict": pipeline_verdict(plans["score"].done, judge_dir)}
 
 
-__all__ = ["PLANNERS", "PipelineConfig", "PipelineOptions", "StagePlan", "completed_pipeline", "completed_result",
-           "is_complete", "pipeline_preset", "pipeline_stages", "pipeline_verdict", "plan_pipeline", "stage_config",
+__all__ = ["ONLINE_SECTIONS", "PLANNERS", "RM_PLACEHOLDERS", "PipelineConfig", "PipelineOptions", "StagePlan",
+           "check_pipeline", "completed_pipeline", "completed_result", "is_complete", "pipeline_preset", "pipeline_stages",
+           "pipeline_verdict", "plan_pipeline", "resolve_rewards", "rl_stage", "stage_config", "stage_planner",
            "stage_record"]

@@ -42,7 +42,7 @@ EPILOG = textwrap.dedent("""\
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
               answers in both orders: wins/ties/losses, win rate with CI, report
       run     the whole pipeline as a cached, resumable Prefect flow (preset demo by default)
-      serve   serve the Prefect deployments (demo: manual, retrain: weekly schedule)
+      serve   serve the Prefect deployments (demo: manual, retrain: weekly schedule, one per stage)
       model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
               ask it a question; warms the offline SmolLM2 cache
 
@@ -218,14 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run", help="run the whole pipeline as a Prefect flow (cached, resumable)",
-        description="Run data -> reward models -> REINFORCE -> scoring -> judge as the Prefect flow "
-        "`alignment-pipeline`. Without PREFECT_API_URL it runs on a temporary local Prefect (no server needed). "
+        description="Run data -> reward models -> RL -> scoring -> judge as the Prefect flow "
+        "`alignment-pipeline`. The RL stage is options.algorithm (reinforce by default; any registered online "
+        "algorithm: reinforce, ppo, grpo) with its section; an RL section with rewards (components) names the "
+        "trained reward models as folder '@rm_scalar' / '@rm_distributional'. Without PREFECT_API_URL it runs on a temporary local Prefect (no server needed). "
         "Every stage is cached on its config and inputs: a second run of the same command finishes from cache, "
         "and after a failure only the failed stage and those below it run again. When every stage is already "
         "complete and no Prefect server is configured, it says so and prints the results without starting one "
         "(--force-flow runs the flow anyway).",
         epilog="examples:\n  align run                                   # the demo preset (embedded data, CPU, minutes)\n"
         "  align run reinforce.steps=16 judge.backend=gemini\n"
+        "  align run options.algorithm=grpo grpo.steps=16\n"
+        "  align run 'reinforce.rewards=[{kind: reward_model, folder: \"@rm_scalar\"}, {kind: gold}]'\n"
         "  align run --preset helpsteer2 options.runs_dir=/data/runs     # GPU, hub data, Gemini judge\n"
         "  align run --config pipeline.yaml --print-config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -237,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve", help="serve the pipeline's Prefect deployments (demo: manual; retrain: on a schedule)",
-        description="Serve the deployments of `alignment-pipeline` and of each stage flow to a Prefect server "
+        description="Serve the deployments of `alignment-pipeline` and of each stage flow (data, SFT, reward model, "
+        "one per registered online algorithm: reinforce, ppo, grpo, ..., DPO, score, judge) to a Prefect server "
         "(PREFECT_API_URL); runs triggered from the UI or `prefect deployment run` execute in this process.",
     )
     from deployments.options import add_serve_arguments

@@ -2,7 +2,10 @@
 
 * ``alignment-pipeline/demo``: manual runs (UI "Run", ``prefect deployment run``) with the demo preset.
 * ``alignment-pipeline/retrain``: the same flow on a cron schedule (weekly by default), with a preset.
-* ``stage-*/manual``: each stage alone; ``algorithm-comparison/manual``: algorithms on equal budgets.
+* ``stage-*/manual``: each stage alone -- data, SFT, reward model, DPO, scoring, judge and one per
+  registered online algorithm (``stage-reinforce``, ``stage-ppo``, ``stage-grpo``, ...: built from
+  ``alignment.algorithms.registry``, so registering an algorithm adds its deployment);
+  ``algorithm-comparison/manual``: algorithms on equal budgets.
 
 Runs execute in this process (Prefect's runner); a failed run retried from the UI re-runs only the
 stages whose cache is not complete. Needs ``PREFECT_API_URL`` pointing at a server
@@ -22,10 +25,12 @@ from flows.compare import algorithm_comparison
 from flows.pipeline import (  # importing flows sets Prefect's environment (telemetry off, stage logs forwarded)
     alignment_pipeline,
     data_flow,
+    dpo_flow,
     judge_flow,
-    reinforce_flow,
+    online_flows,
     reward_model_flow,
     score_flow,
+    sft_flow,
 )
 
 
@@ -33,6 +38,12 @@ def _parameters(preset: str, runs_dir: str) -> dict:
     config = PipelineConfig(**PipelineConfig.preset(preset))
     config.options.runs_dir = runs_dir
     return {k: v.model_dump(mode="json") for k, v in config.flow_parameters().items()}
+
+
+def stage_flows() -> list:
+    """Every stage flow served as ``<flow>/manual``: data, SFT, reward model, one per registered online
+    algorithm (in registry order), DPO, scoring, judge."""
+    return [data_flow, sft_flow, reward_model_flow, *online_flows().values(), dpo_flow, score_flow, judge_flow]
 
 
 def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo",
@@ -46,7 +57,7 @@ def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_pr
                                          description=f"Scheduled re-training ({cron}, {timezone}) with the "
                                                      f"{retrain_preset} preset."),
     ]
-    for stage_flow in (data_flow, reward_model_flow, reinforce_flow, score_flow, judge_flow):
+    for stage_flow in stage_flows():
         deployments.append(stage_flow.to_deployment(name="manual", tags=[*tags, "stage"],
                                                     parameters={"runs_dir": runs_dir}))
     deployments.append(algorithm_comparison.to_deployment(

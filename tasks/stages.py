@@ -28,12 +28,14 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
+from alignment.algorithms.registry import ALGORITHMS, get_algorithm
 from alignment.data import DataConfig, plan_data, run_data_stage
+from alignment.dpo import DPOStageConfig, plan_dpo, run_dpo_stage
 from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
 from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
-from alignment.pipeline import PLANNERS
-from alignment.reinforce import ReinforceConfig, plan_reinforce, train_reinforce
+from alignment.pipeline import stage_planner
 from alignment.reward import RewardModelConfig, plan_reward_model, run_reward_stage
+from alignment.rl import OnlineConfig
 from alignment.sft import SFTConfig, plan_sft, run_sft_stage
 from alignment.stage import StagePlan, is_complete
 
@@ -69,7 +71,7 @@ def plan_stage(task, config: Any, runs_dir: str) -> tuple[StagePlan | None, dict
     planned gives ``None``: the task then runs (uncached) and fails with the stage's own message.
     """
     try:
-        plan = PLANNERS[task.name](config, runs_dir)
+        plan = stage_planner(task.name)(config, runs_dir)
     except Exception as exc:
         log.debug("%s: cannot plan (%s)", task.name, exc)
         return None, {"result_storage": result_storage(runs_dir), "refresh_cache": True}
@@ -164,12 +166,12 @@ def reward_model_task(config: RewardModelConfig, runs_dir: str, plan: StagePlan 
     return str(result.out_dir)
 
 
-def launch_stage(command: str, config: ReinforceConfig | RewardModelConfig, out: Path, num_processes: int,
+def launch_stage(command: str, config: OnlineConfig | RewardModelConfig, out: Path, num_processes: int,
                  progress: Callable[[int, int], None] | None = None) -> None:
-    """Run ``align <command>`` (``reinforce`` or ``rm``) under ``accelerate launch`` with ``num_processes``
-    data-parallel processes, writing to ``out``.
+    """Run ``align <command>`` (``rm`` or an online algorithm: ``reinforce``, ``ppo``, ``grpo``, ...) under
+    ``accelerate launch`` with ``num_processes`` data-parallel processes, writing to ``out``.
 
-    The config travels as a YAML file beside the output; for REINFORCE, progress is read from
+    The config travels as a YAML file beside the output; for an online algorithm, progress is read from
     ``metrics.jsonl`` while the processes train.
     """
     import subprocess
@@ -208,18 +210,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@task(name="reinforce", cache_key_fn=stage_cache_key("reinforce", plan_reinforce), **COMMON)
-def reinforce_task(config: ReinforceConfig, runs_dir: str, plan: StagePlan | None = None,
-                   num_processes: int = 1) -> str:
-    plan = plan or plan_reinforce(config, runs_dir)
-    progress = Progress("reinforce", "REINFORCE: optimizer steps")
+def _online_stage(name: str, config: OnlineConfig, runs_dir: str, plan: StagePlan | None,
+                  num_processes: int) -> str:
+    """The body of every online algorithm's task: train (or resume, or reuse) and publish; the policy folder."""
+    spec = get_algorithm(name)
+    plan = plan or spec.plan_fn(config, runs_dir)
+    title = "REINFORCE" if name == "reinforce" else name.upper()
+    progress = Progress(name, f"{title}: optimizer steps")
     if num_processes > 1:
-        launch_stage("reinforce", config, plan.out, num_processes, progress)
+        launch_stage(name, config, plan.out, num_processes, progress)
         s = json.loads((plan.out / "final" / "summary.json").read_text())
     else:
-        s = train_reinforce(config, plan.out, progress=progress).summary
+        s = spec.train_fn(config, plan.out, progress=progress).summary
     final = plan.out / "final"
-    lines = [f"# REINFORCE\n\nPolicy: `{final}`\n"]
+    lines = [f"# {title}\n\nPolicy: `{final}`\n"]
     if s.get("eval_before") and s.get("eval_after"):
         b, a = s["eval_before"], s["eval_after"]
         lines.append("| held-out (greedy) | before | after |\n|---|---|---|")
@@ -231,14 +235,55 @@ def reinforce_task(config: ReinforceConfig, runs_dir: str, plan: StagePlan | Non
         for h in s["heldout"]:
             gold = "—" if h["gold"] is None else f"{h['gold']:.3f}"
             kl = "—" if h["kl"] is None else f"{h['kl']:.3f}"
-            lines.append(f"| {h['step']} | {h['proxy']:.3f} | " + "".join(f"{v:.3f} | " for v in h["independent"].values())
+            proxy = "—" if h["proxy"] is None else f"{h['proxy']:.3f}"
+            lines.append(f"| {h['step']} | {proxy} | " + "".join(f"{v:.3f} | " for v in h["independent"].values())
                          + f"{gold} | {kl} |")
     for alarm in s.get("alarms", []):
         lines.append(f"\n**Over-optimisation alarm** at {alarm}")
-    _publish("reinforce", "\n".join(lines) + embed_png(final / "curves.png", "training curves")
+    _publish(name, "\n".join(lines) + embed_png(final / "curves.png", "training curves")
              + embed_png(final / "overoptimisation.png", "proxy, independent RMs and gold against KL"),
-             "REINFORCE: held-out reward before and after, over-optimisation curves")
+             f"{title}: held-out reward before and after, over-optimisation curves")
     return str(final)
+
+
+_ONLINE_TASKS: dict[str, Any] = {}
+
+
+def online_task(name: str):
+    """The Prefect task of online algorithm ``name`` (any entry of the algorithm registry), made once: task
+    name ``name``, cache key ``<name>-<stage key>`` (its ``plan_<name>``), the policy folder as result."""
+    if name not in _ONLINE_TASKS:
+        spec = get_algorithm(name)
+
+        def run(config: OnlineConfig, runs_dir: str, plan: StagePlan | None = None, num_processes: int = 1) -> str:
+            return _online_stage(name, config, runs_dir, plan, num_processes)
+
+        run.__name__ = run.__qualname__ = f"{name.replace('-', '_')}_task"  # Prefect's task key: one per algorithm
+        run.__doc__ = f"Train the policy with {name} ({spec.module}); the path of its final/ policy folder."
+        run.__annotations__ = {**run.__annotations__, "config": spec.config_cls}
+        _ONLINE_TASKS[name] = task(name=name, cache_key_fn=stage_cache_key(name, spec.plan_fn), **COMMON)(run)
+    return _ONLINE_TASKS[name]
+
+
+def online_tasks() -> dict[str, Any]:
+    """One task per registered online algorithm (reinforce, ppo, grpo, ...)."""
+    return {name: online_task(name) for name in ALGORITHMS}
+
+
+reinforce_task = online_task("reinforce")
+
+
+@task(name="dpo", cache_key_fn=stage_cache_key("dpo", plan_dpo), **COMMON)
+def dpo_task(config: DPOStageConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    plan = plan or plan_dpo(config, runs_dir)
+    progress = Progress("dpo", "DPO: optimizer steps")
+    result = run_dpo_stage(config, plan.out, overwrite=not is_complete(plan), runs_root=runs_dir, progress=progress)
+    m = result.summary
+    rows = "\n".join(f"| {k} | {m[k]} |" for k in ("pairs", "epochs", "seconds", "first_loss", "final_loss",
+                                                    "final_reward_accuracy", "final_reward_margin") if k in m)
+    _publish("dpo", f"# DPO\n\nPolicy: `{result.out_dir}`\n\n| metric | value |\n|---|---|\n{rows}\n",
+             f"DPO: loss {m.get('first_loss')} -> {m.get('final_loss')}")
+    return str(result.out_dir)
 
 
 @task(name="score", cache_key_fn=stage_cache_key("score", plan_score), **COMMON)
@@ -348,5 +393,5 @@ def summary_markdown(stages: dict[str, dict[str, str]], report: str | None, verd
     return text
 
 
-__all__ = ["data_task", "reward_model_task", "reinforce_task", "score_task", "judge_task", "plan_stage",
-           "summary_markdown"]
+__all__ = ["data_task", "dpo_task", "judge_task", "online_task", "online_tasks", "plan_stage", "reinforce_task",
+           "reward_model_task", "score_task", "sft_task", "summary_markdown"]
