@@ -31,6 +31,12 @@ LABELS = {
 }
 # Files a stage always writes (and lists in its manifest); a folder without them is not its output.
 REQUIRED_FILES = {"data": ("train.parquet", "validation.parquet")}
+# Said after "its manifest.json says stage X, not Y" for (wanted, found) pairs with an obvious fix.
+WRONG_STAGE_HINTS = {
+    ("reward_model", "reward_model_ensemble"): (
+        ": it is a reward-model ensemble (`align rm ensemble=N`); use it as a reward component {kind: ensemble, "
+        "folder: FOLDER}, or one of its members (FOLDER/member-0, ...) as a single reward model"),
+}
 # Stages whose folder is a plain policy (transformers causal LM) folder (and every registered online
 # algorithm's final/: reinforce, ppo, grpo, ...).
 POLICY_STAGES = ("sft", "dpo", "reinforce", "ppo")
@@ -59,7 +65,8 @@ def stage_output_problem(folder: str | Path, stage: str, required: Iterable[str]
         return f"its {MANIFEST} is not a JSON object", None
     found = manifest.get("stage")
     if found != stage:
-        return f"its {MANIFEST} says stage {found!r}, not {stage!r}", manifest
+        hint = WRONG_STAGE_HINTS.get((stage, found), "")
+        return f"its {MANIFEST} says stage {found!r}, not {stage!r}{hint}", manifest
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return f"its {MANIFEST} lists no files", manifest

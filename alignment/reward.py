@@ -166,9 +166,21 @@ class RewardModelConfig(StageConfig):
                                       "since the last checkpoint (whichever comes first); 0: by steps only. "
                                       "Not part of the stage key.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    ensemble: int = Field(1, ge=1, le=64, description="Reward models to train (members of an ensemble, Coste et al. "
+                          "2024): member i with seed + i and, with bootstrap, its own resample of the train pairs; "
+                          "written into one ensemble folder. 1: one reward model.")
+    bootstrap: bool = Field(True, description="Ensemble: each member trains on a seeded resample with replacement "
+                            "of the train pairs (after max_train_pairs). Not part of the key when ensemble=1.")
+    data_seed: int | None = Field(None, description="Seed of the max_train_pairs subset (default: seed); the "
+                                  "ensemble sets it for its members so they share one subset.")
+    resample: int | None = Field(None, description="Train on a bootstrap resample (as many pairs, with replacement) "
+                                 "of the train pairs, with this seed; the ensemble sets it for its members.")
 
     @model_validator(mode="after")
     def _check(self) -> RewardModelConfig:
+        if self.ensemble > 1 and (self.data_seed is not None or self.resample is not None):
+            raise ValueError("data_seed and resample are set by the ensemble for each member; leave them unset "
+                             f"with ensemble={self.ensemble}")
         if self.kind == "distributional" and self.loss == "both" and self.kl_weight + self.pairwise_weight <= 0:
             raise ValueError("loss='both' needs kl_weight + pairwise_weight > 0")
         # A setting of the other kind would be silently ignored: say so instead (values, not "was it given":
@@ -250,6 +262,16 @@ def tag_reward_model(model_config, kind: Kind, tokenizer, max_length: int) -> No
     model_config.alignment_max_length = max_length
 
 
+ENSEMBLE_STAGE = "reward_model_ensemble"  # the manifest stage of a folder written by `align rm ensemble=N`
+
+
+def ensemble_folder_hint(path: str | Path) -> str:
+    """The one-line error for an ensemble folder given where one reward model is expected."""
+    return (f"{path} is a reward-model ensemble (written by `align rm ensemble=N`), not one reward model: use it "
+            f"as a reward component {{kind: ensemble, folder: {path}}}, or one of its members ({Path(path) / 'member-0'}"
+            ", ...) as a single reward model")
+
+
 def reward_model_kind(path: str | Path) -> Kind:
     """'scalar' or 'distributional' for a folder written by the reward-model stage (read from its config,
     without loading weights); a clear RewardModelError for anything else."""
@@ -257,10 +279,14 @@ def reward_model_kind(path: str | Path) -> Kind:
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
+        if (read_manifest(path) or {}).get("stage") == ENSEMBLE_STAGE:
+            raise RewardModelError(ensemble_folder_hint(path)) from None
         raise RewardModelError(f"{path} is not a saved reward model (no config.json)") from None
     except (OSError, ValueError) as exc:
         raise RewardModelError(f"{path}/config.json cannot be read: {exc}") from None
     kind = config.get("alignment_reward_kind")
+    if kind is None and (read_manifest(path) or {}).get("stage") == ENSEMBLE_STAGE:
+        raise RewardModelError(ensemble_folder_hint(path))
     if kind not in ("scalar", "distributional"):
         raise RewardModelError(f"{path} is not a reward model written by this project (no alignment_reward_kind)")
     return kind
@@ -450,17 +476,35 @@ def _resolve_data(config: RewardModelConfig, runs_root: str | Path) -> Path:
 def reward_stage_key(config: RewardModelConfig, data_dir: str | Path) -> str:
     data_manifest = read_manifest(data_dir) or {}
     files = json.dumps(data_manifest.get("files", {}), sort_keys=True)
-    cfg = config.model_dump(mode="json", exclude={"data", "checkpoint_every", "checkpoint_every_s"})
-    return sha256_text(json.dumps(cfg, sort_keys=True) + files + "rm-schema=2")
+    exclude = {"data", "checkpoint_every", "checkpoint_every_s"}
+    if config.ensemble == 1:  # one reward model: the key it had before ensembles existed
+        exclude |= {"ensemble", "bootstrap"}
+    exclude |= {name for name in ("data_seed", "resample") if getattr(config, name) is None}
+    cfg = config.model_dump(mode="json", exclude=exclude)
+    schema = "rm-schema=2" if config.ensemble == 1 else "rm-schema=2;rm-ensemble-schema=1"
+    return sha256_text(json.dumps(cfg, sort_keys=True) + files + schema)
 
 
 def plan_reward_model(config: RewardModelConfig, runs_dir: str | Path = "runs") -> StagePlan:
-    """Key and default folder ``<runs_dir>/rm/<kind>-<key[:12]>`` (``config.data`` must be set)."""
+    """Key and default folder ``<runs_dir>/rm/<kind>-<key[:12]>``, or ``<runs_dir>/rm/<kind>-ensemble<N>-<key[:12]>``
+    for an ensemble (``config.data`` must be set)."""
     if config.data is None:
         raise RewardModelError("plan_reward_model: config.data is not set")
     key = reward_stage_key(config, config.data)
-    out = stage_folder(runs_dir, "rm", key, config.kind)
+    name = config.kind if config.ensemble == 1 else f"{config.kind}-ensemble{config.ensemble}"
+    out = stage_folder(runs_dir, "rm", key, name)
     return StagePlan(key, out, out)
+
+
+def training_pairs(config: RewardModelConfig, data_dir: str | Path) -> PairData:
+    """The pairs a reward model trains on: the data stage's train split, its seeded ``max_train_pairs`` subset
+    (seed ``data_seed``, else ``seed``), then (``resample``) a seeded resample with replacement of as many pairs."""
+    subset_seed = config.seed if config.data_seed is None else config.data_seed
+    train = PairData.load(Path(data_dir) / "train.parquet", config.max_train_pairs, subset_seed)
+    if config.resample is not None and len(train):
+        index = np.random.default_rng(config.resample).integers(0, len(train), len(train))
+        train = PairData(*([getattr(train, f)[i] for i in index] for f in PairData.__dataclass_fields__))
+    return train
 
 
 @contextlib.contextmanager
@@ -477,8 +521,13 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     """Train a reward model on a data stage's train split, evaluate it on validation, save it all.
 
     Writes a ``save_pretrained`` folder (model + tokenizer) with ``metrics.json``, ``train_log.jsonl``,
-    plots and ``manifest.json`` (last). Reuses an existing complete output with the same key.
+    plots and ``manifest.json`` (last). Reuses an existing complete output with the same key. With
+    ``ensemble > 1``: :func:`alignment.rewards.ensemble.run_reward_ensemble` (N members in one folder).
     """
+    if config.ensemble > 1:
+        from alignment.rewards.ensemble import run_reward_ensemble
+
+        return run_reward_ensemble(config, out_dir, overwrite=overwrite, runs_root=runs_root, progress=progress)
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
@@ -494,7 +543,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     require_model_source(config.model, RewardModelError, "model (--model)")  # before any model is loaded
     set_seed(config.seed)
     device = resolve_device(config.device)
-    train = PairData.load(data_dir / "train.parquet", config.max_train_pairs, config.seed)
+    train = training_pairs(config, data_dir)
     val = PairData.load(data_dir / "validation.parquet")
     if config.max_eval_pairs is not None:
         val = val.head(config.max_eval_pairs)

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "validation split and save a transformers folder with metrics.json and a plot.",
         epilog="examples:\n  align rm --kind scalar --data runs/data/demo-<hash>\n"
         "  align rm --kind distributional loss=pairwise lora=true\n"
-        "  align rm --data runs/uf max_length=256 max_train_pairs=400 --out runs/rm/uf-scalar",
+        "  align rm --data runs/uf max_length=256 max_train_pairs=400 --out runs/rm/uf-scalar\n"
+        "  align rm ensemble=3 max_train_pairs=400   # 3 members (seeds, bootstrap resamples) in one folder",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rm.add_argument("--kind", choices=["scalar", "distributional"], help="reward model kind (default scalar)")
@@ -309,6 +310,20 @@ def _cmd_rm(args: argparse.Namespace) -> int:
                               runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
     m = result.summary
     if not m:  # a non-first process of a multi-process launch: the first one reports
+        return 0
+    if "spread" in m:  # ensemble=N: N members in one folder
+        sp = m["spread"]
+        print(f"reward-model ensemble {'reused' if result.reused else 'trained'}: {result.out_dir} "
+              f"({m['ensemble']} {m['kind']} members{', bootstrap resamples' if m['bootstrap'] else ''})")
+        for member in m["members"]:
+            print(f"  {member['folder']}: seed {member['seed']}, validation accuracy {member['accuracy']:.3f}, "
+                  f"mean margin {member['mean_margin']:.3f}")
+        print(f"  members' accuracy: mean {sp['member_accuracy_mean']:.3f}, std {sp['member_accuracy_std']:.3f} "
+              f"(min {sp['member_accuracy_min']:.3f}, max {sp['member_accuracy_max']:.3f}) on {m['n_pairs']} pairs")
+        print(f"  spread: margin std across members {sp['margin_std_mean']:.3f} (mean over pairs), members disagree "
+              f"on {sp['disagreement']:.1%} of pairs")
+        print("  ensemble accuracy: " + ", ".join(f"{how} {a:.3f}" for how, a in sp["ensemble_accuracy"].items()))
+        print(f"  train: {m['train']['seconds']} s for {m['ensemble']} members")
         return 0
     print(f"reward model {'reused' if result.reused else 'trained'}: {result.out_dir}")
     print(f"  validation: {m['n_pairs']} pairs, accuracy {m['accuracy']:.3f}, mean margin {m['mean_margin']:.3f}")

@@ -29,8 +29,9 @@ module, and the union is built from the registry):
                   below ``min_tokens`` too (:func:`overlong_penalty`).
 ``python``        a user function ``path/to/file.py:name`` called as
                   ``fn(prompts, completions, **columns) -> list[float | None]``.
-``ensemble``      several reward-model folders sharing a tokenizer, aggregated by ``mean``,
-                  ``mean_minus_std`` (mean - k std) or ``min`` (Coste et al. 2024).
+``ensemble``      several reward-model folders sharing a tokenizer (``members``, or ``folder``: one written
+                  by ``align rm ensemble=N``), aggregated by ``mean``, ``mean_minus_std`` (mean - k std)
+                  or ``min`` (Coste et al. 2024).
 
 Lifecycle: building a component reads nothing; ``check()`` reads the inputs' small files (config,
 manifest) and fails early with a message naming the component; ``setup(device)`` loads what scoring
@@ -166,12 +167,25 @@ class PythonComponentConfig(ComponentConfig):
 
 class EnsembleComponentConfig(ComponentConfig):
     kind: Literal["ensemble"] = "ensemble"
-    members: list[str] = Field(min_length=2, description="Folders written by `align rm`, sharing one tokenizer.")
-    aggregate: Literal["mean", "mean_minus_std", "min"] = Field(
-        "mean", description="mean, mean - k * std (population std over members) or min (Coste et al. 2024).")
+    folder: str | None = Field(None, description="Folder written by `align rm ensemble=N`: its members (give this "
+                               "or members).")
+    members: list[str] = Field(default_factory=list, description="Folders written by `align rm`, sharing one "
+                               "tokenizer (give these or folder).")
+    aggregate: Literal["mean", "mean_minus_std", "min"] | None = Field(
+        None, description="mean, mean - k * std (population std over members) or min (Coste et al. 2024); default: "
+        "the ensemble folder's default (mean), or mean.")
     k: float = Field(1.0, ge=0.0, description="mean_minus_std: how many standard deviations to subtract.")
     var_lambda: float = Field(0.1, ge=0.0, description="Distributional members: each one's value is E[r] - lambda Var[r].")
     batch_size: int | None = Field(None, ge=1, description="Scoring batch of each member.")
+
+    @model_validator(mode="after")
+    def _members_or_folder(self) -> EnsembleComponentConfig:
+        if self.folder is not None and self.members:
+            raise ValueError("give either folder (written by `align rm ensemble=N`) or members, not both")
+        if self.folder is None and len(self.members) < 2:
+            raise ValueError(f"members lists {len(self.members)} folder(s): an ensemble needs at least 2 "
+                             "(or give folder, written by `align rm ensemble=N`)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,12 +608,66 @@ class EnsembleComponent(RewardComponent):
 
     def __init__(self, config, scorers: Sequence[Any] | None = None):
         super().__init__(config)
-        if scorers is not None and len(scorers) != len(self.config.members):
+        self._folder_manifest: dict[str, Any] | None = None
+        if scorers is not None and self.config.members and len(scorers) != len(self.config.members):
             raise self.error(f"{len(scorers)} scorers for {len(self.config.members)} members")
         self.scorers = list(scorers) if scorers is not None else None
 
+    def _ensemble_manifest(self) -> dict[str, Any]:
+        """The ensemble folder's manifest (read once; its stage and members checked, not its files' hashes)."""
+        if self._folder_manifest is None:
+            from alignment.reward import ENSEMBLE_STAGE
+
+            folder = self.config.folder
+            manifest = read_manifest(folder)
+            if manifest is None:
+                raise self.error(f"{folder} is not a reward-model ensemble (written by `align rm ensemble=N`): "
+                                 "no readable manifest.json")
+            if manifest.get("stage") == "reward_model":
+                raise self.error(f"{folder} is one reward model, not an ensemble: use it as a component "
+                                 f"{{kind: reward_model, folder: {folder}}}, or list several as members")
+            if manifest.get("stage") != ENSEMBLE_STAGE or not isinstance(manifest.get("members"), list):
+                raise self.error(f"{folder} is not a reward-model ensemble (written by `align rm ensemble=N`): "
+                                 f"its manifest says stage {manifest.get('stage')!r}")
+            self._folder_manifest = manifest
+        return self._folder_manifest
+
+    def member_folders(self) -> list[str]:
+        """The members' folders: ``members``, or those the ``folder``'s manifest lists (inside it)."""
+        if self.config.folder is None:
+            return list(self.config.members)
+        root = Path(self.config.folder)
+        folders = []
+        for m in self._ensemble_manifest()["members"]:
+            name = m.get("folder") if isinstance(m, dict) else None
+            path = root / str(name or "")
+            if not name or path.resolve() == root.resolve() or not path.resolve().is_relative_to(root.resolve()):
+                raise self.error(f"{root}/manifest.json lists a member outside the folder: {m!r}")
+            folders.append(str(path))
+        return folders
+
+    def aggregate(self) -> str:
+        """The aggregate used: the config's, else the ensemble folder's default, else mean."""
+        if self.config.aggregate is not None:
+            return self.config.aggregate
+        if self.config.folder is not None:
+            how = (self._ensemble_manifest().get("aggregate") or {}).get("how")
+            if how in ("mean", "mean_minus_std", "min"):
+                return how
+        return "mean"
+
     def check(self) -> None:
-        members = self.config.members
+        if self.config.folder is not None:
+            from alignment.inputs import stage_output_problem
+            from alignment.reward import ENSEMBLE_STAGE
+
+            self._ensemble_manifest()
+            problem, _ = stage_output_problem(self.config.folder, ENSEMBLE_STAGE)  # complete and intact
+            if problem is not None:
+                raise self.error(f"{self.config.folder} is not a complete reward-model ensemble: {problem}")
+        members = self.member_folders()
+        if self.scorers is not None and len(self.scorers) != len(members):
+            raise self.error(f"{len(self.scorers)} scorers for {len(members)} members")
         for folder in members:
             _rm_kind(self, folder)
         first = _tokenizer_identity(members[0])
@@ -619,11 +687,12 @@ class EnsembleComponent(RewardComponent):
         if self.scorers is None:
             self.check()
             self.scorers = [_load_scorer(self, folder, device, bf16, self.config.batch_size)
-                            for folder in self.config.members]
+                            for folder in self.member_folders()]
 
     def key(self) -> dict[str, Any]:
-        return {**self.config.model_dump(mode="json", exclude={"name", "members", "batch_size"}),
-                "members": [_rm_key(folder) for folder in self.config.members]}
+        # The same key whether the members come listed or from their ensemble folder (and as before folder existed).
+        return {**self.config.model_dump(mode="json", exclude={"name", "members", "batch_size", "folder"}),
+                "aggregate": self.aggregate(), "members": [_rm_key(folder) for folder in self.member_folders()]}
 
     def member_values(self, items, completions) -> torch.Tensor:
         """(M, B) each member's E[r] - lambda Var[r]."""
@@ -634,7 +703,7 @@ class EnsembleComponent(RewardComponent):
         return torch.stack([_scorer_values(s, prompts, completions, self.config.var_lambda)[0] for s in self.scorers])
 
     def score(self, items, completions, *, token_ids=None, lengths=None) -> ComponentScores:
-        values = aggregate_ensemble(self.member_values(items, completions), self.config.aggregate, self.config.k)
+        values = aggregate_ensemble(self.member_values(items, completions), self.aggregate(), self.config.k)
         return ComponentScores(values.tolist())
 
 
