@@ -1187,7 +1187,7 @@ class PairData:
         if prompts_only and not prompts_ok:
             folder = Path(path).parent
             raise PromptsOnlyError(
-                f"{folder} is a prompts-only data folder (format 'prompts': prompts with gold answers, no "
+                f"{folder} is a prompts-only data folder (format 'prompts': prompts and any gold answers, no "
                 "chosen/rejected pairs); this stage needs preference pairs: give it a data folder built from a "
                 "pairs source (e.g. source=demo), and use this one with reinforce, ppo or grpo")
         rows = table.to_pylist()
