@@ -521,13 +521,12 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
     """Train a reward model on a data stage's train split, evaluate it on validation, save it all.
 
     Writes a ``save_pretrained`` folder (model + tokenizer) with ``metrics.json``, ``train_log.jsonl``,
-    plots and ``manifest.json`` (last). Reuses an existing complete output with the same key. With
-    ``ensemble > 1``: :func:`alignment.rewards.ensemble.run_reward_ensemble` (N members in one folder).
+    plots and ``manifest.json`` (last). Reuses an existing complete output with the same key. One reward
+    model: ``ensemble > 1`` is :func:`alignment.rewards.ensemble.train_reward_model`'s (N members in one folder).
     """
     if config.ensemble > 1:
-        from alignment.rewards.ensemble import run_reward_ensemble
-
-        return run_reward_ensemble(config, out_dir, overwrite=overwrite, runs_root=runs_root, progress=progress)
+        raise RewardModelError(f"ensemble={config.ensemble} trains several reward models: call "
+                               "alignment.rewards.ensemble.train_reward_model (what `align rm` and the pipeline do)")
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 

@@ -300,13 +300,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from alignment.reward import RewardModelConfig, run_reward_stage
+    from alignment.reward import RewardModelConfig
+    from alignment.rewards.ensemble import train_reward_model
 
     config = _stage_config(args, RewardModelConfig, f"rm_{args.kind or 'scalar'}",
                            {"kind": args.kind, "data": args.data, "model": args.model})
     if config is None:
         return 0
-    result = run_reward_stage(config, args.out, overwrite=args.overwrite,
+    result = train_reward_model(config, args.out, overwrite=args.overwrite,
                               runs_root=os.environ.get("ALIGNMENT_RUNS_DIR", "runs"))
     m = result.summary
     if not m:  # a non-first process of a multi-process launch: the first one reports

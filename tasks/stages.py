@@ -34,7 +34,8 @@ from alignment.dpo import DPOStageConfig, plan_dpo, run_dpo_stage
 from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
 from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
 from alignment.pipeline import stage_planner
-from alignment.reward import RewardModelConfig, plan_reward_model, run_reward_stage
+from alignment.reward import RewardModelConfig, plan_reward_model
+from alignment.rewards.ensemble import train_reward_model
 from alignment.rl import OnlineConfig
 from alignment.sft import SFTConfig, plan_sft, run_sft_stage
 from alignment.stage import StagePlan, is_complete
@@ -155,9 +156,9 @@ def reward_model_task(config: RewardModelConfig, runs_dir: str, plan: StagePlan 
     progress = Progress(f"rm-{config.kind}", f"{config.kind} reward model: training steps")
     if num_processes > 1:
         launch_stage("rm", config, plan.out, num_processes)
-        result = run_reward_stage(config, plan.out)  # reuses the launched run's complete folder
+        result = train_reward_model(config, plan.out)  # reuses the launched run's complete folder
     else:
-        result = run_reward_stage(config, plan.out, overwrite=not is_complete(plan), progress=progress)
+        result = train_reward_model(config, plan.out, overwrite=not is_complete(plan), progress=progress)
     m = result.summary
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in m.items() if isinstance(v, float))
     _publish(f"rm-{config.kind}", f"# {config.kind} reward model\n\nFolder: `{result.out_dir}`\n\n| metric | value |\n"

@@ -21,11 +21,10 @@ from alignment.reward import (
     RewardScorer,
     plan_reward_model,
     reward_stage_key,
-    run_reward_stage,
     training_pairs,
 )
 from alignment.rewards import EnsembleComponent, RewardComponentError, RewardModelComponent
-from alignment.rewards.ensemble import member_configs, members_staging
+from alignment.rewards.ensemble import member_configs, members_staging, train_reward_model
 from tests.conftest import Interrupt
 
 ROWS = [{"prompt": [{"role": "user", "content": "What is 2 plus 2?"}]},
@@ -49,7 +48,7 @@ def data(tmp_path_factory) -> Path:
 def ensemble(tmp_path_factory, tiny_model, data):
     out = tmp_path_factory.mktemp("ens") / "ens"
     config = _config(tiny_model, data)
-    return config, run_reward_stage(config, out)
+    return config, train_reward_model(config, out)
 
 
 def test_one_member_keeps_its_key_and_folder(tiny_model, data):
@@ -129,7 +128,7 @@ def test_ensemble_manifest_and_spread_figures(ensemble, data):
 
 def test_rerun_reuses_everything(ensemble):
     config, result = ensemble
-    again = run_reward_stage(config, result.out_dir)
+    again = train_reward_model(config, result.out_dir)
     assert again.reused and again.summary == result.summary
 
 
@@ -144,13 +143,13 @@ def test_an_interrupted_member_resumes(tmp_path, tiny_model, data):
             raise Interrupt("interrupted")
 
     with pytest.raises(Interrupt):
-        run_reward_stage(config, out, progress=interrupt_second_member)
+        train_reward_model(config, out, progress=interrupt_second_member)
     staging = members_staging(out)
     assert not out.exists() and (staging / "member-0" / "manifest.json").is_file()
     assert not (staging / "member-1").exists() and (staging / ".member-1.checkpoints" / "checkpoint-1").is_dir()
     steps: list[int] = []
     # overwrite, as the Prefect task passes it for an incomplete folder: finished members are kept all the same.
-    result = run_reward_stage(config, out, overwrite=True, progress=lambda done, total: steps.append(done))
+    result = train_reward_model(config, out, overwrite=True, progress=lambda done, total: steps.append(done))
     assert steps == [2, 3, 4]  # member 0 reused, member 1 continued after its checkpoint-1
     assert read_manifest(out)["stage"] == ENSEMBLE_STAGE and not staging.exists()
     assert len(result.summary["members"]) == 2

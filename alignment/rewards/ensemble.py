@@ -203,3 +203,13 @@ def run_reward_ensemble(config, out_dir: str | Path | None = None, *, overwrite:
              spread["margin_std_mean"], spread["disagreement"])
     return StageResult(out, metrics)
 
+
+
+def train_reward_model(config, out_dir: str | Path | None = None, *, overwrite: bool = False,
+                       runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None) -> StageResult:
+    """The reward-model stage: one reward model (:func:`alignment.reward.run_reward_stage`), or with
+    ``ensemble > 1`` an ensemble of members (:func:`run_reward_ensemble`). What `align rm` and the pipeline call."""
+    from alignment.reward import run_reward_stage
+
+    train = run_reward_ensemble if config.ensemble > 1 else run_reward_stage
+    return train(config, out_dir, overwrite=overwrite, runs_root=runs_root, progress=progress)
