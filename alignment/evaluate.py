@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,7 +402,10 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
                                "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
                                "independent": [rm for rm in config.reward_models if rm != config.proxy_reward_model],
-                               "n_gold_prompts": sum(g is not None for g in gold[reference]), "models": {}}
+                               "n_gold_prompts": sum(g is not None for g in gold[reference]),
+                               "gold_checkers": dict(sorted(Counter(str(item.gold_checker) for item in items
+                                                                    if item.gold_answer is not None).items())),
+                               "models": {}}
     for name in names:
         g = gens[name]
         health = text_health(g.tokens)
@@ -441,6 +445,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                     row = {"id": i, "prompt": p, "completion": g.texts[i], "n_tokens": len(g.tokens[i]),
                            "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
                            "gold_answer": items[i].gold_answer, "gold_correct": gold[name][i],
+                           "gold_checker": items[i].gold_checker if items[i].gold_answer is not None else None,
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
                                        for rm in config.reward_models}}
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")

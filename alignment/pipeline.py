@@ -1,6 +1,8 @@
 """The whole pipeline's configuration and where each stage writes (no Prefect here).
 
-data -> [SFT] -> reward model(s) -> RL -> scoring -> judge (SFT when ``options.sft``: the RL
+data [-> prompts] -> [SFT] -> reward model(s) -> RL -> scoring -> judge (``prompts``, when the config has
+that section, is a second data stage: the RL stage trains on it and scoring scores it, while the reward
+models keep ``data``; SFT when ``options.sft``: the RL
 policy then starts from its output, which is also the "base" the tuned policy is scored against). The RL
 stage is any registered online algorithm (``options.algorithm``: reinforce, ppo, grpo, ...; see
 :mod:`alignment.algorithms.registry`), run with that algorithm's section of the config; the pipeline
@@ -77,6 +79,10 @@ class PipelineConfig(StageConfig):
 
     section: str = "pipeline"
     data: DataConfig = Field(default_factory=DataConfig)
+    prompts: DataConfig | None = Field(
+        None, description="Optional second data input: the prompts the RL stage trains on and the score stage (and "
+        "so the judge) scores, e.g. {source: demo-verifiable} (a prompts-only set with gold checks); its own data "
+        "stage ('prompts'). None: the RL and score stages use data, as the reward models do.")
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm_scalar: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="scalar"))
     rm_distributional: RewardModelConfig = Field(default_factory=lambda: RewardModelConfig(kind="distributional"))
@@ -105,8 +111,10 @@ class PipelineConfig(StageConfig):
         return getattr(self, get_algorithm(self.options.algorithm).section)
 
     def flow_parameters(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in
-                ("data", "sft", "rm_scalar", "rm_distributional", *ONLINE_SECTIONS, "score", "judge", "options")}
+        """The flow's parameters (``prompts`` only when set: the flow's default is None)."""
+        names = ("data", *(["prompts"] if self.prompts is not None else []), "sft", "rm_scalar", "rm_distributional",
+                 *ONLINE_SECTIONS, "score", "judge", "options")
+        return {name: getattr(self, name) for name in names}
 
 
 # The pipeline's sections of online algorithms (every registered algorithm's section must be one of them:
@@ -118,8 +126,8 @@ ONLINE_SECTIONS = ("reinforce", "ppo", "grpo")
 # Where each stage writes, decided before it runs: each stage's own plan_* function
 # --------------------------------------------------------------------------------------------
 PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
-    "data": plan_data, "sft": plan_sft, "reward-model": plan_reward_model, "reinforce": plan_reinforce,
-    "dpo": plan_dpo, "score": plan_score, "judge": plan_judge}
+    "data": plan_data, "prompts": plan_data, "sft": plan_sft, "reward-model": plan_reward_model,
+    "reinforce": plan_reinforce, "dpo": plan_dpo, "score": plan_score, "judge": plan_judge}
 
 
 def stage_planner(name: str) -> Callable[[Any, str], StagePlan]:
@@ -203,8 +211,13 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
     rms = {kind: outputs[f"rm_{kind}"] for kind in ("scalar", "distributional") if f"rm_{kind}" in outputs}
     rl = rl_stage(config.options)
     start = outputs.get("sft", config.online().policy)  # the policy RL starts from: the SFT output, if any
+    prompts = outputs.get("prompts", outputs.get("data"))  # what RL trains on and scoring scores: prompts, else data
     if name == "data":
         return config.data
+    if name == "prompts":
+        if config.prompts is None:
+            raise ValueError("stage 'prompts': the pipeline config has no prompts section")
+        return config.prompts
     if name == "sft":
         return config.sft
     if name in ("rm_scalar", "rm_distributional"):
@@ -212,7 +225,7 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
         return getattr(config, name).model_copy(update={"kind": kind, "data": outputs["data"]})
     if name == rl:  # against the proxy; the other reward models watch as independent judges
         rewards, used = _rl_wiring(config, rms)
-        update = {"policy": start, "data": outputs["data"],
+        update = {"policy": start, "data": prompts,
                   "independent_reward_models": {k: v for k, v in rms.items() if k not in used}}
         if rewards is None:
             update["reward_model"] = rms[used[0]]
@@ -222,22 +235,25 @@ def stage_config(config: PipelineConfig, name: str, outputs: dict[str, str]) -> 
     if name == "score":  # both models on the same validation prompts, scored by every reward model
         _, used = _rl_wiring(config, rms)
         return config.score.model_copy(update={
-            "data": outputs["data"], "models": {"base": start, "tuned": outputs[rl]},
+            "data": prompts, "models": {"base": start, "tuned": outputs[rl]},
             "reward_models": rms, "proxy_reward_model": used[0] if used else None})
     if name == "judge":
         return config.judge.model_copy(update={"scores": outputs["score"], "model_a": "tuned", "model_b": "base"})
     raise ValueError(f"unknown pipeline stage {name!r}")
 
 
-def pipeline_stages(options: PipelineOptions) -> list[str]:
-    """The stages this pipeline runs, in order (the RL stage named after its algorithm)."""
-    return ["data", *(["sft"] if options.sft else []), *(["rm_scalar"] if options.train_scalar else []),
+def pipeline_stages(options: PipelineOptions, prompts: bool = False) -> list[str]:
+    """The stages this pipeline runs, in order (the RL stage named after its algorithm; ``prompts``: the
+    config has a prompts section, whose data stage runs right after data)."""
+    return ["data", *(["prompts"] if prompts else []), *(["sft"] if options.sft else []),
+            *(["rm_scalar"] if options.train_scalar else []),
             *(["rm_distributional"] if options.train_distributional else []), rl_stage(options), "score",
             *(["judge"] if options.judge else [])]
 
 
 STAGE_PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
-    "data": plan_data, "sft": plan_sft, "rm_scalar": plan_reward_model, "rm_distributional": plan_reward_model,
+    "data": plan_data, "prompts": plan_data, "sft": plan_sft, "rm_scalar": plan_reward_model,
+    "rm_distributional": plan_reward_model,
     "reinforce": plan_reinforce, "score": plan_score, "judge": plan_judge}
 
 
@@ -247,7 +263,7 @@ def plan_pipeline(config: PipelineConfig) -> dict[str, tuple[Any, StagePlan]]:
     missing): the flow then runs and reports it."""
     stages: dict[str, tuple[Any, StagePlan]] = {}
     outputs: dict[str, str] = {}
-    for name in pipeline_stages(config.options):
+    for name in pipeline_stages(config.options, prompts=config.prompts is not None):
         stage = stage_config(config, name, outputs)
         plan = (STAGE_PLANNERS.get(name) or stage_planner(name))(stage, config.options.runs_dir)
         stages[name], outputs[name] = (stage, plan), str(plan.done)

@@ -2,7 +2,8 @@
 
 Parameters are the pydantic stage configs, so the Prefect UI shows each stage as a form; the
 defaults are the ``demo`` preset (the embedded data, CPU, minutes). The pipeline fills in the paths
-between stages (data -> reward models -> RL -> scoring -> judge); whatever a form says for
+between stages (data -> reward models -> RL -> scoring -> judge; with a ``prompts`` section, RL and scoring
+take its folder instead of data's); whatever a form says for
 those paths is replaced. The RL stage is ``options.algorithm`` (reinforce, ppo, grpo, ...: any
 registered online algorithm), with its section (``reinforce`` / ``ppo`` / ``grpo``).
 
@@ -48,6 +49,7 @@ from tasks.stages import (
     judge_task,
     online_task,
     plan_stage,
+    prompts_task,
     reward_model_task,
     score_task,
     sft_task,
@@ -73,6 +75,7 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
 @flow(name="alignment-pipeline")
 def alignment_pipeline(
     data: DataConfig = DEMO.data,
+    prompts: DataConfig | None = DEMO.prompts,
     sft: SFTConfig = DEMO.sft,
     rm_scalar: RewardModelConfig = DEMO.rm_scalar,
     rm_distributional: RewardModelConfig = DEMO.rm_distributional,
@@ -83,9 +86,9 @@ def alignment_pipeline(
     judge: JudgeConfig = DEMO.judge,
     options: PipelineOptions = DEMO.options,
 ) -> dict[str, Any]:
-    """Data -> [SFT] -> reward model(s) -> RL (options.algorithm) -> validation scoring -> pairwise judge, each
-    stage cached."""
-    config = PipelineConfig(data=data, sft=sft, rm_scalar=rm_scalar, rm_distributional=rm_distributional,
+    """Data [-> prompts] -> [SFT] -> reward model(s) -> RL (options.algorithm) -> validation scoring -> pairwise
+    judge, each stage cached (prompts, when given: what RL trains on and scoring scores; the RMs keep data)."""
+    config = PipelineConfig(data=data, prompts=prompts, sft=sft, rm_scalar=rm_scalar, rm_distributional=rm_distributional,
                             reinforce=reinforce, ppo=ppo, grpo=grpo, score=score, judge=judge, options=options)
     check_pipeline(config)  # a reward model the RL stage needs but the pipeline does not train: before any stage
     Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
@@ -93,13 +96,13 @@ def alignment_pipeline(
     outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
     parallel = {"task_kwargs": {"num_processes": options.num_processes}}
     rl = rl_stage(options)
-    tasks = {"data": (data_task, {}), "sft": (sft_task, {}), "rm_scalar": (reward_model_task, parallel),
+    tasks = {"data": (data_task, {}), "prompts": (prompts_task, {}), "sft": (sft_task, {}), "rm_scalar": (reward_model_task, parallel),
              "rm_distributional": (reward_model_task, parallel), rl: (online_task(rl), parallel),
              "score": (score_task, {}),
              "judge": (judge_task, {"retries": options.judge_retries,
                                     "retry_delay_seconds": options.judge_retry_delay_s})}
     # data -> reward model(s) -> RL against the proxy -> scoring by every RM -> pairwise judge
-    for name in pipeline_stages(options):
+    for name in pipeline_stages(options, prompts=prompts is not None):
         task, task_options = tasks[name]
         outputs[name] = _run(task, stage_config(config, name, outputs), options, stages, name, **task_options)
     score_dir, judge_dir = outputs["score"], outputs.get("judge")

@@ -121,16 +121,26 @@ def _publish(stage: str, markdown: str, description: str) -> None:
 COMMON: dict[str, Any] = {"persist_result": True}
 
 
-@task(name="data", cache_key_fn=stage_cache_key("data", plan_data), **COMMON)
-def data_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+def _data_stage(name: str, config: DataConfig, runs_dir: str, plan: StagePlan | None) -> str:
     plan = plan or plan_data(config, runs_dir)
     result = run_data_stage(config, plan.out, overwrite=not is_complete(plan))
     m = result.summary
-    _publish("data", f"# Data: {m['source']}\n\n| rows read | rejected | prompts | pairs | ties dropped | train | "
+    _publish(name, f"# Data: {m['source']}\n\n| rows read | rejected | prompts | pairs | ties dropped | train | "
              f"validation |\n|---|---|---|---|---|---|---|\n| {m['n_rows_read']} | {m['n_rows_rejected']} | "
              f"{m['n_prompts']} | {m['n_pairs']} | {m['n_ties_dropped']} | {m['n_train']} | {m['n_validation']} |\n\n"
-             f"Folder: `{result.out_dir}`", "preference pairs")
+             f"Folder: `{result.out_dir}`", "prompts" if m.get("prompts_only") else "preference pairs")
     return str(result.out_dir)
+
+
+@task(name="data", cache_key_fn=stage_cache_key("data", plan_data), **COMMON)
+def data_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    return _data_stage("data", config, runs_dir, plan)
+
+
+@task(name="prompts", cache_key_fn=stage_cache_key("prompts", plan_data), **COMMON)
+def prompts_task(config: DataConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    """The pipeline's second data stage (its ``prompts`` section): what the RL stage trains on and scoring scores."""
+    return _data_stage("prompts", config, runs_dir, plan)
 
 
 @task(name="sft", cache_key_fn=stage_cache_key("sft", plan_sft), **COMMON)
@@ -394,5 +404,6 @@ def summary_markdown(stages: dict[str, dict[str, str]], report: str | None, verd
     return text
 
 
-__all__ = ["data_task", "dpo_task", "judge_task", "online_task", "online_tasks", "plan_stage", "reinforce_task",
+__all__ = ["data_task", "dpo_task", "judge_task", "online_task", "online_tasks", "plan_stage", "prompts_task",
+           "reinforce_task",
            "reward_model_task", "score_task", "sft_task", "summary_markdown"]
