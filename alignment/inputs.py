@@ -49,6 +49,9 @@ def _label(stage: str) -> str:
 def stage_output_problem(folder: str | Path, stage: str, required: Iterable[str] | None = None
                          ) -> tuple[str | None, dict[str, Any] | None]:
     """(why ``folder`` is not a complete output of ``stage``, or None; its manifest when it could be read)."""
+    if str(folder).startswith("@rm_") and not Path(folder).exists():  # the pipeline's '@rm_scalar', unresolved
+        return ("it is a placeholder that only the pipeline (`align run`) resolves to the reward model it trains; "
+                "run alone, give the folder itself (e.g. runs/rm/scalar-<hash>)"), None
     folder = Path(folder)
     if not folder.exists():
         return "it does not exist", None

@@ -119,3 +119,16 @@ def test_default_pipeline_has_no_prompts_stage():
     assert pipeline_stages(PipelineOptions()) == list(stages)
     grpo = PipelineConfig(**PipelineConfig.preset("demo")).grpo  # `align run options.algorithm=grpo`: CPU-sized
     assert (grpo.steps, grpo.batch_size, grpo.samples_per_prompt, grpo.max_new_tokens, grpo.lora) == (8, 2, 4, 32, True)
+
+
+def test_preset_placeholder_outside_the_pipeline_is_explained(tiny_model, tmp_path, capsys):
+    """`align grpo --preset demo-verifiable` alone: its '@rm_scalar' is refused, saying only `align run` resolves it."""
+    from alignment.data import DataConfig, run_data_stage
+    from cli.main import main
+
+    prompts = run_data_stage(DataConfig(source="demo-verifiable"), tmp_path / "prompts").out_dir
+    assert main(["grpo", "--preset", "demo-verifiable", "--data", str(prompts), "--out", str(tmp_path / "g"),
+                 f"policy={tiny_model}", "steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "@rm_scalar" in err and "is a placeholder that only the pipeline (`align run`) resolves" in err
+    assert not (tmp_path / "g" / "final").exists()

@@ -306,6 +306,10 @@ def _missing(value: Any) -> bool:
 def _rm_kind(component: RewardComponent, folder: str) -> str:
     from alignment.reward import RewardModelError, reward_model_kind
 
+    if str(folder).startswith("@rm_"):  # the pipeline's '@rm_scalar' / '@rm_distributional', here unresolved
+        raise component.error(f"folder {folder!r} is a placeholder that only the pipeline (`align run`) resolves "
+                              "to the reward model it trains; run alone, give a reward-model folder (written by "
+                              "`align rm`), e.g. runs/rm/scalar-<hash>")
     try:
         return reward_model_kind(folder)
     except RewardModelError as exc:
