@@ -80,7 +80,7 @@ def test_summarize_from_feedback_comparisons_read_as_the_same_pairs(shared_data,
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "comparisons.parquet")
 
     def pairs(source: Path, name: str) -> set:
-        result = run_data_stage(DataConfig(source=str(source)), tmp_path / name)
+        result = run_data_stage(DataConfig(source=str(source)), tmp_path / f"out-{name}")  # not the input itself
         data = PairData.concat([PairData.load(result.out_dir / f) for f in ("train.parquet", "validation.parquet")])
         return result.summary["format"], {(json.dumps(p), c, r) for p, c, r in
                                           zip(data.prompts, data.chosen, data.rejected, strict=True)}
