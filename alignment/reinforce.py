@@ -308,24 +308,36 @@ class ReinforceRecipe(OnlineRecipe):
         Each micro-batch adds its share of the batch mean. DDP averages over processes, which is the mean
         over the global batch (equal shards); only the last micro-batch's backward runs the all-reduce.
         """
-        dist, device, n = self.dist, self.device, len(ro.prompts)
+        n = len(ro.prompts)
         self.is_stats = []
         if self.token_level:
             return self.token_update(ro, graph, advantages)
+
+        def micro_loss(token_logp: torch.Tensor, rows: slice) -> torch.Tensor:
+            lp = self.weighted_logprobs(token_logp, ro, rows)
+            return reinforce_loss(lp, advantages[rows].to(lp.device)) * (lp.shape[0] / n)  # its share of the mean
+
+        return self.backward_micro_batches(ro, graph, micro_loss)
+
+    def backward_micro_batches(self, ro: Rollout, graph: torch.Tensor | None,
+                               micro_loss: Callable[[torch.Tensor, slice], torch.Tensor]) -> float:
+        """Backward of ``micro_loss(token_logp (b, T), rows)`` over the rollout: on ``graph`` (the whole batch's
+        per-token log-probs, kept from the one forward) or micro-batch by micro-batch, each forward freed by
+        its own backward (only the last one all-reduces under DDP). Returns the loss averaged over processes."""
+        dist, device, n = self.dist, self.device, len(ro.prompts)
         if graph is not None:
-            loss = reinforce_loss(self.weighted_logprobs(graph, ro, slice(None)), advantages.to(graph.device))
+            loss = micro_loss(graph, slice(None))
             dist.backward(loss)
             return dist.mean(float(loss.detach()))
-        ids, attn = ro.input_ids, ro.attention_mask
-        micro = [slice(s, s + self.config.micro_batch_size) for s in range(0, n, self.config.micro_batch_size)]
+        ids, attn, size = ro.input_ids, ro.attention_mask, self.config.micro_batch_size
+        micro = [slice(s, s + size) for s in range(0, n, size)]
         total = 0.0
         for i, sl in enumerate(micro):
             with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     token_logp, _ = token_logprobs(self.model, ids[sl].to(device), attn[sl].to(device),
                                                    ro.prompt_width, group=self.prompt_group, entropy=False)
-                lp = self.weighted_logprobs(token_logp, ro, sl)
-                loss = reinforce_loss(lp, advantages[sl].to(lp.device)) * (lp.shape[0] / n)
+                loss = micro_loss(token_logp, sl)
                 dist.backward(loss)
             total += float(loss.detach())
         return dist.mean(total)
@@ -353,7 +365,7 @@ class ReinforceRecipe(OnlineRecipe):
         process's sequences. ``old_logp`` is the policy's own log-probs, detached: one optimizer step per
         batch, so the importance ratio is 1 (with int8 rollouts the truncated importance weights of the
         sequence loss correct for the sampler instead)."""
-        dist, device, n, cfg = self.dist, self.device, len(ro.prompts), self.config
+        dist, n, cfg = self.dist, len(ro.prompts), self.config
         tokens = float(dist.gather(ro.mask.sum().reshape(1).float()).sum()) / dist.world
         agg = "seq_mean_token_sum" if cfg.loss_agg == "sequence" else cfg.loss_agg
         loss_fn = get_policy_loss(self.policy_loss)
@@ -373,22 +385,7 @@ class ReinforceRecipe(OnlineRecipe):
             return loss_fn(token_logp, token_logp.detach(), advantages[rows].to(token_logp.device), mask,
                            **options).loss
 
-        if graph is not None:
-            loss = micro_loss(graph, slice(None))
-            dist.backward(loss)
-            return dist.mean(float(loss.detach()))
-        ids, attn = ro.input_ids, ro.attention_mask
-        micro = [slice(s, s + cfg.micro_batch_size) for s in range(0, n, cfg.micro_batch_size)]
-        total = 0.0
-        for i, sl in enumerate(micro):
-            with dist.no_sync(self.model) if i < len(micro) - 1 else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    token_logp, _ = token_logprobs(self.model, ids[sl].to(device), attn[sl].to(device),
-                                                   ro.prompt_width, group=self.prompt_group, entropy=False)
-                loss = micro_loss(token_logp, sl)
-                dist.backward(loss)
-            total += float(loss.detach())
-        return dist.mean(total)
+        return self.backward_micro_batches(ro, graph, micro_loss)
 
     def weighted_logprobs(self, token_logp: torch.Tensor, ro: Rollout, rows: slice) -> torch.Tensor:
         """(b,) sum_t w_t log pi(y_t) for the rows ``rows`` of the rollout: w = the mask, or with int8
