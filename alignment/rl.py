@@ -831,7 +831,8 @@ class OnlineRecipe:
         with atomic_directory(self.out / "best") as tmp:
             policy.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            write_json(tmp / "best.json", {"step": step, "score": score, "heldout": self.heldout[-1]})
+            write_json(tmp / "best.json", {"step": step, "score": score, "heldout": self.heldout[-1],
+                                           "config": self.config.model_dump(mode="json")})  # what it was trained on
         self.best = {"step": step, "score": score}
 
     def finish(self) -> StageResult:

@@ -20,12 +20,18 @@ ARROWS = {"up": "↑ rose", "down": "↓ fell", "flat": "≈ no clear change"}
 
 
 def trained_against(model_folder: str | Path) -> list[str]:
-    """The reward kinds a policy folder was trained against (from its manifest's ``config.rewards``):
-    e.g. ``["reward_model", "gold"]``; ``["reward_model"]`` for the ``reward_model=FOLDER`` shorthand; ``[]``
-    for a folder that records no online training (the starting model, SFT, DPO)."""
-    try:
-        config = json.loads((Path(model_folder) / "manifest.json").read_text(encoding="utf-8")).get("config") or {}
-    except (OSError, ValueError, AttributeError):
+    """The reward kinds a policy folder was trained against (from its manifest's, or a ``best/`` folder's
+    ``best.json``, ``config.rewards``): e.g. ``["reward_model", "gold"]``; ``["reward_model"]`` for the
+    ``reward_model=FOLDER`` shorthand; ``[]`` for a folder that records no online training (the starting
+    model, SFT, DPO)."""
+    config: dict[str, Any] = {}
+    for name in ("manifest.json", "best.json"):
+        try:
+            config = json.loads((Path(model_folder) / name).read_text(encoding="utf-8")).get("config") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        break
+    if not isinstance(config, dict):
         return []
     rewards = config.get("rewards")
     if rewards:

@@ -105,6 +105,10 @@ def test_gold_trained_against_is_not_an_independent_check(tmp_path):
     assert trained_against(folder) == ["gold", "reward_model"] and trained_against(tmp_path / "nothing") == []
     (folder / "manifest.json").write_text(json.dumps({"stage": "reinforce", "config": {"reward_model": "rm"}}))
     assert trained_against(folder) == ["reward_model"]
+    best = tmp_path / "best"  # an online run's best/ folder records its config in best.json
+    best.mkdir()
+    (best / "best.json").write_text(json.dumps({"step": 15, "config": {"rewards": [{"kind": "gold"}]}}))
+    assert trained_against(best) == ["gold"]
     scores = _scores([-0.1, 0.1], [-0.1, 0.2], [0.05, 0.3])
     scores["models"]["tuned"]["trained_against"] = ["gold", "reward_model"]
     v = verdict(scores)
