@@ -25,16 +25,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from alignment import tracking
+from alignment.algorithms.dpo import DPOStageConfig, plan_dpo
+from alignment.algorithms.ppo import PPOConfig
 from alignment.algorithms.registry import ALGORITHMS, get_algorithm
+from alignment.algorithms.reinforce import ReinforceConfig
 from alignment.config import StageConfig
-from alignment.dpo import DPOStageConfig, plan_dpo
-from alignment.evaluate import ScoreConfig, run_score_stage
+from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
 from alignment.ownership import local_paths, replace_problem
-from alignment.ppo import PPOConfig
-from alignment.reinforce import ReinforceConfig
-from alignment.stage import StageResult, complete_manifest, stage_folder
+from alignment.stage import StageResult, complete_manifest, exclusive_stage, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def run_algorithm(name: str, command: str, config: StageConfig, runs_dir: str | 
     cmd = [sys.executable, "-m", "cli", "-q", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("%s: %s", name, " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env()})  # its run: a child of this one
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -181,6 +182,7 @@ def compare_key(cfg: CompareConfig) -> str:
     return sha256_text(json.dumps([cfg.model_dump(mode="json"), inputs, "compare-schema=1"], sort_keys=True))
 
 
+@exclusive_stage  # one tracked run: each algorithm's stage and the scoring are its children
 def run_compare(cfg: CompareConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs"
                 ) -> StageResult:
     """Train every algorithm, score every policy once, write compare.json, compare.md and frontier.png."""

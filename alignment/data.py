@@ -59,8 +59,8 @@ from pydantic import Field, field_validator, model_validator
 
 from alignment import __version__
 from alignment.config import StageConfig, cut
+from alignment.evaluation.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.footprint import records_footprint
-from alignment.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
 from alignment.io import MANIFEST, atomic_directory, sha256_file, sha256_text, write_json
 from alignment.ownership import local_paths
@@ -342,7 +342,8 @@ def _rating(value: Any, field: str, config: DataConfig, coerce_text: bool) -> fl
 
 
 def _gold(rec: dict) -> tuple[str | None, str | None]:
-    """(gold_answer, gold_checker) of a row: both absent, or a valid pair (checked by ``alignment.gold``)."""
+    """(gold_answer, gold_checker) of a row: both absent, or a valid pair (checked by
+    ``alignment.evaluation.gold``)."""
     answer, checker = rec.get("gold_answer"), rec.get("gold_checker")
     if _is_missing(answer) and _is_missing(checker):
         return None, None

@@ -109,8 +109,14 @@ def _hub_cached(repo_id: str) -> Path | None:
 def resolve_model(spec: str = DEFAULT_MODEL, *, allow_offline_fallback: bool = True) -> ResolvedModel:
     """Turn a model spec into a local folder and say where it came from (also in the log)."""
     resolved = _resolve(spec, allow_offline_fallback)
-    log.info("model source: %s", resolved.describe())
+    line = resolved.describe()
+    # said once per process at INFO (a pipeline resolves the same model for every stage), after that at DEBUG
+    log.log(logging.DEBUG if line in _described else logging.INFO, "model source: %s", line)
+    _described.add(line)
     return resolved
+
+
+_described: set[str] = set()
 
 
 def _resolve(spec: str, allow_offline_fallback: bool) -> ResolvedModel:
@@ -212,7 +218,16 @@ def load_sequence_classifier(model: str | ResolvedModel = DEFAULT_MODEL, num_lab
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(model)
     tokenizer = load_tokenizer(resolved, "right")
-    clf = AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=num_labels, dtype=dtype)
+    clf, info = AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=num_labels, dtype=dtype,
+                                                                    output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    head = [k for k in missing if k.split(".")[0] in ("score", "classifier")]
+    if head:  # transformers' load-report table, said in one line: expected when a reward model starts from an LM
+        log.info("reward head %s newly initialised (%d output%s) on %s", ", ".join(head), num_labels,
+                 "s" if num_labels > 1 else "", Path(resolved.path).name)
+    if len(head) < len(missing):
+        log.warning("weights missing from %s and newly initialised: %s", resolved.path,
+                    ", ".join(k for k in missing if k not in head)[:500])
     _sync_pad(clf, tokenizer)
     return clf.to(device), tokenizer
 

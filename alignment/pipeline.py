@@ -26,22 +26,23 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from alignment.algorithms.dpo import plan_dpo
+from alignment.algorithms.grpo import GRPOConfig
+from alignment.algorithms.online import OnlineConfig
+from alignment.algorithms.ppo import PPOConfig
 from alignment.algorithms.registry import ALGORITHMS, get_algorithm
+from alignment.algorithms.reinforce import ReinforceConfig, plan_reinforce
+from alignment.algorithms.sft import SFTConfig, plan_sft
 from alignment.config import ConfigModel, StageConfig
 from alignment.data import DataConfig, plan_data
-from alignment.dpo import plan_dpo
-from alignment.evaluate import ScoreConfig, plan_score
+from alignment.evaluation.evaluate import ScoreConfig, plan_score
+from alignment.evaluation.judge import JudgeConfig, plan_judge
+from alignment.evaluation.verdict import verdict
 from alignment.footprint import read_footprint
-from alignment.grpo import GRPOConfig
-from alignment.judge import JudgeConfig, plan_judge
-from alignment.ppo import PPOConfig
 from alignment.presets import pipeline_preset
-from alignment.reinforce import ReinforceConfig, plan_reinforce
-from alignment.reward import RewardModelConfig, plan_reward_model
-from alignment.rl import OnlineConfig
-from alignment.sft import SFTConfig, plan_sft
+from alignment.rewards.model import RewardModelConfig, plan_reward_model
 from alignment.stage import StagePlan, is_complete
-from alignment.verdict import verdict
+from alignment.tracking import TrackingConfig
 
 
 class PipelineOptions(ConfigModel):
@@ -92,6 +93,9 @@ class PipelineConfig(StageConfig):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(backend="local"))
     options: PipelineOptions = Field(default_factory=PipelineOptions)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking: MLflow on <runs_dir>/mlflow.db by default, "
+        "uri for a server, 'none' to turn it off (see alignment.tracking). Not part of any stage key.")
 
     @classmethod
     def preset(cls, name: str = "demo") -> dict[str, Any]:
@@ -113,7 +117,7 @@ class PipelineConfig(StageConfig):
     def flow_parameters(self) -> dict[str, Any]:
         """The flow's parameters (``prompts`` only when set: the flow's default is None)."""
         names = ("data", *(["prompts"] if self.prompts is not None else []), "sft", "rm_scalar", "rm_distributional",
-                 *ONLINE_SECTIONS, "score", "judge", "options")
+                 *ONLINE_SECTIONS, "score", "judge", "options", "tracking")
         return {name: getattr(self, name) for name in names}
 
 
@@ -289,7 +293,39 @@ def stage_record(state: str, path: str | Path) -> dict[str, Any]:
     """One stage's line in the pipeline's result: its state, folder, seconds and peak memory (the cost of
     the run that made the output, from its ``footprint.json``)."""
     cost = read_footprint(path) or {}
-    return {"state": state, "path": str(path), "seconds": cost.get("seconds"), "peak_rss_mb": cost.get("peak_rss_mb")}
+    return {"state": state, "path": str(path), "seconds": cost.get("seconds"), "peak_rss_mb": cost.get("peak_rss_mb"),
+            "headline": stage_headline(path)}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_headline(path: str | Path) -> str | None:
+    """A stage's headline figure, read from its folder: pairs, RM accuracy, held-out reward, win rate."""
+    path = Path(path)
+    manifest = _read_json(path / "manifest.json")
+    stage = manifest.get("stage")
+    if stage == "data":
+        unit = "prompts" if not manifest.get("n_pairs") else "pairs"
+        return f"{manifest.get('n_train')} train / {manifest.get('n_validation')} validation {unit}"
+    metrics = _read_json(path / "metrics.json")
+    if "accuracy" in metrics:
+        return f"validation accuracy {metrics['accuracy']:.3f}"
+    summary = _read_json(path / "summary.json")
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    if before.get("mean_reward") is not None and after.get("mean_reward") is not None:
+        return f"held-out proxy reward {before['mean_reward']:+.3f} -> {after['mean_reward']:+.3f}"
+    if summary.get("win_rate") is not None:
+        return f"win rate {summary['win_rate']:.2f} over {summary.get('n')} pairs"
+    scores = _read_json(path / "scores.json")
+    if scores.get("models"):
+        return f"{len(scores['models'])} models on {scores.get('n_prompts', '?')} prompts"
+    return None
 
 
 def pipeline_verdict(score_dir: str | Path, judge_dir: str | Path | None) -> dict[str, Any]:

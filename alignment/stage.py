@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from alignment import tracking
 from alignment.io import files_intact, read_manifest, write_json
 from alignment.ownership import is_ours, protected_reason, replace_problem
 
@@ -96,15 +97,35 @@ _held: contextvars.ContextVar[tuple[contextlib.ExitStack, set[Path]] | None] = c
     "stage_locks", default=None)
 
 
+def _tracked(stage_fn: Callable[..., Any], args: tuple) -> contextlib.AbstractContextManager:
+    """The stage's tracking run (``alignment.tracking``): named after its config's section, its config as params;
+    none on the data-parallel ranks but the first (which reports for all)."""
+    if tracking.settings() is None:
+        return contextlib.nullcontext()
+    from alignment.parallel import launched_rank
+
+    if launched_rank() != 0:
+        return contextlib.nullcontext()
+    # the stage's config: its first argument that is a config instance (run_online takes the recipe class first)
+    config = next((a for a in args if hasattr(a, "model_dump") and not isinstance(a, type)), None)
+    name = getattr(config, "section", None) or stage_fn.__name__
+    params = config.model_dump(mode="json") if config is not None else None
+    return tracking.stage_run(name, params=params, tags={"stage_fn": f"{stage_fn.__module__}.{stage_fn.__name__}"})
+
+
 def exclusive_stage(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a stage function: every folder it passes to :func:`reuse_or_guard` stays locked until it returns."""
+    """Decorate a stage function: every folder it passes to :func:`reuse_or_guard` stays locked until it returns,
+    and the call is one tracked run (``alignment.tracking``; nothing when tracking is off)."""
 
     @functools.wraps(stage_fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with contextlib.ExitStack() as stack:
             token = _held.set((stack, set()))
             try:
-                return stage_fn(*args, **kwargs)
+                with _tracked(stage_fn, args) as run:
+                    result = stage_fn(*args, **kwargs)
+                    tracking.record_result(run, result)
+                    return result
             finally:
                 _held.reset(token)
 

@@ -41,7 +41,7 @@ ALIGN = str(Path(sys.executable).parent / "align")
 def tiny_stack(folder: Path) -> tuple[str, str, str]:
     """A random 2-layer policy, a reward model trained briefly on the demo data, and the demo data."""
     from alignment.data import DataConfig, run_data_stage
-    from alignment.reward import RewardModelConfig, run_reward_stage
+    from alignment.rewards.model import RewardModelConfig, run_reward_stage
     from tests.tiny import tiny_model_dir
 
     policy = tiny_model_dir(folder / "policy")
@@ -79,7 +79,7 @@ def pipeline_cmd(args, policy: str, work: Path, runs: Path) -> list[str]:
 
     config_file = work / "pipeline.yaml"
     if not config_file.is_file():
-        from alignment.reinforce import ReinforceConfig
+        from alignment.algorithms.reinforce import ReinforceConfig
 
         config = tiny_pipeline_config(Path(policy), runs, reinforce=ReinforceConfig(
             policy=policy, steps=args.steps, batch_size=4, max_new_tokens=12, eval_prompts=2, checkpoint_every=2,

@@ -44,12 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reward_scoring import seed_loop as seed_scores  # noqa: E402
 
+from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
 from alignment.generation import Int8Rollouts  # noqa: E402
 from alignment.hardware import cpu_has_fast_bf16  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_causal_lm, load_sequence_classifier, resolve_model  # noqa: E402
-from alignment.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
-from alignment.reward import tokenizer_fingerprint  # noqa: E402
+from alignment.rewards.model import tokenizer_fingerprint  # noqa: E402
 
 PHASES = ["generate", "reward", "reference", "forward_backward", "optimizer"]
 KL_BETA = 0.02

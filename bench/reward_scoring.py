@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
 from alignment.hardware import bf16_enabled, resolve_device  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_sequence_classifier, resolve_model  # noqa: E402
-from alignment.reward import RewardModelConfig, RewardScorer, run_reward_stage  # noqa: E402
+from alignment.rewards.model import RewardModelConfig, RewardScorer, run_reward_stage  # noqa: E402
 
 
 def seed_loop(model, tokenizer, prompts, completions, max_length=256) -> tuple[torch.Tensor, float]:

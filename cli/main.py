@@ -300,8 +300,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
-    from alignment.reward import RewardModelConfig
     from alignment.rewards.ensemble import train_reward_model
+    from alignment.rewards.model import RewardModelConfig
 
     config = _stage_config(args, RewardModelConfig, f"rm_{args.kind or 'scalar'}",
                            {"kind": args.kind, "data": args.data, "model": args.model})
@@ -341,7 +341,7 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from alignment.data import PairData
-    from alignment.reward import RewardScorer, evaluate_reward_model
+    from alignment.rewards.model import RewardScorer, evaluate_reward_model
 
     scorer = RewardScorer.from_pretrained(args.model_dir, batch_size=args.batch_size, max_length=args.max_length)
     splits = ["train", "validation"] if args.split == "all" else [args.split]
@@ -356,8 +356,9 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reinforce(args: argparse.Namespace) -> int:
+    from alignment.algorithms.guard import CollapseDetected
     from alignment.algorithms.registry import get_algorithm
-    from alignment.rl import CollapseDetected, OverOptimisationDetected
+    from alignment.evaluation.alarm import OverOptimisationDetected
 
     spec = get_algorithm(args.command)
     cls, train = spec.config_cls, spec.train_fn
@@ -399,7 +400,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_dpo(args: argparse.Namespace) -> int:
-    from alignment.dpo import DPOStageConfig, run_dpo_stage
+    from alignment.algorithms.dpo import DPOStageConfig, run_dpo_stage
 
     config = _stage_config(args, DPOStageConfig, "dpo", {"data": args.data, "policy": args.policy})
     if config is None:
@@ -414,7 +415,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
-    from alignment.sft import SFTConfig, run_sft_stage
+    from alignment.algorithms.sft import SFTConfig, run_sft_stage
 
     config = _stage_config(args, SFTConfig, "sft", {"source": args.source, "policy": args.policy})
     if config is None:
@@ -462,7 +463,7 @@ def _rm_name(folder: str) -> str:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from alignment.evaluate import ScoreConfig, run_score_stage
+    from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
 
     config = _stage_config(args, ScoreConfig, "score", {"data": args.data, "models": _named(args.model, "model"),
                                                    "reward_models": _named(args.rm, "rm", _rm_name)})
@@ -476,7 +477,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
-    from alignment.judge import JudgeConfig, run_judge_stage
+    from alignment.evaluation.judge import JudgeConfig, run_judge_stage
 
     config = _stage_config(args, JudgeConfig, "judge", {"scores": args.scores, "backend": args.backend})
     if config is None:
@@ -529,6 +530,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"  reading: {v['reading']}")
     if result["report"]:
         print(f"report: {result['report']}  (and report.html beside it)")
+    tracked = result.get("tracking")
+    if tracked:
+        version = f"; policy registered as alignment-policy v{tracked['model_version']}" \
+            if tracked.get("model_version") else ""
+        print(f"MLflow run: {tracked['url']}{version}")
     return 0
 
 
@@ -559,6 +565,33 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACKED = {"data", "rm", "rm-eval", "dpo", "sft", "compare", "score", "judge"}  # + every online algorithm
+
+
+def _configure_tracking(args: argparse.Namespace) -> None:
+    """Tracking for a single-stage command: ``tracking=none`` / ``tracking.uri=...`` among its key=value
+    overrides (taken out of the stage's), else what the environment says (``ALIGNMENT_TRACKING``, set by a
+    parent process or ``=none``), else MLflow on a SQLite file under the runs folder."""
+    from alignment import tracking
+    from alignment.config import parse_overrides
+
+    mine = [o for o in getattr(args, "overrides", None) or [] if o.split("=", 1)[0].split(".", 1)[0] == "tracking"]
+    if mine:
+        args.overrides = [o for o in args.overrides if o not in mine]
+    runs_root = os.environ.get("ALIGNMENT_RUNS_DIR", "runs")
+    if mine:
+        value = parse_overrides(mine).get("tracking")
+        try:
+            config = tracking.TrackingConfig.model_validate(value)
+        except ValueError as exc:
+            raise ConfigError(f"tracking: {exc}") from exc
+        tracking.configure(config, runs_root)
+    elif os.environ.get(tracking.TRACKING_ENV):
+        tracking.settings()  # inherited (a launched stage) or switched off
+    else:
+        tracking.configure(tracking.TrackingConfig(), runs_root)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -570,31 +603,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from alignment.console import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)  # library load reports, bars and deprecations; -v keeps them
     from alignment.footprint import tune_allocator
 
     tune_allocator()  # freed tensor memory goes back to the system between steps and stages
+    from alignment.algorithms.dpo import DPOError
+    from alignment.algorithms.ppo import PPOError
     from alignment.algorithms.registry import ALGORITHMS
+    from alignment.algorithms.reinforce import ReinforceError
+    from alignment.algorithms.sft import SFTError
+    from alignment.checkpoints import ResumeError
     from alignment.compare import CompareError
     from alignment.data import DataError
-    from alignment.dpo import DPOError
-    from alignment.evaluate import EvaluationError
+    from alignment.evaluation.evaluate import EvaluationError
+    from alignment.evaluation.judge import JudgeError
     from alignment.hardware import DeviceError
     from alignment.io import DiskFullError
-    from alignment.judge import JudgeError
     from alignment.models import ModelSourceError
     from alignment.ownership import NotOurs
-    from alignment.ppo import PPOError
-    from alignment.reinforce import ReinforceError
-    from alignment.reward import RewardModelError
     from alignment.rewards.components import RewardComponentError
-    from alignment.rl import ResumeError
-    from alignment.sft import SFTError
+    from alignment.rewards.model import RewardModelError
     from alignment.stage import StageBusy
 
+    TRACKED.update(ALGORITHMS)
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
                 "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
     try:
+        if args.command in TRACKED:
+            _configure_tracking(args)
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,

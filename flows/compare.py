@@ -8,19 +8,37 @@ one :class:`alignment.compare.CompareConfig`, a form in the Prefect UI.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
+from prefect.runtime import flow_run
 
+from alignment import tracking as tracker
 from alignment.compare import CompareConfig, algorithm_configs, algorithm_done
+from alignment.tracking import TrackingConfig
 from tasks.stages import algorithm_task, comparison_task, result_storage
 
 
 @flow(name="algorithm-comparison")
-def algorithm_comparison(config: CompareConfig, runs_dir: str = "runs") -> dict[str, Any]:
-    """Train each algorithm (cached), then score all policies and write compare.md / frontier.png."""
+def algorithm_comparison(config: CompareConfig, runs_dir: str = "runs",
+                         tracking: TrackingConfig = TrackingConfig()) -> dict[str, Any]:  # noqa: B008 - a flow form
+    """Train each algorithm (cached), then score all policies and write compare.md / frontier.png; one MLflow
+    parent run with every algorithm's stage run and the comparison's as children (``tracking``)."""
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    tracker.configure(tracking if tracking != TrackingConfig() or os.environ.get(tracker.TRACKING_ENV) != "none"
+                      else "none", runs_dir)
+    with tracker.stage_run("comparison", params=config.model_dump(mode="json"), process_wide=True,
+                           tags={"kind": "comparison", "prefect.flow_run_id": flow_run.get_id()}) as run:
+        if run is not None:
+            create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-run",
+                                 description="This comparison in MLflow: one child run per algorithm.")
+        return _compare(config, runs_dir)
+
+
+def _compare(config: CompareConfig, runs_dir: str) -> dict[str, Any]:
     storage = result_storage(runs_dir)
     states: dict[str, str] = {}
     for name, (command, cfg) in algorithm_configs(config).items():

@@ -14,18 +14,29 @@ built from the registry).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 
+from alignment import tracking as tracker
+from alignment.algorithms.dpo import DPOStageConfig
+from alignment.algorithms.grpo import GRPOConfig
+from alignment.algorithms.online import OnlineConfig
+from alignment.algorithms.ppo import PPOConfig
 from alignment.algorithms.registry import ALGORITHMS, get_algorithm
+from alignment.algorithms.reinforce import ReinforceConfig
+from alignment.algorithms.sft import SFTConfig
+from alignment.console import is_verbose, quiet_libraries
 from alignment.data import DataConfig
-from alignment.dpo import DPOStageConfig
-from alignment.evaluate import ScoreConfig
-from alignment.grpo import GRPOConfig
-from alignment.judge import JudgeConfig
+from alignment.evaluation.evaluate import ScoreConfig
+from alignment.evaluation.judge import JudgeConfig
+from alignment.evaluation.verdict import verdict_markdown
+from alignment.io import read_manifest
 from alignment.pipeline import (
     PipelineConfig,
     PipelineOptions,
@@ -36,13 +47,9 @@ from alignment.pipeline import (
     stage_config,
     stage_record,
 )
-from alignment.ppo import PPOConfig
 from alignment.presets import stage_preset
-from alignment.reinforce import ReinforceConfig
-from alignment.reward import RewardModelConfig
-from alignment.rl import OnlineConfig
-from alignment.sft import SFTConfig
-from alignment.verdict import verdict_markdown
+from alignment.rewards.model import RewardModelConfig
+from alignment.tracking import TrackingConfig
 from tasks.stages import (
     data_task,
     dpo_task,
@@ -64,11 +71,22 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
          task_kwargs: dict[str, Any] | None = None, **task_options) -> str:
     """Run one stage task; record whether it ran or came from the cache; raise if it failed."""
     plan, run_options = plan_stage(task, config, options.runs_dir)
-    state = task.with_options(**run_options, **task_options)(
-        config, options.runs_dir, plan, **(task_kwargs or {}), return_state=True)
-    path = state.result()  # raises the stage's own error when it failed
+    logger = get_run_logger()
+    logger.info("stage %s: started%s", name, f" -> {plan.out}" if plan is not None else "")
+    with tracker.tagged(stage_name=name):  # the stage's MLflow run (a child of the pipeline's) says which stage
+        state = task.with_options(**run_options, **task_options)(
+            config, options.runs_dir, plan, **(task_kwargs or {}), return_state=True)
+        path = state.result()  # raises the stage's own error when it failed
+        if state.name == "Cached":  # Prefect's cache: no stage function ran, so no run was opened; record it anyway
+            with tracker.stage_run(name, tags={"reused": "true", "cached": "prefect"}) as run:
+                tracker.record_result(run, SimpleNamespace(out_dir=Path(path).parent if Path(path).name == "final"
+                                                            else Path(path), summary={}, reused=True))
     stages[name] = stage_record(state.name, path)
-    get_run_logger().info("stage %s: %s -> %s (peak %s MB)", name, state.name, path, stages[name]["peak_rss_mb"])
+    record = stages[name]
+    cost = f"{record['seconds']:.0f} s, peak {record['peak_rss_mb'] / 1024:.2f} GB" \
+        if record.get("seconds") is not None and record.get("peak_rss_mb") is not None else "cost not recorded"
+    logger.info("stage %s: %s in %s -> %s%s", name, state.name, cost, path,
+                f" ({record['headline']})" if record.get("headline") else "")
     return path
 
 
@@ -85,13 +103,34 @@ def alignment_pipeline(
     score: ScoreConfig = DEMO.score,
     judge: JudgeConfig = DEMO.judge,
     options: PipelineOptions = DEMO.options,
+    tracking: TrackingConfig = DEMO.tracking,
 ) -> dict[str, Any]:
     """Data [-> prompts] -> [SFT] -> reward model(s) -> RL (options.algorithm) -> validation scoring -> pairwise
     judge, each stage cached (prompts, when given: what RL trains on and scoring scores; the RMs keep data)."""
     config = PipelineConfig(data=data, prompts=prompts, sft=sft, rm_scalar=rm_scalar, rm_distributional=rm_distributional,
-                            reinforce=reinforce, ppo=ppo, grpo=grpo, score=score, judge=judge, options=options)
+                            reinforce=reinforce, ppo=ppo, grpo=grpo, score=score, judge=judge, options=options,
+                            tracking=tracking)
     check_pipeline(config)  # a reward model the RL stage needs but the pipeline does not train: before any stage
     Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
+    tracked = tracking if tracking != TrackingConfig() or os.environ.get(tracker.TRACKING_ENV) != "none" \
+        else "none"  # ALIGNMENT_TRACKING=none in the environment turns off the default tracking (the tests' setting)
+    tracker.configure(tracked, options.runs_dir)
+    quiet_libraries(is_verbose())  # again: Prefect's logging set-up at the flow's start resets library levels
+    with tracker.stage_run(f"pipeline {options.algorithm}", process_wide=True,
+                            params=config.model_dump(mode="json", exclude={"tracking"}),
+                            tags={"kind": "pipeline", "prefect.flow_run_id": flow_run.get_id(),
+                                  "prefect.flow_run_name": flow_run.get_name()}) as run:
+        if run is not None:
+            get_run_logger().info("MLflow run: %s", run.url)
+            create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-run",
+                                 description="This pipeline run in MLflow: params, per-step metrics, one child run "
+                                 "per stage, the verdict.")
+        result = _pipeline_stages(config, run)
+    return result
+
+
+def _pipeline_stages(config: PipelineConfig, run: tracker.Run | None) -> dict[str, Any]:
+    options, prompts = config.options, config.prompts
     stages: dict[str, dict[str, str]] = {}
     outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
     parallel = {"task_kwargs": {"num_processes": options.num_processes}}
@@ -114,7 +153,20 @@ def alignment_pipeline(
     create_markdown_artifact(markdown=summary_markdown(stages, report, verdict_markdown(result)),
                              key="alignment-pipeline-summary",
                              description=f"verdict: {result['reading']}")
-    return {"stages": stages, "report": report, "verdict": result}
+    tracked = None
+    if run is not None:
+        run.log_dict(result, "verdict.json")
+        if report:
+            run.log_artifact(report)
+        run.set_tags({"verdict": result["reading"]})
+        run.log_metrics({c["name"]: c["value"] for c in result["checks"]}, prefix="verdict/")
+        policy = Path(outputs[rl_stage(options)])
+        key = (read_manifest(policy) or {}).get("stage_key")
+        version = tracker.register_policy(policy, key, {"verdict": result["reading"], **{
+            f"verdict.{c['name']}": f"{c['value']:+.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+            for c in result["checks"]}}) if key else None
+        tracked = {"run_id": run.run_id, "url": run.url, "model_version": version}
+    return {"stages": stages, "report": report, "verdict": result, "tracking": tracked}
 
 
 # --------------------------------------------------------------------------------------------

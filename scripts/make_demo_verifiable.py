@@ -7,9 +7,9 @@ reward. Every row is ``{prompt, gold_answer, gold_checker, task, level}``:
 * ``task: constraints`` -- a normal chat request about a topic ("Describe the ocean.") followed by
   IFEval-style constraints stated in plain words ("Answer in at most 15 words. Write your whole answer
   in lowercase letters."); ``gold_checker: constraints`` and ``gold_answer`` the matching spec as a
-  JSON object (``alignment.gold.CONSTRAINTS``). Each topic gets three constraint combinations from a
-  fixed rotation, so easy ones (one loose bound, lowercase, no commas, a required word -- often met by
-  chance by a small model), medium ones (two constraints, a start or end phrase, a forbidden word) and
+  JSON object (``alignment.evaluation.gold.CONSTRAINTS``). Each topic gets three constraint combinations
+  from a fixed rotation, so easy ones (one loose bound, lowercase, no commas, a required word -- often
+  met by chance by a small model), medium ones (two constraints, a start or end phrase, a forbidden word) and
   hard ones (exactly 3 bullet points, a JSON object, all capitals, three constraints) are mixed;
 * ``task: arithmetic`` -- "What is 57 minus 20? Answer with the number only." (``number``);
 * ``task: capital`` -- "What is the capital of Japan? Answer with the city name only." (``contains``).

@@ -28,16 +28,23 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
+from alignment import tracking
+from alignment.algorithms.dpo import DPOStageConfig, plan_dpo, run_dpo_stage
+from alignment.algorithms.online import OnlineConfig
 from alignment.algorithms.registry import ALGORITHMS, get_algorithm
+from alignment.algorithms.sft import SFTConfig, plan_sft, run_sft_stage
 from alignment.data import DataConfig, plan_data, run_data_stage
-from alignment.dpo import DPOStageConfig, plan_dpo, run_dpo_stage
-from alignment.evaluate import ScoreConfig, plan_score, run_score_stage
-from alignment.judge import JudgeBudgetExhausted, JudgeConfig, JudgeFatalError, plan_judge, run_judge_stage
+from alignment.evaluation.evaluate import ScoreConfig, plan_score, run_score_stage
+from alignment.evaluation.judge import (
+    JudgeBudgetExhausted,
+    JudgeConfig,
+    JudgeFatalError,
+    plan_judge,
+    run_judge_stage,
+)
 from alignment.pipeline import stage_planner
-from alignment.reward import RewardModelConfig, plan_reward_model
 from alignment.rewards.ensemble import train_reward_model
-from alignment.rl import OnlineConfig
-from alignment.sft import SFTConfig, plan_sft, run_sft_stage
+from alignment.rewards.model import RewardModelConfig, plan_reward_model
 from alignment.stage import StagePlan, is_complete
 
 log = logging.getLogger(__name__)
@@ -201,7 +208,8 @@ def launch_stage(command: str, config: OnlineConfig | RewardModelConfig, out: Pa
            "--main_process_port", str(_free_port()),
            "-m", "cli", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd)
+    # the launched processes' stage run is a child of the run open here (the pipeline's), with its tags
+    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env()})
     metrics = out / "metrics.jsonl"
     steps = getattr(config, "steps", 0)
     while proc.poll() is None:
@@ -320,7 +328,7 @@ def _retry_judge(task, task_run, state) -> bool:
 def _secret_api_key(config: JudgeConfig) -> str | None:
     """The Gemini key from the Prefect Secret block ``config.api_key_secret`` when the environment has none
     (the environment wins); None otherwise. The value stays in memory: never a parameter, a log or a file."""
-    from alignment.judge import API_KEY_VARS, JudgeError
+    from alignment.evaluation.judge import API_KEY_VARS, JudgeError
 
     if config.backend != "gemini" or not config.api_key_secret or any(os.environ.get(v) for v in API_KEY_VARS):
         return None

@@ -11,6 +11,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# MLflow tracking off unless a test turns it on (tests/test_tracking*.py): every CLI command and pipeline
+# would otherwise make an MLflow store in its runs folder (seconds each); the default itself is tested there.
+os.environ["ALIGNMENT_TRACKING"] = "none"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -79,8 +82,8 @@ def eval_stack(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """Demo data (half held out, ~110 validation prompts), a tiny scalar RM, two different tiny policies
     and the scoring stage's output for them (base vs tuned, 56 prompts, 12 new tokens)."""
     from alignment.data import DataConfig, run_data_stage
-    from alignment.evaluate import ScoreConfig, run_score_stage
-    from alignment.reward import RewardModelConfig, run_reward_stage
+    from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
+    from alignment.rewards.model import RewardModelConfig, run_reward_stage
     from tests.tiny import tiny_model_dir
 
     tmp = tmp_path_factory.mktemp("eval")
@@ -106,11 +109,11 @@ def prefect_harness():
 
 def tiny_pipeline_config(tiny_model: Path, runs_dir: Path, **sections):
     """The whole pipeline on the tiny model: a few pairs, steps, prompts and judgments."""
-    from alignment.evaluate import ScoreConfig
-    from alignment.judge import JudgeConfig
+    from alignment.algorithms.reinforce import ReinforceConfig
+    from alignment.evaluation.evaluate import ScoreConfig
+    from alignment.evaluation.judge import JudgeConfig
     from alignment.pipeline import PipelineConfig, PipelineOptions
-    from alignment.reinforce import ReinforceConfig
-    from alignment.reward import RewardModelConfig
+    from alignment.rewards.model import RewardModelConfig
 
     rm = dict(model=str(tiny_model), max_length=128, max_train_pairs=16, max_eval_pairs=8, epochs=1, batch_size=8,
               learning_rate=1e-3)
@@ -130,7 +133,7 @@ def tiny_pipeline_config(tiny_model: Path, runs_dir: Path, **sections):
 def tiny_stack(tmp_path_factory, tiny_model) -> tuple[Path, Path, Path]:
     """(tiny policy folder, a tiny scalar RM trained on the demo data, the demo data folder)."""
     from alignment.data import DataConfig, run_data_stage
-    from alignment.reward import RewardModelConfig, run_reward_stage
+    from alignment.rewards.model import RewardModelConfig, run_reward_stage
 
     tmp = tmp_path_factory.mktemp("rl")
     data = run_data_stage(DataConfig(), tmp / "data").out_dir

@@ -11,12 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-import alignment.reinforce as R
-import alignment.rl
+import alignment.algorithms.online
+import alignment.algorithms.reinforce as R
 from cli.main import main
 
 captured = []
-_load, _train = alignment.rl.load_causal_lm, R.train_reinforce
+_load, _train = alignment.algorithms.online.load_causal_lm, R.train_reinforce
 
 
 def _capturing_load(*args, **kwargs):
@@ -33,7 +33,7 @@ def _train_maybe_interrupted(config, out_dir, **kwargs):
 if __name__ == "__main__":
     from safetensors.torch import save_file
 
-    alignment.rl.load_causal_lm, R.train_reinforce = _capturing_load, _train_maybe_interrupted
+    alignment.algorithms.online.load_causal_lm, R.train_reinforce = _capturing_load, _train_maybe_interrupted
     code = main(sys.argv[1:])
     rank = int(os.environ.get("RANK", "0"))
     # clone: tied embeddings share storage, which safetensors refuses to save twice

@@ -1,5 +1,5 @@
 """Advantage estimators and policy losses (alignment.algorithms): hand-computed values, and equality with
-the training modules' own functions where both exist."""
+the training modules' own functions (or the pieces they were computed from) where both exist."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def ones(b: int, t: int) -> torch.Tensor:
 # Advantages
 # --------------------------------------------------------------------------------------------
 def test_registry_holds_the_estimators_and_names_unknown_ones():
-    assert {"grpo", "dr_grpo", "rloo", "reinforce_pp"} <= set(ADV_ESTIMATORS)
+    assert {"grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"} <= set(ADV_ESTIMATORS)
     with pytest.raises(ValueError, match="unknown advantage estimator 'nope'.*grpo"):
         get_adv_est("nope")
     with pytest.raises(ValueError, match="already registered"):
@@ -58,8 +58,8 @@ def test_grpo_k3_hand_values_and_mask():
     assert (adv[mask == 0] == 0).all()
 
 
-def test_grpo_population_std_equals_ppo_group_normalisation():
-    from alignment.ppo import group_normalised_scores
+def test_grpo_population_std_equals_the_group_normalisation():
+    from alignment.algorithms.advantages import group_normalised_scores
 
     torch.manual_seed(0)
     scores = torch.randn(12)
@@ -76,7 +76,7 @@ def test_dr_grpo_hand_values():
 
 
 def test_rloo_hand_values_and_equality_with_reinforce():
-    from alignment.reinforce import rloo_advantages
+    from alignment.algorithms.reinforce import rloo_advantages
 
     # (0, 1, 2): leave-one-out means 1.5, 1, 0.5
     adv = get_adv_est("rloo")(torch.tensor([0.0, 1.0, 2.0]), 3, ones(3, 2))
@@ -87,15 +87,19 @@ def test_rloo_hand_values_and_equality_with_reinforce():
 
 
 @pytest.mark.parametrize("group_norm", [False, True])
-def test_reinforce_pp_equals_the_ppo_module(group_norm):
-    from alignment.ppo import reinforce_pp_advantages
+def test_reinforce_pp_equals_the_ppo_pieces(group_norm):
+    """The registry's REINFORCE++ is exactly what PPO computed with its own pieces before it took it from here:
+    whitened discounted returns (gamma 1) of the per-token rewards, the score group-normalised first."""
+    from alignment.algorithms.advantages import group_normalised_scores, per_token_rewards
+    from alignment.algorithms.ppo import discounted_returns, masked_whiten
 
     torch.manual_seed(2)
     scores, kl = torch.randn(6), torch.randn(6, 5) * 0.1
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
                          [1, 1, 0, 0, 0]], dtype=torch.float32)
     ours = get_adv_est("reinforce_pp")(scores, 2, mask, kl=kl, beta=0.05, group_norm=group_norm)
-    theirs = reinforce_pp_advantages(scores, kl, mask, 0.05, k=2, group_norm=group_norm)
+    score = group_normalised_scores(scores, 2) if group_norm else scores
+    theirs = masked_whiten(discounted_returns(per_token_rewards(score, kl, mask, 0.05), mask, 1.0), mask)
     assert torch.equal(ours, theirs)
 
 
@@ -106,6 +110,45 @@ def test_reinforce_pp_without_kl_is_the_whitened_score_on_every_token():
     x = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
     expected = (x - 1 / 3) / math.sqrt(4 / 3 + 1e-8) * mask
     assert torch.allclose(adv, expected, atol=1e-6)
+
+
+def test_gae_hand_values():
+    from alignment.algorithms.advantages import gae_returns
+
+    # Two completions, gamma 0.9, lambda 0.5, beta 0.5; r_t = -beta KL_t, + the score at the last token.
+    # Row 0 (score 1, KL 0.2, 0.4, V 0.5, 0.5): r = (-0.1, 0.8); delta_1 = 0.8 - 0.5 = 0.3 = A_1;
+    #   delta_0 = -0.1 + 0.9 * 0.5 - 0.5 = -0.15, A_0 = -0.15 + 0.9 * 0.5 * 0.3 = -0.015.
+    # Row 1 (score -1, one token, KL 0.6; its second value 9 is past the end, V there counts as 0):
+    #   r_0 = -0.3 - 1 = -1.3, A_0 = -1.3 + 0.9 * 0 - 0.25 = -1.55; A_1 = 0 (masked).
+    scores = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5], [0.25, 9.0]])
+    kl = torch.tensor([[0.2, 0.4], [0.6, 5.0]])
+    adv = get_adv_est("gae")(scores, 2, mask, values=values, kl=kl, beta=0.5, gamma=0.9, lam=0.5)
+    assert torch.allclose(adv, torch.tensor([[-0.015, 0.3], [-1.55, 0.0]]), atol=1e-6)
+    # k is not used (no groups); returns are A + V on the completion tokens, 0 after.
+    assert torch.equal(adv, get_adv_est("gae")(scores, 1, mask, values=values, kl=kl, beta=0.5, gamma=0.9, lam=0.5))
+    assert torch.allclose(gae_returns(adv, values, mask), torch.tensor([[0.485, 0.8], [-1.3, 0.0]]), atol=1e-6)
+
+
+def test_gae_without_kl_gamma_1_lambda_1_is_return_minus_value():
+    # lambda = gamma = 1: A_t = G_t - V_t; the score 2 at the last of three tokens, V = (0.5, 1, 1.5).
+    adv = get_adv_est("gae")(torch.tensor([2.0]), 1, ones(1, 3), values=torch.tensor([[0.5, 1.0, 1.5]]), lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[1.5, 1.0, 0.5]]))
+
+
+def test_gae_equals_the_ppo_loop_form():
+    """The registered entry is gae() of PPO's per-token rewards: the advantages and returns PPO trains on."""
+    from alignment.algorithms.advantages import gae, gae_returns, per_token_rewards
+
+    torch.manual_seed(5)
+    scores, kl, values = torch.randn(4), torch.randn(4, 6) * 0.1, torch.randn(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]],
+                        dtype=torch.float32)
+    adv, ret = gae(per_token_rewards(scores, kl, mask, 0.05), values, mask, 0.99, 0.95)
+    ours = get_adv_est("gae")(scores, 2, mask, values=values, kl=kl, beta=0.05, gamma=0.99, lam=0.95)
+    assert torch.equal(ours, adv) and torch.equal(gae_returns(ours, values, mask), ret)
+    assert (ours[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
 
 
 @pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
@@ -217,7 +260,7 @@ def test_clip_higher_and_dual_clip():
 
 
 def test_clipped_token_mean_equals_ppo_policy_loss():
-    from alignment.ppo import ppo_policy_loss
+    from alignment.algorithms.ppo import ppo_policy_loss
 
     torch.manual_seed(4)
     old = torch.randn(5, 7)
@@ -232,7 +275,7 @@ def test_clipped_token_mean_equals_ppo_policy_loss():
 
 
 def test_sequence_loss_hand_value_and_equality_with_reinforce():
-    from alignment.reinforce import action_logprobs, reinforce_loss, tis_weights
+    from alignment.algorithms.reinforce import action_logprobs, reinforce_loss, tis_weights
 
     logp = torch.tensor([[-1.0, -2.0, -5.0], [-0.5, -9.0, -9.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])

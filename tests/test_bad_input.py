@@ -152,10 +152,10 @@ def test_score_weights_refuse_booleans():
 
 
 def _config_classes() -> list[type[BaseModel]]:
+    import alignment.algorithms.dpo  # noqa: F401
+    import alignment.algorithms.ppo  # noqa: F401
     import alignment.compare  # noqa: F401  (every config class, imported so that it is registered)
-    import alignment.dpo  # noqa: F401
     import alignment.pipeline  # noqa: F401
-    import alignment.ppo  # noqa: F401
 
     found, todo = [], [ConfigModel]
     while todo:

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from alignment import checkpoints as C
-from alignment import rl
+from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce
 from alignment.io import sha256_file, write_json
-from alignment.reinforce import ReinforceConfig, train_reinforce
 from tests.conftest import Interrupt, interrupt_at
 
 
@@ -37,11 +36,11 @@ def test_rng_states_are_tensors_and_plain_values_and_restore_exactly(tmp_path):
     np.random.seed(3)
     torch.manual_seed(3)
     random.gauss(0, 1), np.random.randn()  # a cached Gaussian in both
-    torch.save(rl.rng_state(), tmp_path / "rng.pt")
+    torch.save(C.rng_state(), tmp_path / "rng.pt")
     expected = _draws()
     _draws()
     state = torch.load(tmp_path / "rng.pt", weights_only=True)  # no allowlist needed: tensors and plain values
-    rl.set_rng_state(state)
+    C.set_rng_state(state)
     assert _same(_draws(), expected)
 
 
@@ -52,7 +51,7 @@ def test_rng_states_of_checkpoints_written_before_tensors_still_restore(tmp_path
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                tmp_path / "old.pt")
     expected = _draws()
-    rl.set_rng_state(rl.load_tensors(tmp_path / "old.pt"))
+    C.set_rng_state(C.load_tensors(tmp_path / "old.pt"))
     assert _same(_draws(), expected)
 
 
@@ -106,8 +105,8 @@ def test_a_tampered_but_consistent_checkpoint_is_refused_and_runs_nothing(name, 
     state = json.loads((ckpt / "state.json").read_text())
     state["files"][name]["sha256"] = sha256_file(ckpt / name)
     write_json(ckpt / "state.json", state)
-    assert rl.checkpoint_problem(ckpt) is None  # consistent: it looks intact
-    with pytest.raises(rl.ResumeError, match=rf"{name} holds a pickled reference to .*open.* refused. Remove .*step-000002"):
+    assert C.step_checkpoint_problem(ckpt) is None  # consistent: it looks intact
+    with pytest.raises(C.ResumeError, match=rf"{name} holds a pickled reference to .*open.* refused. Remove .*step-000002"):
         train_reinforce(config, out)
     assert not marker.exists() and ckpt.is_dir()
     from cli.main import main
@@ -139,7 +138,7 @@ def test_a_trainer_checkpoint_carrying_a_pickle_is_refused_in_one_line(tmp_path,
     """The Trainer stages resume through transformers, which reads rng_state.pth (and optimizer.pt,
     scheduler.pt) with weights_only=True: a resealed checkpoint whose RNG file carries a code-running
     pickle is refused with the stage's error, and the code never runs."""
-    from alignment.reward import RewardModelConfig, RewardModelError, run_reward_stage
+    from alignment.rewards.model import RewardModelConfig, RewardModelError, run_reward_stage
 
     policy, _, data = tiny_stack
     config = RewardModelConfig(model=str(policy), data=str(data), max_length=64, max_train_pairs=16, batch_size=4,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from alignment.gold import (
+from alignment.evaluation.gold import (
     CHECKERS,
     CONSTRAINTS,
     GoldCheckError,

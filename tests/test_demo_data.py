@@ -54,7 +54,7 @@ def test_demo_pairs_carry_a_learnable_signal(tmp_path):
 def test_demo_gold_answers_check_the_chosen_answers(tmp_path):
     """Every computed or known answer carries its gold answer; the chosen (correct) answers pass their
     checks and the wrong rejected ones mostly fail them."""
-    from alignment.gold import check_answer
+    from alignment.evaluation.gold import check_answer
 
     res = run_data_stage(DataConfig(source="demo"), tmp_path / "out")
     rows = [r for f in ("train.parquet", "validation.parquet") for r in pq.read_table(res.out_dir / f).to_pylist()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.dpo import DPOError, DPOStageConfig, preference_dataset, run_dpo_stage
+from alignment.algorithms.dpo import DPOError, DPOStageConfig, preference_dataset, run_dpo_stage
 
 
 def test_preference_dataset_is_trl_conversational():

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from alignment.evaluate import EvaluationError, ScoreConfig, run_score_stage, select_prompts
-from alignment.reward import RewardScorer
-from alignment.stats import bootstrap_ci
+from alignment.evaluation.evaluate import EvaluationError, ScoreConfig, run_score_stage, select_prompts
+from alignment.evaluation.stats import bootstrap_ci
+from alignment.rewards.model import RewardScorer
 
 
 def test_bootstrap_ci_hand_cases():

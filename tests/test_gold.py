@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from alignment.gold import CHECKERS, GoldCheckError, check_answer, extract_answer, extract_number, normalise
+from alignment.evaluation.gold import (
+    CHECKERS,
+    GoldCheckError,
+    check_answer,
+    extract_answer,
+    extract_number,
+    normalise,
+)
 
 ADD = "What is 13 + 13?"
 SUB = "What is 99 - 28?"
@@ -191,7 +198,7 @@ def test_gold_check_error_is_value_error():
 
 
 def test_validate_reference_accepts_checkable_and_names_the_problem():
-    from alignment.gold import validate_reference
+    from alignment.evaluation.gold import validate_reference
 
     validate_reference("26", "number")
     validate_reference("olleh", "exact")

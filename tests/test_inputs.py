@@ -23,10 +23,10 @@ def no_models(monkeypatch) -> list[str]:
     """Make every way a stage loads a model raise (and record it): the checks must come first."""
     import transformers
 
-    import alignment.evaluate
+    import alignment.algorithms.online
+    import alignment.evaluation.evaluate
     import alignment.models
-    import alignment.reward
-    import alignment.rl
+    import alignment.rewards.model
 
     loaded: list[str] = []
 
@@ -36,12 +36,12 @@ def no_models(monkeypatch) -> list[str]:
             raise AssertionError(f"{what} was called before the inputs were checked")
         return load
 
-    for module in (alignment.models, alignment.rl, alignment.evaluate):
+    for module in (alignment.models, alignment.algorithms.online, alignment.evaluation.evaluate):
         monkeypatch.setattr(module, "load_causal_lm", refuse("load_causal_lm"))
     monkeypatch.setattr(alignment.models, "load_sequence_classifier", refuse("load_sequence_classifier"))
-    monkeypatch.setattr(alignment.reward, "load_sequence_classifier", refuse("load_sequence_classifier"))
-    monkeypatch.setattr(alignment.reward.RewardScorer, "from_pretrained", refuse("RewardScorer.from_pretrained"))
-    monkeypatch.setattr(alignment.evaluate, "generate_answers", refuse("generate_answers"))
+    monkeypatch.setattr(alignment.rewards.model, "load_sequence_classifier", refuse("load_sequence_classifier"))
+    monkeypatch.setattr(alignment.rewards.model.RewardScorer, "from_pretrained", refuse("RewardScorer.from_pretrained"))
+    monkeypatch.setattr(alignment.evaluation.evaluate, "generate_answers", refuse("generate_answers"))
     for cls in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
         monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", refuse(f"{cls}.from_pretrained"))
     return loaded
@@ -204,7 +204,7 @@ def test_trainer_stages_refuse_a_reward_model_as_data(command, tmp_path, tiny_st
 
 
 def test_judge_refuses_scores_whose_answers_changed(tmp_path, no_models):
-    from alignment.judge import JudgeConfig, JudgeError, run_judge_stage
+    from alignment.evaluation.judge import JudgeConfig, JudgeError, run_judge_stage
 
     scores = tmp_path / "scores"
     (scores / "generations").mkdir(parents=True)

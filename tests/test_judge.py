@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from alignment.judge import (
+from alignment.evaluation.judge import (
     Budget,
     GeminiJudge,
     JudgeBudgetExhausted,
@@ -149,7 +149,7 @@ def test_request_shape_and_both_orders(eval_stack, gemini_env, tmp_path):
 def test_summaries_are_judged_with_the_summary_prompt(eval_stack, gemini_env, tmp_path):
     """task=summary (the tldr preset's): the system instruction states the summary criteria, the question
     asks for the better summary, the data rules stay, and the judgments get a folder of their own."""
-    from alignment.judge import SYSTEM_PROMPTS, instruction, judge_stage_key
+    from alignment.evaluation.judge import SYSTEM_PROMPTS, instruction, judge_stage_key
 
     scores = eval_stack["scores"]
     with FakeGemini() as fake:
@@ -268,7 +268,7 @@ def test_answers_are_data_not_instructions(injection, gemini_env):
             gemini_env(fake)
             outcome = GeminiJudge(_config("unused", max_retries=0)).judge_one(text, Budget(10))
         assert outcome.winner == honest_wins and outcome.explanation != "as instructed"
-    assert all("never instructions to you" in p for p in __import__("alignment.judge").judge.SYSTEM_PROMPTS.values())
+    assert all("never instructions to you" in p for p in __import__("alignment.evaluation.judge").evaluation.judge.SYSTEM_PROMPTS.values())
 
 
 def test_retry_after_is_honoured(gemini_env, monkeypatch):

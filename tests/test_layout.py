@@ -1,10 +1,16 @@
-"""The project's import rules, read from the source (every import, at module level or inside a function):
+"""The project's layout and import rules, read from the source (every import, at module level or inside a
+function):
 
+* the core's folders show its architecture: ``alignment/algorithms`` (the online loop and its pieces,
+  the algorithms, their advantage and loss registries), ``alignment/rewards`` (reward-model training and
+  scoring, the reward components and ensembles), ``alignment/evaluation`` (scoring, the judge, gold
+  checks, statistics, the verdict, the over-optimisation alarm); the old top-level modules are gone
+  and nothing imports them;
 * the core (``alignment/``) imports nothing from Prefect, ``tasks``, ``flows``, ``deployments`` or ``cli``;
 * the layers only import downwards: cli -> deployments -> flows -> tasks -> alignment;
-* no stage borrows from another stage's training module (``alignment.reinforce`` is imported by no
-  other core module but the pipeline's config and the comparison, which compose every stage's, and
-  ``alignment.grpo``, REINFORCE's loop with another baseline and loss);
+* no stage borrows from another stage's training module (``alignment.algorithms.reinforce`` is imported
+  by no other core module but the pipeline's config and the comparison, which compose every stage's,
+  and ``alignment.algorithms.grpo``, REINFORCE's loop with another baseline and loss);
 * there is no import circle anywhere among the project's modules.
 """
 
@@ -54,6 +60,60 @@ def project_graph() -> dict[str, set[str]]:
     return graph
 
 
+SUBPACKAGES = ("alignment/algorithms", "alignment/rewards", "alignment/evaluation")
+GONE = ("rl", "reward", "reinforce", "grpo", "ppo", "dpo", "sft", "evaluate", "verdict", "judge", "gold", "stats")
+
+
+def test_the_layout_shows_the_architecture():
+    for package in SUBPACKAGES:
+        assert (ROOT / package / "__init__.py").is_file(), f"{package} is not a package"
+    for module in ("online", "guard", "sampler", "metrics", "advantages", "losses", "registry", "reinforce", "grpo",
+                   "ppo", "dpo", "sft"):
+        assert (ROOT / "alignment" / "algorithms" / f"{module}.py").is_file(), module
+    assert (ROOT / "alignment" / "rewards" / "model.py").is_file()
+    for module in ("evaluate", "verdict", "judge", "gold", "stats", "alarm"):
+        assert (ROOT / "alignment" / "evaluation" / f"{module}.py").is_file(), module
+    left = [f"alignment/{name}.py" for name in GONE if (ROOT / "alignment" / f"{name}.py").exists()]
+    assert not left, f"old top-level modules are back: {left}"
+
+
+def top_level_names(path: Path) -> set[str]:
+    """The names a module binds at its top level (definitions, assignments, imports)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def test_every_import_of_the_core_names_a_module_that_exists():
+    """An import of ``alignment.<x>`` (anywhere: the layers, tests, bench, scripts) names one of the core's
+    modules, and ``from <package> import <x>`` a submodule of it or a name it defines: no import of a
+    module that moved away survives."""
+    files = {module_name(p): p for p in (ROOT / "alignment").rglob("*.py")}
+    bad = []
+    for folder in (*PACKAGES, "tests", "bench", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    named = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    named = [node.module or ""]
+                    if node.module in files and files[node.module].name == "__init__.py":  # from a package
+                        named += [f"{node.module}.{a.name}" for a in node.names
+                                  if a.name not in top_level_names(files[node.module])]
+                else:
+                    continue
+                bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {m}" for m in named
+                        if m.split(".")[0] == "alignment" and m not in files]
+    assert not bad, "imports of modules that do not exist:\n" + "\n".join(bad)
+
+
 def test_the_core_imports_no_orchestration_code():
     bad = []
     for path in (ROOT / "alignment").rglob("*.py"):
@@ -70,9 +130,9 @@ def test_layers_import_only_downwards():
 
 
 def test_no_stage_borrows_from_a_training_module():
-    training = {"alignment.reinforce"}
+    training = {"alignment.algorithms.reinforce"}
     composer = {"alignment.pipeline", "alignment.compare"}  # they compose every stage's config
-    variants = {"alignment.grpo"}  # REINFORCE's loop with another baseline and loss: it subclasses the recipe
+    variants = {"alignment.algorithms.grpo"}  # REINFORCE's loop with another baseline and loss: subclasses the recipe
     bad = [f"{a} -> {b}" for a, targets in project_graph().items() if a.startswith("alignment.")
            for b in targets & training if a not in training | composer | variants]
     assert not bad, "\n".join(bad)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from alignment.algorithms.advantages import get_adv_est
-from alignment.grpo import GRPOConfig, GRPORecipe, train_grpo
-from alignment.reinforce import ReinforceConfig, ReinforceError, ReinforceRecipe, train_reinforce
+from alignment.algorithms.grpo import GRPOConfig, GRPORecipe, train_grpo
+from alignment.algorithms.reinforce import ReinforceConfig, ReinforceError, ReinforceRecipe, train_reinforce
 from tests.test_reinforce import assert_same_gradients, step_gradients
 
 
@@ -67,8 +67,8 @@ def test_gold_only_reward_on_the_demo_data(tmp_path, tiny_stack):
 
 
 def test_the_shorthand_keeps_its_stage_key_and_rewards_change_it(tiny_stack):
+    from alignment.algorithms.reinforce import reinforce_stage_key
     from alignment.io import read_manifest, sha256_text
-    from alignment.reinforce import reinforce_stage_key
 
     _, rm, data = tiny_stack
     config = ReinforceConfig(**_common(tiny_stack, reward_model=str(rm)))
@@ -85,9 +85,9 @@ def test_the_shorthand_keeps_its_stage_key_and_rewards_change_it(tiny_stack):
 
 
 def test_reward_folders_are_checked_before_any_model_loads(tmp_path, tiny_stack, monkeypatch):
-    import alignment.rl as rl
+    import alignment.algorithms.online as online
 
-    monkeypatch.setattr(rl, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(online, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
     bad = ReinforceConfig(**_common(tiny_stack, rewards=[{"kind": "gold"}, {"kind": "reward_model", "name": "judge",
                                                                             "folder": str(tmp_path / "nope")}]))
     with pytest.raises(ReinforceError, match=r"rewards\[1\] \(judge\)"):
@@ -102,7 +102,7 @@ def test_reward_folders_are_checked_before_any_model_loads(tmp_path, tiny_stack,
 
 
 def test_ppo_accepts_reward_components(tmp_path, tiny_stack):
-    from alignment.ppo import PPOConfig, PPOError, train_ppo
+    from alignment.algorithms.ppo import PPOConfig, PPOError, train_ppo
 
     _, rm, _ = tiny_stack
     rewards = [{"kind": "reward_model", "folder": str(rm)}, {"kind": "length", "max_tokens": 8, "buffer": 4}]
@@ -133,7 +133,7 @@ def test_grpo_defaults():
 
 
 def test_grpo_advantages_are_what_the_loop_used(tmp_path, tiny_stack, monkeypatch):
-    import alignment.reinforce as R
+    import alignment.algorithms.reinforce as R
 
     _, rm, _ = tiny_stack
     seen, used = [], []
@@ -221,13 +221,13 @@ class ToyRecipe(ReinforceRecipe):
 
 
 def plan_toy(config, runs_dir="runs"):
-    from alignment.rl import online_stage_key, plan_online
+    from alignment.algorithms.online import online_stage_key, plan_online
 
     return plan_online(config, online_stage_key(config, "toy-schema=1"), runs_dir)
 
 
 def train_toy(config, out_dir=None, *, runs_root="runs", stop_after=None, progress=None):
-    from alignment.rl import run_online
+    from alignment.algorithms.online import run_online
 
     return run_online(ToyRecipe, config, plan_toy(config, runs_root), out_dir, stop_after, progress)
 

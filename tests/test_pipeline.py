@@ -50,11 +50,11 @@ def test_pipeline_runs_end_to_end(pipeline):
 
 
 def test_second_run_is_fully_cached(pipeline, monkeypatch):
+    import alignment.algorithms.reinforce
     import alignment.data
-    import alignment.evaluate
-    import alignment.judge
-    import alignment.reinforce
-    import alignment.reward
+    import alignment.evaluation.evaluate
+    import alignment.evaluation.judge
+    import alignment.rewards.model
     from flows.pipeline import run_pipeline
 
     calls: dict[str, int] = {}
@@ -67,8 +67,8 @@ def test_second_run_is_fully_cached(pipeline, monkeypatch):
 
     # What planning a stage costs: reading/hashing the data source, hashing configs and input manifests.
     monkeypatch.setattr(alignment.data, "read_source", counted("data", alignment.data.read_source))
-    for stage, module in (("reward", alignment.reward), ("reinforce", alignment.reinforce),
-                          ("score", alignment.evaluate), ("judge", alignment.judge)):
+    for stage, module in (("reward", alignment.rewards.model), ("reinforce", alignment.algorithms.reinforce),
+                          ("score", alignment.evaluation.evaluate), ("judge", alignment.evaluation.judge)):
         name = f"{stage}_stage_key"
         monkeypatch.setattr(module, name, counted(stage, getattr(module, name)))
     config, first = pipeline
@@ -148,8 +148,8 @@ def test_align_run_prints_config_and_rejects_bad_overrides(capsys):
 def test_stages_under_accelerate_launch(tiny_stack, tmp_path):
     """options.num_processes > 1: the tasks run `align rm` / `align reinforce` under `accelerate launch`
     (2 CPU processes, gloo); the first process writes the complete folder."""
-    from alignment.reinforce import ReinforceConfig
-    from alignment.reward import RewardModelConfig
+    from alignment.algorithms.reinforce import ReinforceConfig
+    from alignment.rewards.model import RewardModelConfig
     from tasks.stages import launch_stage
 
     policy, rm, data = tiny_stack

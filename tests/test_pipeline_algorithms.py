@@ -15,7 +15,7 @@ GUARD_OFF = dict(guard_min_distinct2=0.0, guard_max_repetition=1.0)
 
 @pytest.fixture(scope="module")
 def grpo_pipeline(prefect_harness, tiny_model, tmp_path_factory):
-    from alignment.grpo import GRPOConfig
+    from alignment.algorithms.grpo import GRPOConfig
     from alignment.pipeline import PipelineOptions
     from flows.pipeline import run_pipeline
 
@@ -51,8 +51,8 @@ def test_rewards_placeholder_is_resolved_and_not_both(grpo_pipeline):
     """reinforce.rewards with '@rm_scalar': the RL stage trains on the trained scalar RM (its real folder in
     the run's manifest), reward_model stays unset, the distributional RM stays independent; data and RMs
     come from the cache of the grpo run above."""
+    from alignment.algorithms.reinforce import ReinforceConfig
     from alignment.pipeline import PipelineOptions, plan_pipeline
-    from alignment.reinforce import ReinforceConfig
     from flows.pipeline import run_pipeline
 
     config, first = grpo_pipeline
@@ -84,8 +84,8 @@ def test_placeholders_planned_without_running(tiny_model, tmp_path):
     """Wiring only: a real folder is left as given (then both trained RMs are independent and nothing is the
     proxy), an ensemble's '@rm_*' members are resolved, the default keeps reward_model, a placeholder of an
     untrained RM or an unknown one is refused before anything runs."""
+    from alignment.algorithms.reinforce import ReinforceConfig
     from alignment.pipeline import PipelineOptions, check_pipeline, stage_config
-    from alignment.reinforce import ReinforceConfig
 
     outputs = {"data": str(tmp_path / "data"), "rm_scalar": str(tmp_path / "s"), "rm_distributional": str(tmp_path / "d")}
 
@@ -155,7 +155,7 @@ def test_served_deployments_one_per_algorithm(monkeypatch):
     assert grpo.entrypoint == "flows/pipeline.py:grpo_flow" and flows.pipeline.grpo_flow.name == "stage-grpo"
     assert "GRPOConfig" in json.dumps(grpo._parameter_openapi_schema.model_dump())
 
-    monkeypatch.setitem(ALGORITHMS, "grpo2", AlgorithmSpec("grpo2", "alignment.grpo", "GRPOConfig", "train_grpo",
+    monkeypatch.setitem(ALGORITHMS, "grpo2", AlgorithmSpec("grpo2", "alignment.algorithms.grpo", "GRPOConfig", "train_grpo",
                                                            "plan_grpo", help="a test entry"))
     try:
         assert "stage-grpo2" in {d.flow_name for d in build_deployments()}

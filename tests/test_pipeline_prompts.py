@@ -15,8 +15,8 @@ STAGES = ["data", "prompts", "rm_scalar", "rm_distributional", "grpo", "score", 
 
 
 def _tiny(tiny_model, runs: Path):
+    from alignment.algorithms.grpo import GRPOConfig
     from alignment.data import DataConfig
-    from alignment.grpo import GRPOConfig
     from alignment.pipeline import PipelineOptions
 
     grpo = GRPOConfig(policy=str(tiny_model), steps=2, batch_size=2, samples_per_prompt=2, max_new_tokens=8,

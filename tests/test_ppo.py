@@ -1,4 +1,5 @@
-"""PPO and REINFORCE++ pieces against hand-computed values."""
+"""PPO and REINFORCE++ pieces (PPO's own and the estimators it takes from ``alignment.algorithms.advantages``)
+against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import math
 import pytest
 import torch
 
-from alignment.ppo import (
+from alignment.algorithms.advantages import (
+    gae,
+    group_normalised_scores,
+    per_token_rewards,
+    reinforce_pp_advantages,
+)
+from alignment.algorithms.ppo import (
     AdaptiveKLController,
     discounted_returns,
     explained_variance,
-    gae,
-    group_normalised_scores,
     masked_whiten,
-    per_token_rewards,
     ppo_policy_loss,
     ppo_value_loss,
-    reinforce_pp_advantages,
 )
 
 T = torch.tensor
@@ -47,12 +50,12 @@ def test_gae_hand_values():
 def test_discounted_returns_and_reinforce_pp():
     assert discounted_returns(T([[1.0, 2.0, 3.0]]), T([[1.0, 1, 0]]), 0.5).tolist() == [[2.0, 2.0, 0.0]]
     # Returns [[1, 1], [0, -]] over 3 tokens: mean 2/3, unbiased std sqrt(1/3).
-    adv = reinforce_pp_advantages(T([1.0, 0.0]), torch.zeros(2, 2), T([[1.0, 1], [1, 0]]), beta=0.0)
+    adv = reinforce_pp_advantages(T([1.0, 0.0]), 1, T([[1.0, 1], [1, 0]]), kl=torch.zeros(2, 2), beta=0.0)
     s = math.sqrt(1 / 3)
     assert adv.flatten().tolist() == pytest.approx(flat([[(1 / 3) / s, (1 / 3) / s], [(-2 / 3) / s, 0.0]]), abs=1e-5)
     # The group option normalises the score within each prompt's k samples first.
     assert group_normalised_scores(T([1.0, 3.0, 2.0, 2.0]), 2).tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0], abs=1e-5)
-    grouped = reinforce_pp_advantages(T([1.0, 3.0, 2.0, 2.0]), torch.zeros(4, 1), torch.ones(4, 1), 0.0, k=2,
+    grouped = reinforce_pp_advantages(T([1.0, 3.0, 2.0, 2.0]), 2, torch.ones(4, 1), kl=torch.zeros(4, 1), beta=0.0,
                                       group_norm=True)
     # then whitened over the 4 tokens: mean 0, unbiased variance (1 + 1) / 3.
     assert grouped[:, 0].tolist() == pytest.approx([-math.sqrt(1.5), math.sqrt(1.5), 0.0, 0.0], abs=1e-4)
@@ -97,7 +100,7 @@ def test_adaptive_kl_controller():
 # The PPO loop on the tiny model
 # ---------------------------------------------------------------------------------------------
 def _ppo_config(stack, **kw):
-    from alignment.ppo import PPOConfig
+    from alignment.algorithms.ppo import PPOConfig
 
     policy, rm, data = stack
     base = dict(policy=str(policy), reward_model=str(rm), data=str(data), steps=4, batch_size=4, max_new_tokens=10,
@@ -112,7 +115,7 @@ def test_ppo_trains_policy_and_value_head(tmp_path, tiny_stack):
 
     from safetensors.torch import load_file
 
-    from alignment.ppo import train_ppo
+    from alignment.algorithms.ppo import train_ppo
 
     result = train_ppo(_ppo_config(tiny_stack, adaptive_kl=True, kl_target=0.01), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -137,7 +140,7 @@ def test_ppo_trains_policy_and_value_head(tmp_path, tiny_stack):
 def test_ppo_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_stack):
     import json
 
-    from alignment.ppo import train_ppo
+    from alignment.algorithms.ppo import train_ppo
 
     config = _ppo_config(tiny_stack, eval_prompts=0)
     train_ppo(config, tmp_path / "straight")
@@ -156,7 +159,7 @@ def test_reinforce_pp_estimators_train_without_a_critic(tmp_path, tiny_stack, es
 
     from safetensors.torch import load_file
 
-    from alignment.ppo import PPOConfig, train_ppo
+    from alignment.algorithms.ppo import PPOConfig, train_ppo
 
     config = _ppo_config(tiny_stack, steps=2, estimator=estimator, samples_per_prompt=k, batch_size=2, eval_prompts=0)
     train_ppo(config, tmp_path / "run")
@@ -175,7 +178,7 @@ def test_ppo_with_lora_saves_a_plain_policy(tmp_path, tiny_stack):
 
     from safetensors.torch import load_file
 
-    from alignment.ppo import train_ppo
+    from alignment.algorithms.ppo import train_ppo
 
     result = train_ppo(_ppo_config(tiny_stack, steps=2, lora=True, lora_r=4, lora_alpha=8, learning_rate=5e-3,
                                    eval_prompts=2), tmp_path / "run")
@@ -193,7 +196,7 @@ def test_ppo_critic_from_the_reward_model(tmp_path, tiny_stack):
 
     from safetensors.torch import load_file
 
-    from alignment.ppo import train_ppo
+    from alignment.algorithms.ppo import train_ppo
 
     _, rm, _ = tiny_stack
     train_ppo(_ppo_config(tiny_stack, steps=2, critic="reward_model", checkpoint_every=1, eval_prompts=0),

@@ -72,7 +72,7 @@ def test_ui_retry_reruns_only_the_failed_stage(prefect_server, tiny_model, tmp_p
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
-    from alignment.judge import JudgeConfig
+    from alignment.evaluation.judge import JudgeConfig
     from alignment.pipeline import PipelineOptions
 
     serve_log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below

@@ -20,7 +20,7 @@ from alignment.data import (
     _builtin_path,
     run_data_stage,
 )
-from alignment.gold import check_constraints, parse_constraints
+from alignment.evaluation.gold import check_constraints, parse_constraints
 from tests.conftest import ROOT, write_jsonl
 
 
@@ -117,7 +117,7 @@ def test_pair_formats_keep_their_schema(tmp_path):
 # Stages that need pairs refuse the folder
 # ---------------------------------------------------------------------------------------------
 def test_reward_model_stage_refuses_a_prompts_only_folder(tmp_path, verifiable, tiny_model):
-    from alignment.reward import RewardModelConfig, run_reward_stage
+    from alignment.rewards.model import RewardModelConfig, run_reward_stage
 
     with pytest.raises(PromptsOnlyError) as info:
         run_reward_stage(RewardModelConfig(model=str(tiny_model), data=str(verifiable.out_dir)), tmp_path / "rm")
@@ -128,7 +128,7 @@ def test_reward_model_stage_refuses_a_prompts_only_folder(tmp_path, verifiable, 
 
 
 def test_dpo_stage_refuses_a_prompts_only_folder(tmp_path, verifiable, tiny_model):
-    from alignment.dpo import DPOStageConfig, run_dpo_stage
+    from alignment.algorithms.dpo import DPOStageConfig, run_dpo_stage
 
     with pytest.raises(PromptsOnlyError, match="prompts-only data folder"):
         run_dpo_stage(DPOStageConfig(policy=str(tiny_model), data=str(verifiable.out_dir), bf16=False),
@@ -147,7 +147,7 @@ def test_cli_rm_prints_one_line(tmp_path, verifiable, tiny_model, capsys):
 # Online training on it, with the gold checker and a python component reading the extra columns
 # ---------------------------------------------------------------------------------------------
 def test_grpo_trains_on_the_prompts_with_gold_rewards(tmp_path, verifiable, tiny_model):
-    from alignment.grpo import GRPOConfig, train_grpo
+    from alignment.algorithms.grpo import GRPOConfig, train_grpo
 
     reward_file = tmp_path / "task_reward.py"
     reward_file.write_text(

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.generation import completion_logprobs, completion_mask, text_health
-from alignment.reinforce import (
+from alignment.algorithms.reinforce import (
     CollapseDetected,
     EMABaseline,
     MovingAverageBaseline,
@@ -24,6 +23,7 @@ from alignment.reinforce import (
     tis_weights,
     train_reinforce,
 )
+from alignment.generation import completion_logprobs, completion_mask, text_health
 
 
 @contextlib.contextmanager
@@ -214,7 +214,7 @@ def test_resume_after_interruption_gives_the_same_next_step(tmp_path, tiny_stack
 
 
 def test_collapse_guard_stops_and_keeps_healthy_checkpoint(tmp_path, tiny_stack, monkeypatch):
-    import alignment.reinforce as R
+    import alignment.algorithms.reinforce as R
 
     real = R.text_health
     calls = []
@@ -272,8 +272,8 @@ def test_lora_saved_model_is_the_fp32_base_plus_the_adapters(tmp_path, tiny_stac
     in fp32 or (bf16 autocast) in bf16; fp32: the same as peft's merge_and_unload."""
     import copy
 
-    from alignment.reinforce import ReinforceRecipe
-    from alignment.rl import plan_online
+    from alignment.algorithms.online import plan_online
+    from alignment.algorithms.reinforce import ReinforceRecipe
 
     config = _config(tiny_stack, lora=True, lora_r=4, lora_alpha=8, steps=2, eval_prompts=0, learning_rate=5e-3,
                      bf16=bf16)
@@ -341,7 +341,7 @@ def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
 def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_stack, monkeypatch):
     """Gradient accumulation in micro-batches of 1 gives the full batch's losses, KL and updates, and
     each micro-batch's backward runs before the next graph is built (memory of one micro-batch)."""
-    import alignment.reinforce as R
+    import alignment.algorithms.reinforce as R
 
     full = _config(tiny_stack, steps=2, eval_prompts=0, micro_batch_size=4)
     with step_gradients() as whole:
@@ -372,7 +372,7 @@ def test_micro_batches_give_the_same_step_and_free_each_graph(tmp_path, tiny_sta
 def test_k_samples_share_their_prompt_pass_with_the_same_steps(tmp_path, tiny_stack, monkeypatch):
     """k = 2 samples per prompt: the reference, no-grad and gradient passes run each prompt once (KV cache
     expanded) and give the same steps as the full passes (losses, KL, gradient norm, weights)."""
-    import alignment.reinforce as R
+    import alignment.algorithms.reinforce as R
 
     config = _config(tiny_stack, steps=2, eval_prompts=0, batch_size=2, samples_per_prompt=2, micro_batch_size=4)
     groups = []
@@ -466,10 +466,10 @@ def test_heldout_evaluations_curves_and_best(tmp_path, tiny_stack):
 
 
 def test_overoptimisation_alarm_stops_when_asked(tmp_path, tiny_stack, monkeypatch):
-    import alignment.reinforce as R
-    import alignment.rl
+    import alignment.algorithms.online
+    import alignment.algorithms.reinforce as R
 
-    monkeypatch.setattr(alignment.rl, "overoptimisation_alarm", lambda history, *a, **k: "over-optimisation: test" if len(history) > 1
+    monkeypatch.setattr(alignment.algorithms.online, "overoptimisation_alarm", lambda history, *a, **k: "over-optimisation: test" if len(history) > 1
                         else None)
     config = _config(tiny_stack, steps=6, eval_every=2, eval_prompts=2, alarm_action="stop", checkpoint_every=10)
     with pytest.raises(R.OverOptimisationDetected, match="over-optimisation: test; stopped"):

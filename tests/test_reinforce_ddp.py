@@ -86,8 +86,8 @@ def test_two_processes_resume_exactly(ddp_run):
 def test_resuming_with_another_process_count_is_refused(ddp_run, tmp_path):
     import shutil
 
-    from alignment.reinforce import ReinforceConfig, train_reinforce
-    from alignment.rl import ResumeError
+    from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce
+    from alignment.checkpoints import ResumeError
 
     run = tmp_path / "run"
     shutil.copytree(ddp_run[0] / "run", run)

@@ -17,11 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce
 from alignment.checkpoints import checkpoint_folder, checkpoint_problem
 from alignment.data import DataConfig, run_data_stage
 from alignment.io import DiskFullError
-from alignment.reinforce import ReinforceConfig, train_reinforce
-from alignment.reward import RewardModelConfig, run_reward_stage
+from alignment.rewards.model import RewardModelConfig, run_reward_stage
 from alignment.stage import StageBusy
 from tests.conftest import Interrupt, interrupt_at, raw_row, write_jsonl
 
@@ -131,7 +131,7 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, rm_runs, caplog
 
 
 def test_dpo_resumes_after_an_interruption_with_the_uninterrupted_result(tmp_path, tiny_stack):
-    from alignment.dpo import DPOStageConfig, run_dpo_stage
+    from alignment.algorithms.dpo import DPOStageConfig, run_dpo_stage
 
     policy, _, data = tiny_stack
     config = DPOStageConfig(policy=str(policy), data=str(data), max_train_pairs=24, batch_size=4, epochs=1,
@@ -166,7 +166,7 @@ def _metrics(folder: Path) -> list[dict]:
 
 def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_last_checkpoint_survives(tmp_path, tiny_stack,
                                                                                           monkeypatch):
-    import alignment.rl as rl
+    import alignment.checkpoints as checkpoints
 
     config = _rl_config(tiny_stack)
     train_reinforce(config, tmp_path / "straight")
@@ -180,13 +180,13 @@ def test_a_full_disk_while_checkpointing_is_a_clear_error_and_the_last_checkpoin
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(rl.torch, "save", save)
+    monkeypatch.setattr(checkpoints.torch, "save", save)
     with pytest.raises(DiskFullError, match="no space left on the device while writing .*step-000004") as err:
         train_reinforce(config, out)
     assert "run the same command again" in str(err.value)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-000002"]  # the partial step-4 folder is gone, step 2 intact
-    monkeypatch.setattr(rl.torch, "save", real_save)
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
     train_reinforce(config, out)  # space freed: resumes from step 2
     for a, b in zip(_metrics(tmp_path / "straight"), _metrics(out), strict=True):
         assert a["sample"] == b["sample"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
@@ -307,10 +307,10 @@ def test_bad_configuration_is_one_clear_error_before_any_work(stage, override, n
 
 def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_loads(tmp_path, tiny_stack,
                                                                                     monkeypatch):
-    import alignment.rl as rl
-    from alignment.reinforce import ReinforceError
+    import alignment.algorithms.online as online
+    from alignment.algorithms.reinforce import ReinforceError
 
-    class ThreeProcesses(rl.DataParallel):
+    class ThreeProcesses(online.DataParallel):
         def __init__(self, device):
             super().__init__(device)
             self.world = 3
@@ -318,8 +318,8 @@ def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_lo
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(rl, "DataParallel", ThreeProcesses)
-    monkeypatch.setattr(rl, "load_causal_lm", no_model)
+    monkeypatch.setattr(online, "DataParallel", ThreeProcesses)
+    monkeypatch.setattr(online, "load_causal_lm", no_model)
     with pytest.raises(ReinforceError, match="batch_size=4 prompts do not split evenly over 3 processes"):
         train_reinforce(_rl_config(tiny_stack, batch_size=4), tmp_path / "run")
     assert not (tmp_path / "run").exists()

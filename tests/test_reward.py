@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignment.reward import (
+from alignment.rewards.model import (
     RewardModelConfig,
     RewardModelError,
     RewardScorer,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignment.reward import RewardScores
 from alignment.rewards import (
     REWARD_KINDS,
     ComponentScores,
@@ -35,6 +34,7 @@ from alignment.rewards.components import (
     prompt_rows,
     states_final_answer,
 )
+from alignment.rewards.model import RewardScores
 
 ADD = [{"role": "user", "content": "What is 13 + 13?"}]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -413,7 +413,7 @@ def save_reward_model(folder: Path, tiny_model: Path, kind: str, stage_key: str,
     untrained score head: what scoring reads, without training."""
     from alignment.io import write_json
     from alignment.models import load_sequence_classifier
-    from alignment.reward import tag_reward_model
+    from alignment.rewards.model import tag_reward_model
 
     torch.manual_seed(seed)
     model, tok = load_sequence_classifier(str(tiny_model), 1 if kind == "scalar" else 10)
@@ -438,7 +438,7 @@ RM_TEXTS = ["13 + 13 = 26.", "Rain on the roof.", "Hi!"]
 
 
 def test_reward_model_component_scores_as_the_scorer(reward_models):
-    from alignment.reward import RewardScorer
+    from alignment.rewards.model import RewardScorer
 
     folder = reward_models["distributional"]
     (rm,) = components_from(str(folder), None, var_lambda=0.1)
@@ -467,7 +467,7 @@ def test_reward_model_key_survives_a_move_and_kind_errors(reward_models, tmp_pat
 
 
 def test_real_ensemble_loads_its_members(reward_models):
-    from alignment.reward import RewardScorer
+    from alignment.rewards.model import RewardScorer
 
     members = [str(reward_models["scalar"]), str(reward_models["scalar2"])]
     ens = EnsembleComponent({"kind": "ensemble", "members": members, "aggregate": "min"})

@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from alignment.data import DataConfig, PairData, run_data_stage
 from alignment.inputs import require_stage_output
 from alignment.io import read_manifest, sha256_text
-from alignment.reward import (
+from alignment.rewards import EnsembleComponent, RewardComponentError, RewardModelComponent
+from alignment.rewards.ensemble import member_configs, members_staging, train_reward_model
+from alignment.rewards.model import (
     ENSEMBLE_STAGE,
     RewardModelConfig,
     RewardModelError,
@@ -23,8 +25,6 @@ from alignment.reward import (
     reward_stage_key,
     training_pairs,
 )
-from alignment.rewards import EnsembleComponent, RewardComponentError, RewardModelComponent
-from alignment.rewards.ensemble import member_configs, members_staging, train_reward_model
 from tests.conftest import Interrupt
 
 ROWS = [{"prompt": [{"role": "user", "content": "What is 2 plus 2?"}]},

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignment.algorithms.sft import SFTConfig, run_sft_stage, training_records
 from alignment.data import BadRowsError, DataError, read_summaries
-from alignment.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
-from alignment.sft import SFTConfig, run_sft_stage, training_records
+from alignment.evaluation.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
 from tests.conftest import write_jsonl
 
 
@@ -351,8 +351,8 @@ def test_sft_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, t
 
 def test_sft_in_the_pipeline_is_where_rl_starts_and_what_scoring_compares_with(tmp_path, tiny_model):
     """options.sft: SFT runs after the data stage; REINFORCE's policy and the scoring's base are its output."""
+    from alignment.algorithms.sft import plan_sft
     from alignment.pipeline import pipeline_stages, plan_pipeline
-    from alignment.sft import plan_sft
     from tests.conftest import tiny_pipeline_config
 
     sft = _config(tmp_path, tiny_model)
@@ -373,7 +373,7 @@ def test_scoring_adds_rouge_where_a_scored_prompt_has_a_reference(tmp_path, eval
     """rouge_references: prompts that are posts of the summaries source get ROUGE per model and the paired
     gain against the reference model; the other prompts are left out of ROUGE (not of the rewards)."""
     from alignment.data import PairData
-    from alignment.evaluate import ScoreConfig, rouge_scores, run_score_stage
+    from alignment.evaluation.evaluate import ScoreConfig, rouge_scores, run_score_stage
 
     prompts = [item.messages[-1]["content"] for item in
                PairData.load(eval_stack["data"] / "validation.parquet").prompt_items()]

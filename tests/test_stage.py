@@ -65,7 +65,7 @@ def test_resumable_stage_continues_its_own_run_and_refuses_another(tmp_path):
 
 def test_stages_default_to_the_folder_their_plan_names(tmp_path, tiny_stack):
     from alignment.data import DataConfig, plan_data, run_data_stage
-    from alignment.reward import RewardModelConfig, plan_reward_model
+    from alignment.rewards.model import RewardModelConfig, plan_reward_model
 
     data = run_data_stage(DataConfig(), runs_root=tmp_path)
     assert data.out_dir == plan_data(DataConfig(), tmp_path).out and data.out_dir.parent == tmp_path / "data"

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from alignment.rl import best_score, overoptimisation_alarm
-from alignment.stats import paired_proportion_diff, wilson_interval
-from alignment.verdict import direction, reading, verdict, verdict_markdown
+from alignment.evaluation.alarm import best_score, overoptimisation_alarm
+from alignment.evaluation.stats import paired_proportion_diff, wilson_interval
+from alignment.evaluation.verdict import direction, reading, verdict, verdict_markdown
 
 
 def test_paired_proportion_diff_hand_values():
@@ -96,7 +96,7 @@ def test_verdict_from_a_scores_summary_and_a_judge():
 def test_gold_trained_against_is_not_an_independent_check(tmp_path):
     """A policy trained with a gold reward: its held-out gold gain is reported as trained against, and the
     reading rests on the reward models it never trained against."""
-    from alignment.verdict import trained_against
+    from alignment.evaluation.verdict import trained_against
 
     folder = tmp_path / "final"
     folder.mkdir()

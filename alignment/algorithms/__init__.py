@@ -1,5 +1,8 @@
-"""Pure pieces of the online policy-optimisation loop: advantage estimators and policy losses, each in
-a registry keyed by name (``get_adv_est("grpo")``, ``get_policy_loss("clipped_token")``)."""
+"""The training algorithms: the online policy-optimisation loop (``online``, with its collapse ``guard``,
+prompt ``sampler`` and ``metrics`` log), the algorithms on it (``reinforce``, ``grpo``, ``ppo``), the
+offline ones (``dpo``, ``sft``), the algorithm registry (``registry``) and the loop's pure pieces,
+exported here: advantage estimators and policy losses, each in a registry keyed by name
+(``get_adv_est("grpo")``, ``get_policy_loss("clipped_token")``)."""
 
 from alignment.algorithms.advantages import ADV_ESTIMATORS, get_adv_est, register_adv_est
 from alignment.algorithms.losses import (

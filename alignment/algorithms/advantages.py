@@ -18,7 +18,7 @@ Registered here:
 ``grpo``
     A_i = (r_i - mean_group) / (std_group + eps) (Shao et al. 2024, DeepSeekMath eq. 3 outcome
     supervision), std the sample standard deviation (ddof 1) as in verl's and TRL's GRPO, eps 1e-6;
-    ``unbiased=False`` gives the population std of ``alignment.ppo.group_normalised_scores``.
+    ``unbiased=False`` gives the population std of :func:`group_normalised_scores`.
 ``dr_grpo``
     A_i = r_i - mean_group (Liu et al. 2025, "Understanding R1-Zero-Like Training": no std division).
 ``rloo``
@@ -26,22 +26,24 @@ Registered here:
 ``reinforce_pp``
     REINFORCE++ (Hu 2025): A_t = sum_{s >= t} r_s with r_t = -beta KL_t plus the score at the last
     token, whitened over every completion token of the batch; ``group_norm=True`` first normalises the
-    score within each group (``ppo.py``'s ``estimator=reinforce++-group``).
+    score within each group (PPO's ``estimator=reinforce++-group``).
+``gae``
+    GAE (Schulman et al. 2016) on the same per-token rewards with the critic's values ``values`` (B, T):
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, V after the last token 0
+    (``gamma``, ``lam``); ``k`` is not used. PPO's critic targets, the returns R_t = A_t + V_t, are
+    :func:`gae_returns` of these advantages (:func:`gae` gives both from per-token rewards).
 
 Not registered, with the reason:
 
-* ``moving_average`` and ``ema`` (``alignment.reinforce``): stateful baselines (a running mean carried
-  across steps and checkpointed), not a function of one batch; the loop keeps them as objects and
-  computes A = r - b itself.
-* ``gae`` (``alignment.ppo``): needs the critic's values (B, T) and per-token rewards, and returns the
-  returns as well as the advantages; it stays in the PPO loop.
+* ``moving_average`` and ``ema`` (``alignment.algorithms.reinforce``): stateful baselines (a running
+  mean carried across steps and checkpointed), not a function of one batch; the loop keeps them as
+  objects and computes A = r - b itself.
 
-Why the formulas live here and not imported from ``alignment.reinforce`` / ``alignment.ppo``: those are
-training modules (``tests/test_layout.py`` forbids other core modules from importing ``alignment.reinforce``),
-and once the online loop (``alignment.rl``) uses this registry, importing them from here would close an
-import circle (rl -> algorithms -> ppo -> rl). ``tests/test_advantages.py`` checks that ``rloo``,
-``reinforce_pp`` and ``grpo(unbiased=False)`` equal the training modules' functions exactly; when the
-loop is wired, those modules should import the functions from here instead of keeping their own.
+The training modules take their estimators from here (REINFORCE and GRPO by name through
+:func:`get_adv_est`, PPO its ``gae`` and ``reinforce_pp``), and this module imports none of them
+(``tests/test_layout.py`` forbids other core modules from importing ``alignment.algorithms.reinforce``,
+and no import circle may close). ``tests/test_advantages.py`` checks the estimators against hand-computed
+values and against the PPO pieces they replaced.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked positions (unbiased variance, as trlx and ``alignment.ppo``); 0 off it."""
+    """(x - mean) / std over the masked positions (unbiased variance, as trlx and PPO's); 0 off it."""
     mean = masked_mean(x, mask)
     n = mask.sum().clamp_min(2)
     var = (((x - mean) ** 2) * mask).sum() / (n - 1)
@@ -149,7 +151,7 @@ def rloo_token_advantages(scores: torch.Tensor, k: int, mask: torch.Tensor) -> t
 
 def group_normalised_scores(scores: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean_group) / (std_group + eps) with the population std (ddof 0), (B,) -> (B,): the score
-    normalisation of REINFORCE++'s group variant (``alignment.ppo.group_normalised_scores``)."""
+    normalisation of REINFORCE++'s group variant (PPO's ``estimator=reinforce++-group``)."""
     groups = grouped(scores, k, "group normalisation")
     mean = groups.mean(-1, keepdim=True)
     std = groups.std(-1, unbiased=False, keepdim=True)
@@ -185,3 +187,38 @@ def reinforce_pp_advantages(scores: torch.Tensor, k: int, mask: torch.Tensor, *,
         scores = group_normalised_scores(scores, k)
     kl = torch.zeros_like(mask) if kl is None else kl
     return masked_whiten(returns_to_go(per_token_rewards(scores, kl, mask, beta), mask), mask)
+
+
+def gae_returns(advantages: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R_t = A_t + V_t over the masked tokens, 0 after the last one: the critic's targets. (B, T) -> (B, T)."""
+    return (advantages + values * mask) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, T), by generalised advantage estimation over the masked tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t (V_{t+1} = 0 past the last token); A_t = delta_t + gamma lambda A_{t+1};
+    R_t = A_t + V_t. Positions after the last token are 0 in both.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, gae_returns(advantages, values, mask)
+
+
+@register_adv_est("gae")
+def gae_advantages(scores: torch.Tensor, k: int, mask: torch.Tensor, *, values: torch.Tensor,
+                   kl: torch.Tensor | None = None, beta: float = 0.0, gamma: float = 1.0, lam: float = 0.95
+                   ) -> torch.Tensor:
+    """GAE's advantages (:func:`gae`) of the per-token rewards r_t = -beta KL_t (+ score at the last token)
+    with the critic's ``values`` (B, T); ``kl`` (B, T): per-token log pi - log pi_ref (None: no KL term);
+    ``k`` is not used. (B,) -> (B, T); the returns are :func:`gae_returns` of them."""
+    mask = mask.to(scores.dtype)
+    kl = torch.zeros_like(mask) if kl is None else kl
+    return gae(per_token_rewards(scores, kl, mask, beta), values, mask, gamma, lam)[0]

@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from alignment import tracking
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
@@ -28,6 +29,7 @@ from alignment.checkpoints import (
     trainer_checkpoint_args,
 )
 from alignment.config import StageConfig
+from alignment.console import quiet_trainer
 from alignment.data import PairData
 from alignment.footprint import records_footprint
 from alignment.hardware import bf16_enabled, resolve_device
@@ -136,11 +138,12 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
             **trainer_checkpoint_args(checkpoints, config.checkpoint_every), beta=config.beta, loss_type=[config.loss_type],
             max_length=config.max_length, num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
-            logging_steps=config.logging_steps, report_to=[], seed=config.seed,
+            logging_steps=config.logging_steps, report_to=tracking.report_to(), seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
-            gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
+            activation_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True)
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=preference_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed))
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed, "DPO: optimizer steps"))
+        quiet_trainer(trainer)  # its own bar and printed log dicts off the console
         start = time.perf_counter()
         with refusing_pickles(resume_from, DPOError):  # a checkpoint file that would run code: one line
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -18,7 +18,7 @@ KL: ``kl_beta`` defaults to 0.0, as TRL's GRPOConfig (``beta=0.0``; Dr. GRPO and
 as well): no reference model is loaded. A beta > 0
 subtracts beta * KL (k1, per sequence) from the reward as in REINFORCE, not the paper's k3 term in the
 loss. Everything else -- the reward components, shaping, guard, held-out evaluations, checkpoints and
-exact resume -- is REINFORCE's (``alignment.reinforce``).
+exact resume -- is REINFORCE's (``alignment.algorithms.reinforce``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alignment.reinforce import ReinforceConfig, ReinforceError, ReinforceRecipe
-from alignment.rl import online_stage_key, plan_online, run_online
+from alignment.algorithms.online import online_stage_key, plan_online, run_online
+from alignment.algorithms.reinforce import ReinforceConfig, ReinforceError, ReinforceRecipe
 from alignment.stage import StagePlan, StageResult
 
 __all__ = ["GRPOConfig", "GRPOError", "GRPORecipe", "plan_grpo", "train_grpo"]
@@ -87,5 +87,6 @@ class GRPORecipe(ReinforceRecipe):
 def train_grpo(config: GRPOConfig, out_dir: str | Path | None = None, *, runs_root: str | Path = "runs",
                stop_after: int | None = None,
                progress: Callable[[int, int, dict[str, Any]], None] | None = None) -> StageResult:
-    """Run (or resume) GRPO; the same outputs and resume as :func:`alignment.reinforce.train_reinforce`."""
+    """Run (or resume) GRPO; the same outputs and resume as
+    :func:`alignment.algorithms.reinforce.train_reinforce`."""
     return run_online(GRPORecipe, config, plan_grpo(config, runs_root), out_dir, stop_after, progress)

@@ -11,14 +11,16 @@ Registered here:
 
 ``sequence``
     REINFORCE: the per-token loss -A_t w_t log pi_t, aggregated ``seq_mean_token_sum`` by default, i.e.
-    L = -mean_i(A_i sum_t log pi(y_it)) with a per-sequence A (``alignment.reinforce.reinforce_loss`` of
-    ``action_logprobs``). ``weights`` (B, T): per-token weights in place of the mask (the truncated
-    importance ratios of int8 rollouts). ``old_logp`` is not used.
+    L = -mean_i(A_i sum_t log pi(y_it)) with a per-sequence A
+    (``alignment.algorithms.reinforce.reinforce_loss`` of ``action_logprobs``). ``weights`` (B, T):
+    per-token weights in place of the mask (the truncated importance ratios of int8 rollouts).
+    ``old_logp`` is not used.
 ``clipped_token``
     PPO / GRPO's clipped surrogate per token (Schulman et al. 2017), max(-A rho, -A clip(rho, 1 - eps_low,
     1 + eps_high)) with rho = exp(log pi - log pi_old); ``clip_high`` above ``clip_low`` is DAPO's
     clip-higher; ``dual_clip`` (c > 1) bounds the loss of a negative advantage by -A c (Ye et al. 2020,
-    verl's ``clip_ratio_c``). Aggregated ``token_mean`` by default (= ``alignment.ppo.ppo_policy_loss``).
+    verl's ``clip_ratio_c``). Aggregated ``token_mean`` by default
+    (= ``alignment.algorithms.ppo.ppo_policy_loss``).
 
 Aggregation modes (:func:`agg_loss`, mirroring verl's ``agg_loss``; l_it the per-token loss, m_it the mask):
 

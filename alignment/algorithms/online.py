@@ -1,19 +1,18 @@
-"""What every online policy-optimisation stage shares (REINFORCE, PPO and REINFORCE++).
+"""The online loop every policy-optimisation algorithm shares (REINFORCE, GRPO, PPO and REINFORCE++):
+rollout -> rewards -> shaping -> advantages -> update -> metrics and guard -> held-out evaluation and
+checkpoint.
 
 * ``OnlineConfig`` (the fields every algorithm's config has) and ``OnlineRecipe``: ``setup()``
   (models, reward models, data, optimizer, resume), the held-out evaluations with the
-  over-optimisation alarm and ``best/``, checkpoints, ``finish()`` (the final folder); an algorithm
-  subclasses it with its ``train()`` loop. ``run_online`` is every algorithm's entry point (reuse a
-  finished run, refuse another config's folder, else train or resume).
+  over-optimisation alarm (``alignment.evaluation.alarm``) and ``best/``, checkpoints
+  (``alignment.checkpoints``), ``finish()`` (the final folder); an algorithm subclasses it with its
+  ``train()`` loop. ``run_online`` is every algorithm's entry point (reuse a finished run, refuse
+  another config's folder, else train or resume).
 * Reward shaping (``shape_rewards``): R = clip(E[r] - lambda Var[r] - beta KL - eos penalty).
-* Checkpoints with exact resume: policy weights, optimizer, every process's RNG state and the
-  trainer's own state in one atomic folder (``checkpoints/step-NNNNNN``), the newest ``keep`` kept
-  plus any the caller protects (the last healthy one).
-* The metrics log (``metrics.jsonl``, one JSON line per step) cut back to the checkpoint a resumed
-  run restarts from, and the training curves drawn from it.
-* The collapse guard: the known failure on this task is a policy emitting one symbol until the
-  length limit while the reward model's score climbs, so a run stops when distinct-2 falls or the
-  repetition rate rises past limits for ``patience`` consecutive steps.
+* The pieces it is built from, each in its own module: the collapse guard (``alignment.algorithms.guard``),
+  the prompt order (``alignment.algorithms.sampler``), the metrics log and curves
+  (``alignment.algorithms.metrics``), the checkpoints with exact resume (``alignment.checkpoints``) and
+  the over-optimisation alarm (``alignment.evaluation.alarm``).
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -34,26 +32,29 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from alignment import tracking
+from alignment.algorithms.guard import CollapseGuard
+from alignment.algorithms.metrics import append_metrics, plot_curves, truncate_metrics
+from alignment.algorithms.sampler import PromptSampler
+from alignment.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from alignment.config import StageConfig
+from alignment.console import StageProgress, is_verbose
 from alignment.data import PairData
-from alignment.evaluate import PolicyEval, evaluate_policy
+from alignment.evaluation.alarm import (
+    OverOptimisationDetected,
+    best_score,
+    overoptimisation_alarm,
+    plot_overoptimisation,
+)
+from alignment.evaluation.evaluate import PolicyEval, evaluate_policy
 from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
-from alignment.io import (
-    MANIFEST,
-    atomic_directory,
-    files_intact,
-    read_manifest,
-    sha256_file,
-    sha256_text,
-    write_json,
-)
+from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
-from alignment.ownership import MARKER, local_paths, remove_stale
+from alignment.ownership import local_paths
 from alignment.parallel import DataParallel
-from alignment.reward import RewardScorer, reward_model_kind
 from alignment.rewards.components import (
     ComponentScores,
     EnsembleComponent,
@@ -67,6 +68,7 @@ from alignment.rewards.components import (
     rewards_key,
     score_components,
 )
+from alignment.rewards.model import RewardScorer, reward_model_kind
 from alignment.stage import (
     StagePlan,
     StageResult,
@@ -78,329 +80,8 @@ from alignment.stage import (
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
 HELDOUT = "heldout.jsonl"  # one line per held-out evaluation (the over-optimisation curves)
-
-
-class CollapseDetected(RuntimeError):
-    """The collapse guard stopped the run; the last healthy checkpoint is kept."""
-
-
-class ResumeError(ValueError):
-    """A checkpoint cannot be resumed as launched (the message says why)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Collapse guard
-# --------------------------------------------------------------------------------------------
-@dataclass
-class CollapseGuard:
-    """Healthy = distinct-2 >= ``min_distinct2`` and repetition <= ``max_repetition``; ``patience``
-    unhealthy steps in a row stop the run. ``streak`` is checkpointed with the trainer state."""
-
-    min_distinct2: float
-    max_repetition: float
-    patience: int
-    streak: int = 0
-
-    def update(self, health: dict[str, float]) -> bool:
-        """Record one step's text health; True when it is healthy."""
-        healthy = health["distinct2"] >= self.min_distinct2 and health["repetition"] <= self.max_repetition
-        self.streak = 0 if healthy else self.streak + 1
-        return healthy
-
-    def check(self, health: dict[str, float], step: int, last_healthy: str | None, sample: str) -> None:
-        """Raise :class:`CollapseDetected` once the unhealthy streak reaches ``patience``."""
-        if self.streak >= self.patience:
-            raise CollapseDetected(
-                f"collapse guard: distinct-2 {health['distinct2']:.2f} (min {self.min_distinct2}) / repetition "
-                f"{health['repetition']:.2f} (max {self.max_repetition}) unhealthy for {self.streak} steps at "
-                f"step {step}; last healthy checkpoint: {last_healthy or 'none (the starting policy)'}. "
-                f"Sample: {sample[:120]!r}")
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and plain values only, so that a checkpoint loads with
-    ``torch.load(weights_only=True)`` (no pickled objects, no code run by loading it)."""
-    version, keys, gauss = random.getstate()
-    name, np_keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
-             "numpy": {"name": name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s states (also the tuples of checkpoints written before it kept tensors)."""
-    py, npy = state["python"], state["numpy"]
-    if isinstance(py, dict):
-        py = (py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"])
-    random.setstate(py)
-    if isinstance(npy, dict):
-        npy = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
-    np.random.set_state(npy)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest intact checkpoint. Checkpoints are written atomically (a kill leaves none or a whole one);
-    one damaged since (a file truncated or changed: its SHA-256, recorded in ``state.json``, differs) is
-    removed with a warning and the one before it is used."""
-    folder = out_dir / CKPT_DIR
-    if not folder.is_dir():
-        return None
-    for partial in folder.glob(".step-*.tmp-*"):  # left by a kill during a checkpoint write (only ours: marked)
-        remove_stale(partial)
-    done = sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
-    damaged, good = [], None
-    for ckpt in reversed(done):
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            good = ckpt
-            break
-        damaged.append((ckpt, problem))
-    for ckpt, problem in damaged:
-        log.warning("checkpoint %s is unusable: %s; removing it and resuming from %s", ckpt, problem,
-                    good.name if good else "the start (no intact checkpoint is left)")
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return good
-
-
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (None when its state parses and its files match their hashes)."""
-    try:
-        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"unreadable state.json ({exc})"
-    if "files" in state and not files_intact(ckpt, state):  # (checkpoints from before hashes were kept: trusted)
-        return "a file is missing, truncated or changed since it was written"
-    return None
-
-
-def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str, Any], keep: int = 2,
-                    rng: dict[str, Any] | None = None) -> Path:
-    """Policy weights, optimizer, RNG states and trainer state, in one atomic folder rename.
-
-    ``rng``: the RNG states to store (``{"ranks": [...]}`` for a data-parallel run); this process's by
-    default. ``state["protected"]``: checkpoint names never deleted by the ``keep`` rule.
-    """
-    from safetensors.torch import save_model
-
-    target = out_dir / CKPT_DIR / f"step-{step:06d}"
-    with atomic_directory(target) as tmp:
-        save_model(policy, str(tmp / "policy.safetensors"))  # handles tied embeddings
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-        files = {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.name != MARKER}
-        write_json(tmp / "state.json", {"step": step, **state, "files": files})  # last: marks it complete
-    for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
-        if old.name != target.name and old.name not in state.get("protected", []):
-            shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _numpy_rng_globals() -> list:
-    """What checkpoints written before RNG states were kept as tensors need besides tensors: numpy's array
-    reconstruction (the same allowlist transformers uses for its ``rng_state.pth``), no arbitrary callable."""
-    core = np._core if hasattr(np, "_core") else np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def load_tensors(path: Path) -> Any:
-    """``torch.load`` of a checkpoint file with ``weights_only=True``: tensors and plain values only. A file
-    that holds anything else (a pickled object whose loading would run code) is refused with
-    :class:`ResumeError`; nothing in it is executed."""
-    import pickle
-    import re
-
-    try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
-            return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"a pickled reference to {named.group(1)}" if named else "a pickled object"
-        raise ResumeError(f"{path} holds {what}, not only tensors and plain values: it was not written by this "
-                          "program or was changed since, and loading it could run code, so it is refused. Remove "
-                          f"{path.parent} to resume from the checkpoint before it (or from the start)") from None
-    except (RuntimeError, EOFError, ValueError) as exc:  # not a torch file at all
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ResumeError(f"{path} cannot be read as a checkpoint file ({first[:200]}). Remove {path.parent} to "
-                          "resume from the checkpoint before it (or from the start)") from None
-
-
-def load_checkpoint(ckpt: Path, policy, optimizer, rank: int = 0, world: int = 1) -> dict[str, Any]:
-    """Restore weights, optimizer and this process's RNG; returns the trainer state saved with them.
-
-    The optimizer and RNG files are read with ``weights_only=True`` (:func:`load_tensors`) before anything
-    is restored, so a refused file leaves the models as they were."""
-    from safetensors.torch import load_model
-
-    optimizer_state = load_tensors(ckpt / "optimizer.pt")
-    rng = load_tensors(ckpt / "rng.pt")
-    ranks = rng.get("ranks", [rng])  # a data-parallel run keeps every process's state
-    if len(ranks) != world:
-        raise ResumeError(f"{ckpt} was written by {len(ranks)} process(es); resume it with the same number "
-                          f"(this launch has {world}) so that every process continues its own sampling")
-    load_model(policy, str(ckpt / "policy.safetensors"))
-    optimizer.load_state_dict(optimizer_state)
-    set_rng_state(ranks[rank])
-    return json.loads((ckpt / "state.json").read_text())
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics log and curves
-# --------------------------------------------------------------------------------------------
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-CURVE_KEYS = ("reward", "rm_reward", "kl", "length", "eos_rate", "distinct2", "repetition", "entropy")
-
-
-def plot_curves(metrics_path: Path, png: Path, keys: tuple[str, ...] = CURVE_KEYS) -> None:
-    """One panel per metric against the step (2 rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    cols = (len(keys) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(4 * cols, 6), squeeze=False)
-    steps = [r["step"] for r in rows]
-    for ax, key in zip(axes.flat, keys, strict=False):
-        ax.plot(steps, [r.get(key, float("nan")) for r in rows], marker=".")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt order
-# --------------------------------------------------------------------------------------------
-@dataclass
-class PromptSampler:
-    """Batches of prompt indices from a seeded permutation per epoch; ``epoch`` and ``position`` are
-    checkpointed, so a resumed run draws exactly the batches an uninterrupted one would."""
-
-    n: int
-    seed: int
-    epoch: int = 0
-    position: int = 0
-
-    def next(self, batch_size: int) -> np.ndarray:
-        """The next ``batch_size`` indices; a new epoch (a new permutation) when the current one runs short."""
-        if self.position + batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng(self.seed + self.epoch).permutation(self.n)
-        idx = order[self.position:self.position + batch_size]
-        self.position += batch_size
-        return idx
-
-
-# --------------------------------------------------------------------------------------------
-# Over-optimisation: the proxy rises while the truth does not (Gao et al. 2023)
-# --------------------------------------------------------------------------------------------
-class OverOptimisationDetected(RuntimeError):
-    """The over-optimisation alarm stopped the run (alarm_action='stop'); ``best/`` is kept."""
-
-
-def overoptimisation_alarm(history: list[dict[str, Any]], window: int, gold_margin: float,
-                           rm_margin_sd: float, watch_gold: bool = True) -> str | None:
-    """A warning when, over the last ``window`` held-out evaluations, the proxy reward rose while gold
-    accuracy fell by more than ``gold_margin`` or an independent reward model fell by more than
-    ``rm_margin_sd`` of its standard deviation over the prompts at the first evaluation; else None.
-
-    history: one dict per evaluation, oldest first, with ``step``, ``proxy`` (mean reward of the model
-    trained against), ``independent`` ({name: mean}), ``independent_std`` ({name: std}) and ``gold``
-    (accuracy or None). ``watch_gold=False`` when gold is itself a training reward: it is then no witness
-    against the proxy, and only the reward models not trained against are watched.
-    """
-    if len(history) < max(window, 2):
-        return None
-    first, last = history[-window], history[-1]
-    if last["proxy"] <= first["proxy"]:
-        return None
-    fell = []
-    if (watch_gold and first.get("gold") is not None and last.get("gold") is not None
-            and first["gold"] - last["gold"] > gold_margin):
-        fell.append(f"gold accuracy {first['gold']:.3f} -> {last['gold']:.3f}")
-    for name, start in first.get("independent", {}).items():
-        sd0 = history[0].get("independent_std", {}).get(name) or 0.0
-        end = last.get("independent", {}).get(name)
-        if end is not None and start - end > rm_margin_sd * sd0:
-            fell.append(f"independent RM '{name}' {start:.3f} -> {end:.3f}")
-    if not fell:
-        return None
-    return (f"over-optimisation: from step {first['step']} to {last['step']} the proxy reward rose "
-            f"{first['proxy']:.3f} -> {last['proxy']:.3f} while {'; '.join(fell)}")
-
-
-def best_score(entry: dict[str, Any]) -> float | None:
-    """What ``best/`` keeps the maximum of: gold accuracy where the prompts have gold answers, else the
-    first independent reward model's mean; None when neither was measured."""
-    if entry.get("gold") is not None:
-        return entry["gold"]
-    independent = entry.get("independent") or {}
-    return next(iter(independent.values()), None)
-
-
-def plot_overoptimisation(history: list[dict[str, Any]], png: Path) -> None:
-    """Proxy, independent reward models and gold accuracy against the KL to the start (one panel each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kl = [h.get("kl") or 0.0 for h in history]
-    panels = [("proxy reward (trained against)", [h["proxy"] for h in history])]
-    for name in history[0].get("independent", {}):
-        panels.append((f"independent RM '{name}'", [h["independent"].get(name) for h in history]))
-    if any(h.get("gold") is not None for h in history):
-        panels.append(("gold accuracy", [h.get("gold") for h in history]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, ys) in zip(axes[0], panels, strict=True):
-        ax.plot(kl, ys, marker="o")
-        for x, y, h in zip(kl, ys, history, strict=True):
-            if y is not None:
-                ax.annotate(str(h["step"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(title)
-        ax.set_xlabel("KL to the start (nats, held-out answers)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,6 +255,7 @@ class OnlineRecipe:
     def __init__(self, config: OnlineConfig, out_dir: str | Path, key: str,
                  progress: Callable[[int, int, dict[str, Any]], None] | None = None):
         self.config, self.out, self.key, self.progress = config, Path(out_dir), key, progress
+        self.console: StageProgress | None = None  # the step display (a bar on a terminal), made at the first step
 
     def setup(self) -> None:
         """Models, data, optimizer, algorithm state, guard; then resume from the newest checkpoint if any."""
@@ -782,6 +464,7 @@ class OnlineRecipe:
                  **{k: result[k] for k in ("eos_rate", "mean_length", "distinct2", "repetition")}}
         self.heldout.append(entry)
         append_metrics(self.out / HELDOUT, entry)
+        tracking.log_metrics({k: v for k, v in entry.items() if k != "step"}, step=step, prefix="heldout/")
         score = best_score(entry)
         if score is not None and (self.best is None or score > self.best["score"]):
             self.save_best(step, score)
@@ -838,6 +521,8 @@ class OnlineRecipe:
     def finish(self) -> StageResult:
         """Held-out evaluation, then the final folder (first process; the others wait and read its summary)."""
         final = self.out / "final"
+        if self.console is not None:
+            self.console.close()
         if not self.dist.is_main:
             self.dist.barrier()
             return StageResult(self.out, json.loads((final / "summary.json").read_text()))
@@ -935,9 +620,19 @@ class OnlineRecipe:
         """One metrics line (first process), the progress callback and a log line."""
         if self.dist.is_main:
             append_metrics(self.metrics_path, record)
+            step, steps = record["step"], self.config.steps
+            tracking.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
             if self.progress is not None:
-                self.progress(record["step"], self.config.steps, record)
-            log.info("step %d/%d %s", record["step"], self.config.steps, line)
+                self.progress(step, steps, record)
+            if self.console is None:
+                self.console = StageProgress(f"{self.stage}: optimizer steps", steps, logger=log)
+            if self.console.bar is not None:  # a terminal: one bar, the step's figures beside it
+                self.console.update(step, reward=float(record.get("reward", float("nan"))),
+                                    kl=float(record.get("kl") or 0.0))
+            elif step in (1, steps) or step % self.console.every == 0 or is_verbose():
+                log.info("step %d/%d %s", step, steps, line)  # about ten lines a run; every step with -v
+            else:
+                log.debug("step %d/%d %s", step, steps, line)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,9 +26,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignment.generation import Rollout, position_ids_from_mask, text_health, token_logprobs
-from alignment.reward import distribution_moments, tokenizer_fingerprint
-from alignment.rl import (
+from alignment.algorithms.advantages import gae_returns, get_adv_est, per_token_rewards
+from alignment.algorithms.online import (
     OnlineConfig,
     OnlineRecipe,
     StepTimer,
@@ -37,6 +36,8 @@ from alignment.rl import (
     run_online,
     shape_rewards,
 )
+from alignment.generation import Rollout, position_ids_from_mask, text_health, token_logprobs
+from alignment.rewards.model import distribution_moments, tokenizer_fingerprint
 from alignment.stage import StagePlan, StageResult
 
 
@@ -56,39 +57,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return out * mask
 
 
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of each row's last completion token. mask: (B, T) with a prefix of ones."""
-    return (mask.sum(-1).long() - 1).clamp_min(0)
-
-
-def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """r_t = -beta * KL_t on every completion token, plus the reward model's score at the last one.
-
-    score: (B,); kl: (B, T) per-token log pi - log pi_ref; mask: (B, T). Returns (B, T), 0 after the end.
-    """
-    rewards = -beta * kl * mask
-    rewards[torch.arange(score.shape[0]), last_token_index(mask)] += score
-    return rewards
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), both (B, T), by generalised advantage estimation over the masked tokens.
-
-    delta_t = r_t + gamma V_{t+1} - V_t (V_{t+1} = 0 past the last token); A_t = delta_t + gamma lambda A_{t+1};
-    R_t = A_t + V_t. Positions after the last token are 0 in both.
-    """
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * mask[:, t]
-        advantages[:, t] = running
-    return advantages, (advantages + values) * mask
-
-
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """G_t = sum_{s >= t} gamma^(s - t) r_s over the masked tokens (B, T) -> (B, T)."""
     out = torch.zeros_like(rewards)
@@ -97,28 +65,6 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
         running = (rewards[:, t] + gamma * running) * mask[:, t]
         out[:, t] = running
     return out
-
-
-def group_normalised_scores(score: torch.Tensor, k: int, eps: float = 1e-6) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps) within each prompt's k samples (GRPO-style).
-
-    score: (B * k,) prompt-major (the k samples of prompt 0 first) -> (B * k,). Population std (ddof 0).
-    """
-    grouped = score.view(-1, k)
-    mean = grouped.mean(-1, keepdim=True)
-    std = grouped.std(-1, unbiased=False, keepdim=True)
-    return ((grouped - mean) / (std + eps)).reshape(-1)
-
-
-def reinforce_pp_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
-                            k: int = 1, group_norm: bool = False) -> torch.Tensor:
-    """REINFORCE++: A_t = sum_{s >= t} r_s (gamma = 1) with r_t = -beta KL_t (+ score at the last token),
-    whitened over every completion token of the batch. ``group_norm``: the score is first normalised
-    within each prompt's k samples. Shapes as :func:`per_token_rewards`; returns (B, T)."""
-    if group_norm:
-        score = group_normalised_scores(score, k)
-    returns = discounted_returns(per_token_rewards(score, kl, mask, beta), mask, 1.0)
-    return masked_whiten(returns, mask)
 
 
 @dataclass
@@ -330,15 +276,19 @@ class PPORecipe(OnlineRecipe):
             rewards = per_token_rewards(score, kl_t, mask, self.kl_ctl.beta)
             timer.mark("reference")
 
-            # 4. Advantages (B, T): GAE with the critic (returns are its targets), whitened over the batch's
-            #    tokens; or REINFORCE++'s whitened returns of the same per-token rewards (no critic).
+            # 4. Advantages (B, T), from the registry (alignment.algorithms.advantages): GAE with the critic
+            #    (the returns R = A + V are its targets), whitened over the batch's tokens; or REINFORCE++'s
+            #    whitened returns of the same per-token rewards (no critic).
+            k, beta = cfg.samples_per_prompt, self.kl_ctl.beta
             if cfg.estimator == "gae":
-                advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+                advantages = get_adv_est("gae")(score, k, mask, values=old_values, kl=kl_t, beta=beta, gamma=cfg.gamma,
+                                                lam=cfg.lam)
+                returns = gae_returns(advantages, old_values, mask)
                 if cfg.whiten_advantages:
                     advantages = masked_whiten(advantages, mask)
             else:
-                advantages = reinforce_pp_advantages(score, kl_t, mask, self.kl_ctl.beta, cfg.samples_per_prompt,
-                                                     group_norm=cfg.estimator == "reinforce++-group")
+                advantages = get_adv_est("reinforce_pp")(score, k, mask, kl=kl_t, beta=beta,
+                                                         group_norm=cfg.estimator == "reinforce++-group")
                 returns = discounted_returns(rewards, mask)
 
             # 5. PPO epochs over shuffled minibatches: clipped surrogate + vf_coef * clipped value loss.

@@ -1,10 +1,10 @@
 """The online algorithms by name: what ``align <name>`` runs and ``align compare algorithms=[...]`` accepts.
 
 An entry names the module that defines the algorithm and, in it, its config class (a subclass of
-``alignment.rl.OnlineConfig`` whose ``section`` is the name), its ``train_<name>(config, out_dir, *,
-runs_root, stop_after, progress)`` and ``plan_<name>(config, runs_dir)``. The module is imported only
-when one of them is asked for, so building the command line imports no training code (and this module
-imports no training module: ``tests/test_layout.py``'s rule holds).
+``alignment.algorithms.online.OnlineConfig`` whose ``section`` is the name), its ``train_<name>(config,
+out_dir, *, runs_root, stop_after, progress)`` and ``plan_<name>(config, runs_dir)``. The module is
+imported only when one of them is asked for, so building the command line imports no training code
+(and this module imports no training module: ``tests/test_layout.py``'s rule holds).
 
 Adding an algorithm is one :func:`register_algorithm` call (or one entry in :data:`ALGORITHMS`); the
 CLI builds a subcommand for every entry and ``align compare`` runs any of them on its equal budget.
@@ -71,7 +71,7 @@ def get_algorithm(name: str) -> AlgorithmSpec:
 
 
 register_algorithm(AlgorithmSpec(
-    "reinforce", "alignment.reinforce", "ReinforceConfig", "train_reinforce", "plan_reinforce",
+    "reinforce", "alignment.algorithms.reinforce", "ReinforceConfig", "train_reinforce", "plan_reinforce",
     help="fine-tune the policy with REINFORCE against a reward model",
     description="REINFORCE with a moving-average (or EMA / RLOO / GRPO / no) baseline, the whole completion as one "
     "action (Ahmadian et al. 2024). Logs reward, KL, entropy, length, EOS rate, distinct-n and repetition every "
@@ -79,7 +79,7 @@ register_algorithm(AlgorithmSpec(
     epilog="examples:\n  align reinforce --rm runs/rm/scalar-<hash> --data runs/data/demo-<hash>\n"
     "  align reinforce --rm RM --data DATA baseline=rloo samples_per_prompt=4 kl_beta=0.05"))
 register_algorithm(AlgorithmSpec(
-    "ppo", "alignment.ppo", "PPOConfig", "train_ppo", "plan_ppo",
+    "ppo", "alignment.algorithms.ppo", "PPOConfig", "train_ppo", "plan_ppo",
     help="fine-tune the policy with PPO against a reward model",
     description="PPO in the InstructGPT / trlx form: a value head on the policy, per-token KL rewards with the "
     "reward model's score at the last token, GAE, clipped policy and value losses, several epochs per batch, "
@@ -87,7 +87,7 @@ register_algorithm(AlgorithmSpec(
     epilog="examples:\n  align ppo --rm runs/rm/scalar-<hash> --data runs/data/demo-<hash> steps=40\n"
     "  align ppo --rm RM --data DATA ppo_epochs=2 adaptive_kl=true kl_target=4"))
 register_algorithm(AlgorithmSpec(
-    "grpo", "alignment.grpo", "GRPOConfig", "train_grpo", "plan_grpo",
+    "grpo", "alignment.algorithms.grpo", "GRPOConfig", "train_grpo", "plan_grpo",
     help="fine-tune the policy with GRPO (group-normalised advantages, token-level loss)",
     description="GRPO (Shao et al. 2024): k samples per prompt (default 4), each one's advantage its reward "
     "normalised within its group, the clipped surrogate averaged over the batch's completion tokens, no KL term "

@@ -36,19 +36,19 @@ import torch
 from pydantic import Field, model_validator
 
 from alignment.algorithms.advantages import get_adv_est, rloo_advantages
+from alignment.algorithms.guard import CollapseDetected
 from alignment.algorithms.losses import get_policy_loss
-from alignment.generation import Int8Rollouts, Rollout, batched_logprobs, text_health, token_logprobs
-from alignment.rl import (
-    CollapseDetected,
+from alignment.algorithms.online import (
     OnlineConfig,
     OnlineRecipe,
-    OverOptimisationDetected,
     StepTimer,
     online_stage_key,
     plan_online,
     run_online,
     shape_rewards,
 )
+from alignment.evaluation.alarm import OverOptimisationDetected
+from alignment.generation import Int8Rollouts, Rollout, batched_logprobs, text_health, token_logprobs
 from alignment.stage import StagePlan, StageResult
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from alignment import tracking
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
@@ -39,8 +40,9 @@ from alignment.checkpoints import (
     trainer_checkpoint_args,
 )
 from alignment.config import StageConfig
+from alignment.console import quiet_trainer
 from alignment.data import SummaryData, read_summaries
-from alignment.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
+from alignment.evaluation.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
 from alignment.footprint import records_footprint
 from alignment.generation import (
     SamplingConfig,
@@ -235,11 +237,12 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
             gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
             weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio, lr_scheduler_type="linear",
             max_length=config.max_prompt_length + config.max_completion_length + 32, completion_only_loss=True,
-            logging_steps=config.logging_steps, logging_first_step=True, report_to=[], seed=config.seed,
+            logging_steps=config.logging_steps, logging_first_step=True, report_to=tracking.report_to(), seed=config.seed,
             data_seed=config.seed, bf16=bf16, use_cpu=device.type == "cpu",
-            gradient_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=False)
+            activation_checkpointing=config.gradient_checkpointing, dataloader_num_workers=0, disable_tqdm=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(training_records(train, tokenizer, config)),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed))
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=trainer_callbacks(progress, timed, "SFT: optimizer steps"))
+        quiet_trainer(trainer)  # its own bar and printed log dicts off the console
         start = time.perf_counter()
         with refusing_pickles(resume_from, SFTError):  # a checkpoint file that would run code: one line
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -31,6 +31,9 @@ from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
 from alignment.data import Message, PairData, PromptItem, read_summaries
+from alignment.evaluation.gold import check_answer
+from alignment.evaluation.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
+from alignment.evaluation.verdict import trained_against
 from alignment.footprint import records_footprint
 from alignment.generation import (
     Rollout,
@@ -41,16 +44,13 @@ from alignment.generation import (
     rollout,
     text_health,
 )
-from alignment.gold import check_answer
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
 from alignment.ownership import local_paths
-from alignment.reward import RewardModelError, RewardScorer
+from alignment.rewards.model import RewardModelError, RewardScorer
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
-from alignment.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
-from alignment.verdict import trained_against
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def rouge_against_references(config: ScoreConfig, prompts: Sequence[Sequence[Mes
 
 def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
     """The verdict block, then the scores table (one row per model and reward model) and gold accuracy."""
-    from alignment.verdict import verdict, verdict_markdown
+    from alignment.evaluation.verdict import verdict, verdict_markdown
 
     lines = []
     if with_verdict and len(summary["models"]) > 1:

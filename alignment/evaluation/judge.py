@@ -38,7 +38,9 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
-from alignment.evaluate import GENERATIONS, read_generations
+from alignment.evaluation.evaluate import GENERATIONS, read_generations
+from alignment.evaluation.stats import bootstrap_ci, wilson_interval
+from alignment.evaluation.verdict import verdict
 from alignment.footprint import records_footprint
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, read_manifest, sha256_file, sha256_text, write_json
@@ -52,8 +54,6 @@ from alignment.stage import (
     reuse_or_guard,
     stage_folder,
 )
-from alignment.stats import bootstrap_ci, wilson_interval
-from alignment.verdict import verdict
 
 log = logging.getLogger(__name__)
 
@@ -672,8 +672,8 @@ def write_report(score_dir: Path, judge_dir: Path, summary: dict[str, Any]) -> P
 
     import markdown
 
-    from alignment.evaluate import scores_markdown
-    from alignment.verdict import verdict_markdown
+    from alignment.evaluation.evaluate import scores_markdown
+    from alignment.evaluation.verdict import verdict_markdown
 
     scores = json.loads((score_dir / "scores.json").read_text())
     if (score_dir / "rewards.png").is_file():

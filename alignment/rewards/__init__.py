@@ -1,6 +1,7 @@
-"""Reward components (``alignment.rewards.components``): reward models, gold checks, a length penalty,
-user Python functions and reward-model ensembles behind one interface, combined into the reward an
-online run trains on."""
+"""Rewards: reward-model training and scoring (``alignment.rewards.model``), reward-model ensembles
+(``alignment.rewards.ensemble``) and the reward components (``alignment.rewards.components``): reward
+models, gold checks, a length penalty, user Python functions and ensembles behind one interface,
+combined into the reward an online run trains on."""
 
 from alignment.rewards.components import (
     REWARD_KINDS,

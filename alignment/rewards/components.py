@@ -22,7 +22,8 @@ module, and the union is built from the registry):
 
 ``reward_model``  a folder written by ``align rm``: the scalar reward, or E[r] - lambda Var[r] for a
                   distributional one (``var_lambda``); its variances Var[r] come with the values.
-``gold``          the gold checker (``alignment.gold``): 1 right, 0 wrong, None without a gold answer;
+``gold``          the gold checker (``alignment.evaluation.gold``): 1 right, 0 wrong, None without a gold
+                  answer;
                   ``format_credit`` for a wrong answer that clearly states a final one
                   (:func:`states_final_answer`).
 ``length``        DAPO's soft overlong penalty (Yu et al. 2025, eq. 13) in tokens, optionally a band
@@ -68,7 +69,7 @@ from pydantic import (
     model_validator,
 )
 
-from alignment.gold import GoldCheckError, check_answer, extract_answer, extract_number
+from alignment.evaluation.gold import GoldCheckError, check_answer, extract_answer, extract_number
 from alignment.io import read_manifest, sha256_file, sha256_text
 
 
@@ -283,7 +284,8 @@ def prompt_messages(prompt: Any) -> list[dict[str, str]]:
 
 
 def prompt_text(prompt: Any) -> str:
-    """The text a gold check masks restatements of: the last message's content (as ``alignment.evaluate``)."""
+    """The text a gold check masks restatements of: the last message's content (as
+    ``alignment.evaluation.evaluate``)."""
     if isinstance(prompt, str):
         return prompt
     return prompt[-1]["content"] if prompt else ""
@@ -304,7 +306,7 @@ def _missing(value: Any) -> bool:
 # reward_model
 # --------------------------------------------------------------------------------------------
 def _rm_kind(component: RewardComponent, folder: str) -> str:
-    from alignment.reward import RewardModelError, reward_model_kind
+    from alignment.rewards.model import RewardModelError, reward_model_kind
 
     if str(folder).startswith("@rm_"):  # the pipeline's '@rm_scalar' / '@rm_distributional', here unresolved
         raise component.error(f"folder {folder!r} is a placeholder that only the pipeline (`align run`) resolves "
@@ -323,7 +325,7 @@ def _rm_key(folder: str) -> dict[str, Any]:
 
 
 def _load_scorer(component: RewardComponent, folder: str, device: str, bf16: bool | None, batch_size: int | None):
-    from alignment.reward import RewardModelError, RewardScorer
+    from alignment.rewards.model import RewardModelError, RewardScorer
 
     try:
         return RewardScorer.from_pretrained(folder, device=device, bf16=bf16, batch_size=batch_size)
@@ -391,11 +393,12 @@ _FINAL_ANSWER = re.compile(
 def states_final_answer(completion: str, checker: str, prompt: str | None = None) -> bool:
     """Whether a completion clearly states a final answer, right or wrong (``gold.format_credit``).
 
-    ``alignment.gold`` finds *an* answer in almost any text (its last number, a short last sentence), so
-    this asks for more: an explicit answer statement (``\\boxed{X}``, "the answer is X", "final answer:
-    X", "answer = X", "result is X", "X is the answer", a line "#### X"; "the answer is not ..." does not
-    count) and, for the ``number`` checker, a number :func:`alignment.gold.extract_number` reads, for
-    ``exact`` an answer :func:`alignment.gold.extract_answer` reads.
+    ``alignment.evaluation.gold`` finds *an* answer in almost any text (its last number, a short last
+    sentence), so this asks for more: an explicit answer statement (``\\boxed{X}``, "the answer is X",
+    "final answer: X", "answer = X", "result is X", "X is the answer", a line "#### X"; "the answer is
+    not ..." does not count) and, for the ``number`` checker, a number
+    :func:`alignment.evaluation.gold.extract_number` reads, for ``exact`` an answer
+    :func:`alignment.evaluation.gold.extract_answer` reads.
     """
     if checker == "constraints" or not _FINAL_ANSWER.search(completion or ""):  # constraints: no final answer
         return False
@@ -620,7 +623,7 @@ class EnsembleComponent(RewardComponent):
     def _ensemble_manifest(self) -> dict[str, Any]:
         """The ensemble folder's manifest (read once; its stage and members checked, not its files' hashes)."""
         if self._folder_manifest is None:
-            from alignment.reward import ENSEMBLE_STAGE
+            from alignment.rewards.model import ENSEMBLE_STAGE
 
             folder = self.config.folder
             manifest = read_manifest(folder)
@@ -663,7 +666,7 @@ class EnsembleComponent(RewardComponent):
     def check(self) -> None:
         if self.config.folder is not None:
             from alignment.inputs import stage_output_problem
-            from alignment.reward import ENSEMBLE_STAGE
+            from alignment.rewards.model import ENSEMBLE_STAGE
 
             self._ensemble_manifest()
             problem, _ = stage_output_problem(self.config.folder, ENSEMBLE_STAGE)  # complete and intact

@@ -92,7 +92,7 @@ def _member_scores(folder: Path, config, val: PairData) -> tuple[np.ndarray, np.
     """(r_w, r_l) of one member on the validation pairs, scored as its own evaluation scored them (fp32
     weights, bf16 autocast per the config; E[r] for a distributional member)."""
     from alignment.hardware import bf16_enabled
-    from alignment.reward import RewardScorer
+    from alignment.rewards.model import RewardScorer
 
     scorer = RewardScorer.from_pretrained(folder, device=config.device, batch_size=config.eval_batch_size,
                                           max_length=config.max_length)
@@ -114,7 +114,7 @@ def run_reward_ensemble(config, out_dir: str | Path | None = None, *, overwrite:
     with the same key is reused whole. ``overwrite`` replaces the ensemble folder (members retrained,
     except those an interrupted run of the same config already finished). Returns the ensemble's metrics (the members' accuracies and spread).
     """
-    from alignment.reward import (
+    from alignment.rewards.model import (
         ENSEMBLE_STAGE,
         RewardModelError,
         _resolve_data,
@@ -207,9 +207,9 @@ def run_reward_ensemble(config, out_dir: str | Path | None = None, *, overwrite:
 
 def train_reward_model(config, out_dir: str | Path | None = None, *, overwrite: bool = False,
                        runs_root: str | Path = "runs", progress: Callable[[int, int], None] | None = None) -> StageResult:
-    """The reward-model stage: one reward model (:func:`alignment.reward.run_reward_stage`), or with
+    """The reward-model stage: one reward model (:func:`alignment.rewards.model.run_reward_stage`), or with
     ``ensemble > 1`` an ensemble of members (:func:`run_reward_ensemble`). What `align rm` and the pipeline call."""
-    from alignment.reward import run_reward_stage
+    from alignment.rewards.model import run_reward_stage
 
     train = run_reward_ensemble if config.ensemble > 1 else run_reward_stage
     return train(config, out_dir, overwrite=overwrite, runs_root=runs_root, progress=progress)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from alignment import tracking
 from alignment.checkpoints import (
     checkpoint_folder,
     refusing_pickles,
@@ -35,6 +36,7 @@ from alignment.checkpoints import (
     trainer_checkpoint_args,
 )
 from alignment.config import StageConfig
+from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.footprint import records_footprint
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
@@ -589,14 +591,14 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation_steps,
             learning_rate=config.learning_rate, weight_decay=config.weight_decay, warmup_steps=config.warmup_ratio,  # < 1: a ratio
             lr_scheduler_type="linear", seed=config.seed, data_seed=config.seed, bf16=bf16,
-            gradient_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
+            activation_checkpointing=config.gradient_checkpointing, max_length=config.max_length,
             center_rewards_coefficient=config.center_rewards_coefficient if config.kind == "scalar" else None,
-            logging_steps=logging_steps, report_to=[], use_cpu=device.type == "cpu",
-            dataloader_num_workers=0, disable_tqdm=False, remove_unused_columns=False,
+            logging_steps=logging_steps, report_to=tracking.report_to(), use_cpu=device.type == "cpu",
+            dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
         )
         common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                       peft_config=peft_config,
-                      callbacks=trainer_callbacks(progress, timed))
+                      callbacks=trainer_callbacks(progress, timed, f"reward model ({config.kind}): optimizer steps"))
         if config.kind == "scalar":
             trainer = RewardTrainer(**common)
         else:
@@ -604,6 +606,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
             trainer = trainer_cls(**common, loss=config.loss, kl_weight=config.kl_weight,
                                   pairwise_weight=config.pairwise_weight,
                                   data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id))
+        quiet_trainer(trainer)  # its own bar and printed log dicts off the console
         start = time.perf_counter()
         with refusing_pickles(resume_from, RewardModelError):  # a checkpoint file that would run code: one line
             train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
