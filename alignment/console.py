@@ -6,8 +6,8 @@ the hub's progress bars, Prefect's "Finished in state Completed()" per task, mat
 line, MLflow's database set-up lines. ``align -v`` keeps all of them (library logs included).
 
 :class:`StageProgress` is the one progress display of a long stage: a tqdm bar on a terminal, and on
-anything else (a log file, CI, the Prefect worker's captured output) a plain line at about every tenth
-of the work, so a log never fills with carriage-return bars.
+anything else (a log file, CI, the Prefect worker's captured output) a plain line at the first unit, at
+about every quarter of the work and at the end, so a log never fills with carriage-return bars.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class StageProgress:
                  every: int | None = None):
         self.label, self.total = label, max(int(total), 1)
         self.logger = logger or log
-        self.every = every or max(1, round(self.total / 10))
+        self.every = every or -(-self.total // 4)  # plain lines: the first, about every quarter, the last
         self.start = time.perf_counter()
         self.bar = None
         if (on_terminal() if bar is None else bar) and not _verbose:

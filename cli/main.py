@@ -516,8 +516,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
 
         result = run_pipeline(config)
-        print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s:")
-    for name, info in result["stages"].items():
+        print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s (each stage's line above)")
+    for name, info in result["stages"].items() if done is not None else ():
         peak = info.get("peak_rss_mb")
         cost = f"{info['seconds']:>6.0f} s {peak / 1024:5.2f} GB" if peak is not None and info.get("seconds") is not None \
             else " " * 17

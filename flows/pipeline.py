@@ -125,7 +125,8 @@ def alignment_pipeline(
             create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-run",
                                  description="This pipeline run in MLflow: params, per-step metrics, one child run "
                                  "per stage, the verdict.")
-        result = _pipeline_stages(config, run)
+        with tracker.tagged(**{"prefect.flow_run_id": flow_run.get_id()}):  # on every stage's run too
+            result = _pipeline_stages(config, run)
     return result
 
 

@@ -16,25 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _wait_healthy(url: str, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"no MLflow server answered at {url}")
 
 
 def main() -> None:
@@ -46,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     from mlflow.tracking import MlflowClient
 
-    from scripts.screenshot_flow_run import screenshot
+    from scripts.screenshot_flow_run import _wait_healthy, screenshot  # /health on either server
     from tests.conftest import free_port
 
     client = MlflowClient(args.store)

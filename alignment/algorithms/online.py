@@ -614,7 +614,7 @@ class OnlineRecipe:
         """The held-out evaluation at step 0 (first process; the others wait at their first collective)."""
         if self.eval_before is None and self.eval_prompts and self.dist.is_main:
             self.eval_before = self.heldout_evaluation(0)
-            log.info("held-out mean reward before training: %.4f", self.eval_before["mean_reward"])
+            log.debug("held-out mean reward before training: %.4f", self.eval_before["mean_reward"])
 
     def write_record(self, record: dict[str, Any], line: str) -> None:
         """One metrics line (first process), the progress callback and a log line."""
@@ -630,7 +630,7 @@ class OnlineRecipe:
                 self.console.update(step, reward=float(record.get("reward", float("nan"))),
                                     kl=float(record.get("kl") or 0.0))
             elif step in (1, steps) or step % self.console.every == 0 or is_verbose():
-                log.info("step %d/%d %s", step, steps, line)  # about ten lines a run; every step with -v
+                log.info("step %d/%d %s", step, steps, line)  # about five lines a run; every step with -v
             else:
                 log.debug("step %d/%d %s", step, steps, line)
 

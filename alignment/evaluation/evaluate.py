@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, field_validator
 
 from alignment.config import StageConfig
+from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
 from alignment.evaluation.gold import check_answer
 from alignment.evaluation.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
@@ -229,13 +230,16 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], con
     torch.manual_seed(config.seed)  # the same sampling noise for every model when greedy=False
     tokens, texts, eos = [], [], []
     start = time.perf_counter()
-    for s in range(0, len(prompts), config.batch_size):
-        ro = rollout(model, tokenizer, prompts[s:s + config.batch_size], config.sampling(), config.max_prompt_length,
-                     bf16=bf16)
-        tokens += ro.tokens
-        texts += ro.texts
-        eos += ro.has_eos.tolist()
-        log.info("generated %d/%d answers", min(s + config.batch_size, len(prompts)), len(prompts))
+    batches = range(0, len(prompts), config.batch_size)
+    with StageProgress("generated answers", len(prompts), logger=log,
+                       every=max(config.batch_size, -(-len(prompts) // 2))) as progress:
+        for s in batches:
+            ro = rollout(model, tokenizer, prompts[s:s + config.batch_size], config.sampling(),
+                         config.max_prompt_length, bf16=bf16)
+            tokens += ro.tokens
+            texts += ro.texts
+            eos += ro.has_eos.tolist()
+            progress.update(min(s + config.batch_size, len(prompts)))
     return Generations(tokens, texts, eos, time.perf_counter() - start)
 
 

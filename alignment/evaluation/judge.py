@@ -471,6 +471,7 @@ class LocalJudge:
     def run(self, items: Sequence[JudgeItem], on_done: Callable[[JudgeItem, JudgeOutcome], None],
             budget: Budget) -> list[tuple[JudgeItem, JudgeError]]:
         step = self.config.local_batch_size
+        every = max(step, -(-len(items) // 4))  # about four progress lines a run
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
             for item, p_a in zip(chunk, self.probabilities([i.text for i in chunk]), strict=True):
@@ -478,7 +479,9 @@ class LocalJudge:
                 winner = "A" if p_a > 0.5 + margin else "B" if p_a < 0.5 - margin else "tie"
                 on_done(item, JudgeOutcome(winner, f"P(A)={p_a:.3f}", f"local:{self.config.local_model}",
                                            p_a=p_a))
-            log.info("local judge: %d/%d judgments", min(s + step, len(items)), len(items))
+            done = min(s + step, len(items))
+            log.log(logging.INFO if done == len(items) or done // every > s // every else logging.DEBUG,
+                    "local judge: %d/%d judgments", done, len(items))
         return []
 
 
