@@ -35,7 +35,21 @@ def test_compare_runs_every_algorithm_and_reuses(tmp_path, tiny_stack, capsys, m
             str(policy), "--out", str(tmp_path / "cmp"), "samples=4", "batch_size=2", "max_new_tokens=8",
             "eval_prompts=2", "n_prompts=4", "score_max_new_tokens=8", "learning_rate=1e-3", "bf16=false",
             "algorithms=[rloo,reinforce++,dpo]"]  # reinforce and ppo run in the flow test and test_ppo
-    assert main(argv) == 0
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:  # tracked: the comparison is one MLflow run, each algorithm's stage (its own process) and the scoring its children
+        assert main([*argv, f"tracking.uri={store}"]) == 0
+    finally:
+        from alignment import tracking
+
+        tracking.configure("none")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name.startswith("compare ")]
+    children = sorted(r.info.run_name.split()[0] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["dpo", "ppo", "reinforce", "score"]  # rloo is reinforce, reinforce++ is ppo
+    assert all(r.info.status == "FINISHED" for r in runs)
     out = capsys.readouterr().out
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
     assert [r["algorithm"] for r in rows] == ["rloo", "reinforce++", "dpo"]

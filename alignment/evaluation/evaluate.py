@@ -231,8 +231,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], con
     tokens, texts, eos = [], [], []
     start = time.perf_counter()
     batches = range(0, len(prompts), config.batch_size)
-    with StageProgress("generated answers", len(prompts), logger=log,
-                       every=max(config.batch_size, -(-len(prompts) // 2))) as progress:
+    with StageProgress("generated answers", len(prompts), logger=log, every=len(prompts)) as progress:  # a bar, or one line
         for s in batches:
             ro = rollout(model, tokenizer, prompts[s:s + config.batch_size], config.sampling(),
                          config.max_prompt_length, bf16=bf16)
