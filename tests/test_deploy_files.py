@@ -121,3 +121,12 @@ def test_worker_image_copies_every_package():
     for pkg in packages:
         copy_line = next(i for i, line in enumerate(lines) if re.match(rf"COPY {pkg}(/)? ", line.strip()))
         assert copy_line < install, f"COPY {pkg} comes after `pip install .`"
+
+
+def test_the_worker_tracks_to_the_mlflow_service(compose):
+    services = compose["services"]
+    assert _environment(services["worker"])["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "mlflow" in services["worker"]["depends_on"]
+    command = services["mlflow"]["command"]
+    assert command[command.index("--port") + 1] == "5000" and "--allowed-hosts" in command
+    assert services["mlflow"]["image"].endswith(":v3.17.2")  # the version pyproject pins
