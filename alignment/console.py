@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 log = logging.getLogger("alignment")
@@ -45,8 +46,7 @@ def quiet_libraries(verbose: bool = False) -> None:
     _verbose = verbose
     if verbose:
         return
-    for name, level in NOISY_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    quiet_loggers(NOISY_LOGGERS)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
@@ -65,6 +65,15 @@ def quiet_libraries(verbose: bool = False) -> None:
         pass
     # Deprecations raised inside libraries by their own calls (not by ours: those are fixed at the call).
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
+
+
+def quiet_loggers(names: Iterable[str]) -> None:
+    """Raise these loggers to WARNING (their level in ``NOISY_LOGGERS`` where it has one), unless ``-v``.
+    Called again after a library that sets its own logger's level on import (MLflow) is first imported."""
+    if _verbose:
+        return
+    for name in names:
+        logging.getLogger(name).setLevel(NOISY_LOGGERS.get(name, logging.WARNING))
 
 
 def on_terminal(stream: Any = None) -> bool:

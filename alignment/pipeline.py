@@ -39,6 +39,7 @@ from alignment.evaluation.evaluate import ScoreConfig, plan_score
 from alignment.evaluation.judge import JudgeConfig, plan_judge
 from alignment.evaluation.verdict import verdict
 from alignment.footprint import read_footprint
+from alignment.io import read_manifest
 from alignment.presets import pipeline_preset
 from alignment.rewards.model import RewardModelConfig, plan_reward_model
 from alignment.stage import StagePlan, is_complete
@@ -308,7 +309,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def stage_headline(path: str | Path) -> str | None:
     """A stage's headline figure, read from its folder: pairs, RM accuracy, held-out reward, win rate."""
     path = Path(path)
-    manifest = _read_json(path / "manifest.json")
+    manifest = read_manifest(path) or {}
     stage = manifest.get("stage")
     if stage == "data":
         unit = "prompts" if not manifest.get("n_pairs") else "pairs"

@@ -42,6 +42,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from alignment.config import ConfigModel
+from alignment.console import quiet_loggers
+from alignment.io import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +102,14 @@ class TrackingConfig(ConfigModel):
 
 def _quiet_libraries() -> None:
     """MLflow's and alembic's INFO lines (database creation, 'View run at ...') are not ours to print."""
-    if not logging.getLogger("alignment").isEnabledFor(logging.DEBUG):
-        for name in ("mlflow", "alembic", "alembic.runtime.migration"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_loggers(("mlflow", "alembic"))
+
+
+def configure_flow(config: TrackingConfig, runs_root: str | Path) -> dict[str, Any] | None:
+    """A flow's tracking: its ``tracking`` parameter, except that ``ALIGNMENT_TRACKING=none`` in the environment
+    turns off the *default* one (the test suite's setting); an explicit parameter always wins."""
+    off = config == TrackingConfig() and os.environ.get(TRACKING_ENV) == "none"
+    return configure("none" if off else config, runs_root)
 
 
 def configure(config: TrackingConfig | Mapping[str, Any] | str | None, runs_root: str | Path = "runs", *,
@@ -490,15 +497,9 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
 
 
 def _stage_key_of(out_dir: Path) -> tuple[str | None, str | None]:
-    for folder in (out_dir, out_dir / "final"):
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-                return data.get("stage_key"), data.get("stage")
-            except (OSError, json.JSONDecodeError):
-                pass
-    return None, None
+    """(stage key, stage) from the manifest of ``out_dir`` or, for the online stages, of ``out_dir/final``."""
+    manifest = read_manifest(out_dir) or read_manifest(out_dir / "final") or {}
+    return manifest.get("stage_key"), manifest.get("stage")
 
 
 def record_result(run: Run | None, result: Any) -> None:

@@ -8,7 +8,6 @@ one :class:`alignment.compare.CompareConfig`, a form in the Prefect UI.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ def algorithm_comparison(config: CompareConfig, runs_dir: str = "runs",
     """Train each algorithm (cached), then score all policies and write compare.md / frontier.png; one MLflow
     parent run with every algorithm's stage run and the comparison's as children (``tracking``)."""
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
-    tracker.configure(tracking if tracking != TrackingConfig() or os.environ.get(tracker.TRACKING_ENV) != "none"
-                      else "none", runs_dir)
+    tracker.configure_flow(tracking, runs_dir)
     with tracker.stage_run("comparison", params=config.model_dump(mode="json"), process_wide=True,
                            tags={"kind": "comparison", "prefect.flow_run_id": flow_run.get_id()}) as run:
         if run is not None:

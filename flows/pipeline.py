@@ -14,7 +14,6 @@ built from the registry).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -112,9 +111,7 @@ def alignment_pipeline(
                             tracking=tracking)
     check_pipeline(config)  # a reward model the RL stage needs but the pipeline does not train: before any stage
     Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
-    tracked = tracking if tracking != TrackingConfig() or os.environ.get(tracker.TRACKING_ENV) != "none" \
-        else "none"  # ALIGNMENT_TRACKING=none in the environment turns off the default tracking (the tests' setting)
-    tracker.configure(tracked, options.runs_dir)
+    tracker.configure_flow(tracking, options.runs_dir)
     quiet_libraries(is_verbose())  # again: Prefect's logging set-up at the flow's start resets library levels
     with tracker.stage_run(f"pipeline {options.algorithm}", process_wide=True,
                             params=config.model_dump(mode="json", exclude={"tracking"}),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,22 +22,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_pipeline_config
+from tests.conftest import free_port, tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "rm_scalar", "rm_distributional", "reinforce", "score", "judge"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     log = (root / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
