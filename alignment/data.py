@@ -138,6 +138,11 @@ class DataConfig(StageConfig):
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="'error' stops at bad input naming file, row and field; 'skip' drops and counts."
     )
+    extra_train: list[str] = Field(
+        default_factory=list, description="Further local pair files (prompt/chosen/rejected; .jsonl/.json/.parquet/"
+        ".csv) whose pairs join the train split only, e.g. a preference store's rounds (`align round`): a pair "
+        "whose prompt is held out is dropped and counted, so no validation prompt is trained on; their content "
+        "hashes join the stage key.")
 
     @field_validator("column_map")
     @classmethod
@@ -1242,17 +1247,59 @@ class PairData:
         return len(self) > 0 and all(d is not None for d in self.chosen_dist)
 
 
-def stage_key(config: DataConfig, source: SourceData) -> str:
-    """What the output depends on: the config values, the input's content hash and the output schema."""
-    return sha256_text(f"{config.digest()}{source.sha256}schema={SCHEMA_VERSION};code={__version__}")
+def stage_key(config: DataConfig, source: SourceData, extra: Sequence[SourceData] = ()) -> str:
+    """What the output depends on: the config values, the inputs' content hashes and the output schema."""
+    extras = "".join(f"extra={e.sha256};" for e in extra)
+    return sha256_text(f"{config.digest()}{source.sha256}{extras}schema={SCHEMA_VERSION};code={__version__}")
+
+
+def read_extra_train(config: DataConfig) -> list[SourceData]:
+    """The ``extra_train`` files, read (an unreadable or missing one is a DataError naming it)."""
+    out = []
+    for i, spec in enumerate(config.extra_train):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"extra_train[{i}]: {spec}: no such file")
+        out.append(_read_file(path))
+    return out
+
+
+def _extra_pairs(config: DataConfig, sources: Sequence[SourceData], validation_prompts: set[str],
+                 seen: set[str]) -> tuple[list[PreferencePair], list[dict[str, Any]], list[RowIssue]]:
+    """The pairs of the ``extra_train`` sources that may join train (not a held-out prompt, not a duplicate)."""
+    pairs: list[PreferencePair] = []
+    report: list[dict[str, Any]] = []
+    issues: list[RowIssue] = []
+    as_pairs = config.model_copy(update={"format": "auto", "column_map": {}})
+    for src in sources:
+        parsed = parse_source(src, as_pairs)
+        if parsed.format not in ("pairs", "hh", "comparisons"):
+            raise DataError(f"{src.name}: extra_train files hold preference pairs (prompt, chosen, rejected); "
+                            f"this one reads as {parsed.format!r}")
+        issues += parsed.issues
+        kept = held_out = duplicate = 0
+        for pair in parsed.pairs:
+            if pair.prompt_key in validation_prompts:
+                held_out += 1
+            elif pair.pair_key in seen:
+                duplicate += 1
+            else:
+                seen.add(pair.pair_key)
+                pairs.append(pair)
+                kept += 1
+        report.append({"source": src.name, "sha256": src.sha256, "n_pairs": kept,
+                       "n_dropped_validation_prompt": held_out, "n_dropped_duplicate": duplicate,
+                       "n_rows_rejected": len(parsed.issues)})
+    return pairs, report, issues
 
 
 def plan_data(config: DataConfig, runs_dir: str | Path = "runs", source: SourceData | None = None) -> StagePlan:
     """Key and default folder ``<runs_dir>/data/<source name>-<key[:12]>`` (reads and hashes the source)."""
     source = source if source is not None else read_source(config)
+    extra = read_extra_train(config) if config.extra_train else []
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(source.name.split("[")[0]).stem if source.kind == "file"
                   else source.name.split(":")[-1].split("[")[0]).strip("-").lower()[:40]
-    key = stage_key(config, source)
+    key = stage_key(config, source, extra)
     out = stage_folder(runs_dir, "data", key, slug)
     return StagePlan(key, out, out)
 
@@ -1301,6 +1348,19 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     except DataError as exc:
         raise DataError(f"{source.name}: {exc}") from None
     splits = {"train": [pairs[i] for i in train_idx], "validation": [pairs[i] for i in val_idx]}
+    extra_report: list[dict[str, Any]] = []
+    if config.extra_train:  # e.g. a preference store's rounds: train only, never a held-out prompt
+        if prompts_only:
+            raise DataError(f"{source.name}: extra_train adds pairs, but this source holds prompts only")
+        extra, extra_report, extra_issues = _extra_pairs(
+            config, read_extra_train(config), {p.prompt_key for p in splits["validation"]},
+            {p.pair_key for p in pairs})
+        if extra_issues and config.on_bad_rows == "error":
+            raise BadRowsError(extra_issues)
+        parsed.issues.extend(extra_issues)
+        splits["train"] += extra
+        train_idx = [*train_idx, *range(len(pairs), len(pairs) + len(extra))]
+        log.info("data: %d extra train pairs from %d file(s)", len(extra), len(extra_report))
 
     with atomic_directory(out) as tmp:
         files = {}
@@ -1338,6 +1398,8 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "n_gold_prompts": {name: len({p.prompt_key for p in subset if p.gold_answer is not None})
                                for name, subset in splits.items()},
             "has_ratings": pairs[0].chosen_rating is not None,
+            **({"extra_train": extra_report, "n_extra_train": sum(e["n_pairs"] for e in extra_report)}
+               if config.extra_train else {}),
             **({"prompts_only": True, "extra_columns": sorted(pairs[0].extra or {})} if prompts_only else {}),
             "files": files,
             "created_by": f"alignment {__version__}",

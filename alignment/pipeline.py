@@ -42,6 +42,8 @@ from alignment.footprint import read_footprint
 from alignment.io import read_manifest
 from alignment.presets import pipeline_preset
 from alignment.rewards.model import RewardModelConfig, plan_reward_model
+from alignment.rounds.config import RoundsConfig
+from alignment.rounds.onpolicy import plan_labels, plan_samples
 from alignment.stage import StagePlan, is_complete
 from alignment.tracking import TrackingConfig
 
@@ -97,6 +99,8 @@ class PipelineConfig(StageConfig):
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="Experiment tracking: MLflow on <runs_dir>/mlflow.db by default, "
         "uri for a server, 'none' to turn it off (see alignment.tracking). Not part of any stage key.")
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig, description="`align round` / `align rounds` and the "
+                                 "alignment-rounds flow: on-policy re-training rounds after this pipeline (round 0).")
 
     @classmethod
     def preset(cls, name: str = "demo") -> dict[str, Any]:
@@ -132,7 +136,8 @@ ONLINE_SECTIONS = ("reinforce", "ppo", "grpo")
 # --------------------------------------------------------------------------------------------
 PLANNERS: dict[str, Callable[[Any, str], StagePlan]] = {
     "data": plan_data, "prompts": plan_data, "sft": plan_sft, "reward-model": plan_reward_model,
-    "reinforce": plan_reinforce, "dpo": plan_dpo, "score": plan_score, "judge": plan_judge}
+    "reinforce": plan_reinforce, "dpo": plan_dpo, "score": plan_score, "judge": plan_judge,
+    "samples": plan_samples, "labels": plan_labels}
 
 
 def stage_planner(name: str) -> Callable[[Any, str], StagePlan]:

@@ -58,6 +58,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "judge": {"backend": "local", "max_pairs": 8},
         "options": {"algorithm": "grpo"},
     },
+    # Rounds (`align rounds --preset demo-rounds --n 3`): REINFORCE against the scalar RM alone on the verifiable
+    # prompts; each round samples 4 answers to 64 train prompts, the gold check labels the pairs it separates,
+    # and the scalar RM is retrained on the demo pairs + every round's. The distributional RM (round 0's, never
+    # trained against or labelled with) and gold on the 30 held-out prompts are the independent checks.
+    "demo-rounds": {
+        "data": {"source": "demo", "max_pairs": 80},
+        "prompts": {"source": "demo-verifiable"},
+        "rm_scalar": {"kind": "scalar", **_DEMO_RM, "max_train_pairs": None},
+        "rm_distributional": {"kind": "distributional", **_DEMO_RM},
+        "reinforce": {"steps": 8, "batch_size": 4, "max_new_tokens": 48, "max_prompt_length": 256, "lora": True,
+                      "learning_rate": 2e-4, "checkpoint_every": 4, "eval_prompts": 16, "eval_every": 8},
+        "score": {"n_prompts": 30, "max_new_tokens": 48},
+        "judge": {"backend": "local", "max_pairs": 8},
+        "rounds": {"max_rounds": 3, "n_prompts": 64, "samples_per_prompt": 4, "pairing": "random"},
+    },
     # The TL;DR pipeline of the seed documents on the shared files (../shared/data/tldr-rlaif, read from the
     # repository root): SFT on reference summaries (chat form, so RL's chat rollouts match it) -> a scalar
     # RM on the 800 AI-judged summary pairs -> REINFORCE from the SFT policy -> scoring (with ROUGE) -> judge.
@@ -96,7 +111,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge", "options")
+SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge",
+            "options", "rounds")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

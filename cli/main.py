@@ -42,6 +42,8 @@ EPILOG = textwrap.dedent("""\
       judge   pairwise LLM judge (Gemini through google-genai, or a local model) of two models'
               answers in both orders: wins/ties/losses, win rate with CI, report
       run     the whole pipeline as a cached, resumable Prefect flow (preset demo by default)
+      round   the next on-policy re-training round (sample the policy, label pairs, retrain the
+              reward model on old + new pairs, RL again, score, judge); `rounds --n N` runs N
       serve   serve the Prefect deployments (demo: manual, retrain: weekly schedule, one per stage)
       model   resolve a model spec (hub id, folder, .gguf), say which source is used, optionally
               ask it a question; warms the offline SmolLM2 cache
@@ -239,6 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force-flow", action="store_true",
                      help="run the Prefect flow even when every stage is already complete (records a flow run)")
     _add_common(run, sorted(PRESETS))
+
+    for name, what in (("round", "the next round"), ("rounds", "several rounds")):
+        rp = sub.add_parser(
+            name, help=f"run {what} of on-policy re-training as the Prefect flow alignment-rounds",
+            description="Round 0 is the pipeline (`align run` with the same config: the same stages and folders). "
+            "Each round n >= 1 samples k answers of round n-1's policy to train prompts, pairs and labels them (the gold "
+            "check where a prompt has one, else Gemini when a key is configured, else the reward models not trained "
+            "against, else the local judge; ties dropped), appends them to the preference store (rounds.store; pairs "
+            "dropped into its inbox/ are picked up too), retrains the reward model on old + new pairs, runs RL from "
+            "round n-1's policy, scores and judges it against round 0's start. Complete rounds come from cache; past "
+            "rounds.max_rounds nothing new runs. Writes the rounds report under the store.",
+            epilog="examples:\n  align round                         # the next round of the demo-rounds preset\n"
+            "  align rounds --n 3                  # three rounds in one go\n"
+            "  align rounds --n 3 rounds.pairing=best_worst rounds.max_rounds=5",
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == "rounds":
+            rp.add_argument("--n", type=int, default=3, metavar="N", help="new rounds to run (default 3)")
+        rp.add_argument("--runs-dir", metavar="DIR", help="where every stage writes (default: runs)")
+        _add_common(rp, sorted(PRESETS))
 
     serve = sub.add_parser(
         "serve", help="serve the pipeline's Prefect deployments (demo: manual; retrain: on a schedule)",
@@ -538,6 +559,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    from alignment.pipeline import PipelineConfig
+
+    preset = args.preset or "demo-rounds"
+    explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
+    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    if args.print_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+    n = getattr(args, "n", 1)
+    if n < 0:
+        raise ConfigError(f"--n {n}: give 0 (report only) or more")
+    start = time.perf_counter()
+    from flows.rounds import run_rounds  # sets Prefect's environment before Prefect is imported
+
+    result = run_rounds(config, n)
+    print(f"rounds ({preset}, {result['experiment']}): {result['new_rounds']} new round(s) in "
+          f"{time.perf_counter() - start:.0f} s; complete: {', '.join(map(str, result['rounds_complete']))}")
+    for rnd, reading in result["verdicts"].items():
+        print(f"  round {rnd}: {reading}")
+    for note in result["notes"]:
+        print(f"  {note}")
+    print(f"report: {result['report']}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
@@ -625,19 +673,22 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.ownership import NotOurs
     from alignment.rewards.components import RewardComponentError
     from alignment.rewards.model import RewardModelError
+    from alignment.rounds.onpolicy import RoundsError
+    from alignment.rounds.store import StoreError
     from alignment.stage import StageBusy
 
     TRACKED.update(ALGORITHMS)
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
                 "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
-                "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "serve": _cmd_serve, "model": _cmd_model}
+                "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "round": _cmd_rounds, "rounds": _cmd_rounds,
+                "serve": _cmd_serve, "model": _cmd_model}
     try:
         if args.command in TRACKED:
             _configure_tracking(args)
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError, NotOurs, RewardComponentError) as exc:
+            DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

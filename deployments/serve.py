@@ -1,7 +1,10 @@
 """Serve the pipeline's deployments to a Prefect server: ``python -m deployments.serve`` (or ``align serve``).
 
 * ``alignment-pipeline/demo``: manual runs (UI "Run", ``prefect deployment run``) with the demo preset.
-* ``alignment-pipeline/retrain``: the same flow on a cron schedule (weekly by default), with a preset.
+* ``alignment-rounds/retrain``: on a cron schedule (weekly by default), the next round of on-policy
+  re-training (``flows/rounds.py``): sample the current policy, label the pairs, retrain the reward model on
+  old + new pairs (and whatever was dropped into the store's inbox), RL again; past ``rounds.max_rounds`` a
+  tick says so and completes from cache. ``alignment-rounds/manual``: the same by hand.
 * ``stage-*/manual``: each stage alone -- data, SFT, reward model, DPO, scoring, judge and one per
   registered online algorithm (``stage-reinforce``, ``stage-ppo``, ``stage-grpo``, ...: built from
   ``alignment.algorithms.registry``, so registering an algorithm adds its deployment);
@@ -32,12 +35,21 @@ from flows.pipeline import (  # importing flows sets Prefect's environment (tele
     score_flow,
     sft_flow,
 )
+from flows.rounds import alignment_rounds
+
+
+def _config(preset: str, runs_dir: str) -> PipelineConfig:
+    config = PipelineConfig(**PipelineConfig.preset(preset))
+    config.options.runs_dir = runs_dir
+    return config
 
 
 def _parameters(preset: str, runs_dir: str) -> dict:
-    config = PipelineConfig(**PipelineConfig.preset(preset))
-    config.options.runs_dir = runs_dir
-    return {k: v.model_dump(mode="json") for k, v in config.flow_parameters().items()}
+    return {k: v.model_dump(mode="json") for k, v in _config(preset, runs_dir).flow_parameters().items()}
+
+
+def _rounds_parameters(preset: str, runs_dir: str) -> dict:
+    return {"pipeline": _config(preset, runs_dir).model_dump(mode="json"), "new_rounds": 1}
 
 
 def stage_flows() -> list:
@@ -46,16 +58,19 @@ def stage_flows() -> list:
     return [data_flow, sft_flow, reward_model_flow, *online_flows().values(), dpo_flow, score_flow, judge_flow]
 
 
-def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo",
+def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo-rounds",
                       runs_dir: str = "runs") -> list:
     tags = ["alignment"]
     deployments = [
         alignment_pipeline.to_deployment(name="demo", parameters=_parameters("demo", runs_dir), tags=tags,
                                          description="The whole pipeline on the demo preset; trigger it by hand."),
-        alignment_pipeline.to_deployment(name="retrain", parameters=_parameters(retrain_preset, runs_dir),
-                                         schedules=[CronSchedule(cron=cron, timezone=timezone)], tags=tags,
-                                         description=f"Scheduled re-training ({cron}, {timezone}) with the "
-                                                     f"{retrain_preset} preset."),
+        alignment_rounds.to_deployment(name="retrain", parameters=_rounds_parameters(retrain_preset, runs_dir),
+                                       schedules=[CronSchedule(cron=cron, timezone=timezone)], tags=[*tags, "scheduled"],
+                                       description=f"Scheduled re-training ({cron}, {timezone}): the next on-policy "
+                                                   f"round of the {retrain_preset} preset each tick (rounds.max_rounds "
+                                                   "in all; pairs dropped into the store's inbox are picked up)."),
+        alignment_rounds.to_deployment(name="manual", parameters=_rounds_parameters(retrain_preset, runs_dir),
+                                       tags=tags, description="The next on-policy round (new_rounds of them), by hand."),
     ]
     for stage_flow in stage_flows():
         deployments.append(stage_flow.to_deployment(name="manual", tags=[*tags, "stage"],
@@ -66,7 +81,7 @@ def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_pr
     return deployments
 
 
-def serve_all(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo",
+def serve_all(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo-rounds",
               runs_dir: str = "runs") -> None:
     serve(*build_deployments(cron, timezone, retrain_preset, runs_dir))
 

@@ -127,21 +127,33 @@ def alignment_pipeline(
     return result
 
 
-def _pipeline_stages(config: PipelineConfig, run: tracker.Run | None) -> dict[str, Any]:
-    options, prompts = config.options, config.prompts
-    stages: dict[str, dict[str, str]] = {}
-    outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
+def pipeline_tasks(options: PipelineOptions) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Each pipeline stage's task and its options (data-parallel processes, the judge's retries)."""
     parallel = {"task_kwargs": {"num_processes": options.num_processes}}
     rl = rl_stage(options)
-    tasks = {"data": (data_task, {}), "prompts": (prompts_task, {}), "sft": (sft_task, {}), "rm_scalar": (reward_model_task, parallel),
-             "rm_distributional": (reward_model_task, parallel), rl: (online_task(rl), parallel),
-             "score": (score_task, {}),
-             "judge": (judge_task, {"retries": options.judge_retries,
-                                    "retry_delay_seconds": options.judge_retry_delay_s})}
+    return {"data": (data_task, {}), "prompts": (prompts_task, {}), "sft": (sft_task, {}),
+            "rm_scalar": (reward_model_task, parallel), "rm_distributional": (reward_model_task, parallel),
+            rl: (online_task(rl), parallel), "score": (score_task, {}),
+            "judge": (judge_task, {"retries": options.judge_retries, "retry_delay_seconds": options.judge_retry_delay_s})}
+
+
+def run_pipeline_stages(config: PipelineConfig, stages: dict[str, dict[str, str]], prefix: str = "") -> dict[str, str]:
+    """Run (or take from cache) every pipeline stage in order; stage name -> output folder. ``prefix`` names
+    them in the log and in ``stages`` (the rounds flow's round 0: ``r0.``)."""
+    tasks = pipeline_tasks(config.options)
+    outputs: dict[str, str] = {}  # stage -> output folder; stage_config fills the paths between stages from it
     # data -> reward model(s) -> RL against the proxy -> scoring by every RM -> pairwise judge
-    for name in pipeline_stages(options, prompts=prompts is not None):
+    for name in pipeline_stages(config.options, prompts=config.prompts is not None):
         task, task_options = tasks[name]
-        outputs[name] = _run(task, stage_config(config, name, outputs), options, stages, name, **task_options)
+        outputs[name] = _run(task, stage_config(config, name, outputs), config.options, stages, f"{prefix}{name}",
+                             **task_options)
+    return outputs
+
+
+def _pipeline_stages(config: PipelineConfig, run: tracker.Run | None) -> dict[str, Any]:
+    options = config.options
+    stages: dict[str, dict[str, str]] = {}
+    outputs = run_pipeline_stages(config, stages)
     score_dir, judge_dir = outputs["score"], outputs.get("judge")
     report = str(Path(judge_dir) / "report.md") if judge_dir else None
 

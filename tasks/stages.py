@@ -45,6 +45,14 @@ from alignment.evaluation.judge import (
 from alignment.pipeline import stage_planner
 from alignment.rewards.ensemble import train_reward_model
 from alignment.rewards.model import RewardModelConfig, plan_reward_model
+from alignment.rounds.onpolicy import (
+    LabelsConfig,
+    SamplesConfig,
+    plan_labels,
+    plan_samples,
+    run_labels_stage,
+    run_samples_stage,
+)
 from alignment.stage import StagePlan, is_complete
 
 log = logging.getLogger(__name__)
@@ -355,6 +363,37 @@ def judge_task(config: JudgeConfig, runs_dir: str, plan: StagePlan | None = None
     return str(result.out_dir)
 
 
+@task(name="samples", cache_key_fn=stage_cache_key("samples", plan_samples), **COMMON)
+def samples_task(config: SamplesConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    """A round's on-policy answers (k per train prompt) and the pair of each prompt."""
+    plan = plan or plan_samples(config, runs_dir)
+    result = run_samples_stage(config, plan.out, overwrite=not is_complete(plan), runs_root=runs_dir)
+    s = result.summary
+    _publish(f"samples-r{config.round}", f"# Round {config.round}: on-policy samples\n\n{s['n_prompts']} prompts x "
+             f"{s['samples_per_prompt']} answers -> {s['n_pairs']} pairs ({s['pairing']})\n\nFolder: `{result.out_dir}`",
+             f"round {config.round}: {s['n_pairs']} pairs to label")
+    return str(result.out_dir)
+
+
+@task(name="labels", cache_key_fn=stage_cache_key("labels", plan_labels), retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_retry_judge, **COMMON)
+def labels_task(config: LabelsConfig, runs_dir: str, plan: StagePlan | None = None) -> str:
+    """A round's pairs labelled by the labeller chain; the reward models' accuracy on them."""
+    plan = plan or plan_labels(config, runs_dir)
+    api_key = _secret_api_key(config.judge.model_copy(update={"backend": "gemini"})) if config.gemini else None
+    result = run_labels_stage(config, plan.out, overwrite=not is_complete(plan), runs_root=runs_dir, api_key=api_key)
+    s = result.summary
+    rows = "\n".join(f"| {name} | {v['pairs']} | {v['labelled']} | {v['ties_dropped']} |"
+                     for name, v in s["labellers"].items())
+    acc = "\n".join(f"| {name} | {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | {a['n']} |"
+                    for name, a in s["reward_model_accuracy"].items() if a.get("accuracy") is not None)
+    _publish(f"labels-r{s['round']}", f"# Round {s['round']}: labelled pairs\n\n| labeller | pairs | labelled | ties "
+             f"dropped |\n|---|---|---|---|\n{rows}\n\n" + (f"| reward model | accuracy on these pairs | n |\n|---|---|---|\n"
+                                                         f"{acc}\n\n" if acc else "") + f"Folder: `{result.out_dir}`",
+             f"round {s['round']}: {s['n_labelled']} labelled pairs")
+    return str(result.out_dir)
+
+
 # --------------------------------------------------------------------------------------------
 # The algorithm comparison: one task per algorithm (its own process), then the report
 # --------------------------------------------------------------------------------------------
@@ -412,6 +451,6 @@ def summary_markdown(stages: dict[str, dict[str, str]], report: str | None, verd
     return text
 
 
-__all__ = ["data_task", "dpo_task", "judge_task", "online_task", "online_tasks", "plan_stage", "prompts_task",
-           "reinforce_task",
+__all__ = ["data_task", "dpo_task", "judge_task", "labels_task", "online_task", "online_tasks", "plan_stage",
+           "prompts_task", "reinforce_task", "samples_task",
            "reward_model_task", "score_task", "sft_task", "summary_markdown"]

@@ -4,7 +4,9 @@ function):
 * the core's folders show its architecture: ``alignment/algorithms`` (the online loop and its pieces,
   the algorithms, their advantage and loss registries), ``alignment/rewards`` (reward-model training and
   scoring, the reward components and ensembles), ``alignment/evaluation`` (scoring, the judge, gold
-  checks, statistics, the verdict, the over-optimisation alarm); the old top-level modules are gone
+  checks, statistics, the verdict, the over-optimisation alarm, length-aware readings), ``alignment/rounds``
+  (on-policy re-training: the preference store, the samples and labels stages, a round's wiring, the
+  rounds report); the old top-level modules are gone
   and nothing imports them;
 * the core (``alignment/``) imports nothing from Prefect, ``tasks``, ``flows``, ``deployments`` or ``cli``;
 * the layers only import downwards: cli -> deployments -> flows -> tasks -> alignment;
@@ -60,7 +62,7 @@ def project_graph() -> dict[str, set[str]]:
     return graph
 
 
-SUBPACKAGES = ("alignment/algorithms", "alignment/rewards", "alignment/evaluation")
+SUBPACKAGES = ("alignment/algorithms", "alignment/rewards", "alignment/evaluation", "alignment/rounds")
 GONE = ("rl", "reward", "reinforce", "grpo", "ppo", "dpo", "sft", "evaluate", "verdict", "judge", "gold", "stats")
 
 
@@ -71,8 +73,10 @@ def test_the_layout_shows_the_architecture():
                    "ppo", "dpo", "sft"):
         assert (ROOT / "alignment" / "algorithms" / f"{module}.py").is_file(), module
     assert (ROOT / "alignment" / "rewards" / "model.py").is_file()
-    for module in ("evaluate", "verdict", "judge", "gold", "stats", "alarm"):
+    for module in ("evaluate", "verdict", "judge", "gold", "stats", "alarm", "length"):
         assert (ROOT / "alignment" / "evaluation" / f"{module}.py").is_file(), module
+    for module in ("config", "store", "onpolicy", "plan", "report"):
+        assert (ROOT / "alignment" / "rounds" / f"{module}.py").is_file(), module
     left = [f"alignment/{name}.py" for name in GONE if (ROOT / "alignment" / f"{name}.py").exists()]
     assert not left, f"old top-level modules are back: {left}"
 

@@ -3,8 +3,9 @@
 Protocol: every prompt's two answers are judged twice, once in each order (A shown first, then B
 first). A verdict that changes with the order counts as a tie (position bias is not a preference).
 Reported: wins / ties / losses of model A, the tie-adjusted win rate (W + T/2) / n with a 95% Wilson
-interval (ties counted as half a success) and a bootstrap interval, the position-flip rate, and the
-win rate split by which answer is longer (judges like long answers).
+interval (ties counted as half a success) and a bootstrap interval, the position-flip rate, the
+win rate split by which answer is longer (judges like long answers) and AlpacaEval 2's length-controlled
+win rate (the win rate predicted at equal answer lengths).
 
 Backends:
 * ``gemini``: the official ``google-genai`` client, structured JSON output (winner + explanation),
@@ -39,6 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from alignment.config import StageConfig
 from alignment.evaluation.evaluate import GENERATIONS, read_generations
+from alignment.evaluation.length import length_controlled_win_rate
 from alignment.evaluation.stats import bootstrap_ci, wilson_interval
 from alignment.evaluation.verdict import verdict
 from alignment.footprint import records_footprint
@@ -148,6 +150,11 @@ def summarise(rows: Sequence[dict[str, Any]], n_bootstrap: int = 2000, seed: int
 
     rows: one per pair with keys ``final`` ('win'/'loss'/'tie'), ``verdict_ab``, ``verdict_ba``,
     ``len_a``, ``len_b`` (answer lengths in characters).
+
+    Beside the raw win rate: ``lc_win_rate`` (AlpacaEval 2's length-controlled win rate, the win rate a
+    GLM on the character-length difference predicts at equal lengths; see
+    :func:`alignment.evaluation.length.length_controlled_win_rate`), its bootstrap ``lc_ci95`` and
+    ``length_coef`` (the GLM's length coefficient phi; > 0: the judge favours A when A is longer).
     """
     n = len(rows)
     wins = sum(r["final"] == "win" for r in rows)
@@ -170,6 +177,12 @@ def summarise(rows: Sequence[dict[str, Any]], n_bootstrap: int = 2000, seed: int
                        ("same_length", lambda r: r["len_a"] == r["len_b"])):
         pts = [p for p, r in zip(points, rows, strict=True) if sel(r)]
         out["by_length"][group] = {"n": len(pts), "win_rate": float(np.mean(pts)) if pts else None}
+    if n:
+        lc = length_controlled_win_rate(points, [r["len_a"] for r in rows], [r["len_b"] for r in rows],
+                                        n_bootstrap=n_bootstrap, seed=seed)
+        out.update(lc_win_rate=lc["lc_win_rate"], lc_ci95=lc["lc_ci95"], length_coef=lc["length_coef"])
+    else:
+        out.update(lc_win_rate=float("nan"), lc_ci95=(float("nan"), float("nan")), length_coef=float("nan"))
     return out
 
 
@@ -669,6 +682,16 @@ def plot_judge(summary: dict[str, Any], png: Path) -> None:
     plt.close(fig)
 
 
+def _lc_line(summary: dict[str, Any]) -> list[str]:
+    """The length-controlled win rate beside the raw one (nothing for a summary written before it existed)."""
+    if summary.get("lc_win_rate") is None:
+        return []
+    lo, hi = summary["lc_ci95"]
+    return [f"Length-controlled win rate (AlpacaEval 2 GLM on the length difference, at equal length): "
+            f"**{summary['lc_win_rate']:.3f}** [{lo:.3f}, {hi:.3f}] vs raw {summary['win_rate']:.3f}; "
+            f"length coefficient {summary['length_coef']:+.3f} (> 0: the judge favours the longer answer).", ""]
+
+
 def write_report(score_dir: Path, judge_dir: Path, summary: dict[str, Any]) -> Path:
     """report.md and report.html in ``judge_dir``: the scoring table, the judge's table and the plots."""
     import shutil
@@ -704,6 +727,7 @@ def write_report(score_dir: Path, judge_dir: Path, summary: dict[str, Any]) -> P
                   f"| {summary['n']} | {summary['wins']} | {summary['ties']} | {summary['losses']} | "
                   f"{summary['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | [{blo:.3f}, {bhi:.3f}] | "
                   f"{summary['flip_rate']:.3f} | {rate('a_longer')} | {rate('b_longer')} |", "",
+                  *_lc_line(summary),
                   "![judge](judge.png)", "", "Per-pair verdicts and explanations: `judgments.csv`.", ""]
     else:
         lines += ["No pair has been judged in both orders yet.", ""]

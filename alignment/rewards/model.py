@@ -38,6 +38,7 @@ from alignment.checkpoints import (
 from alignment.config import StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
+from alignment.evaluation.length import length_split
 from alignment.footprint import records_footprint
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
@@ -669,7 +670,13 @@ def expected_calibration_error(confidence: np.ndarray, outcome: np.ndarray, n_bi
 
 def evaluate_reward_model(scorer: RewardScorer, pairs: PairData, plot_dir: str | Path | None = None
                           ) -> dict[str, Any]:
-    """Pairwise accuracy, margin and (distributional) P(w > l) accuracy, KL/NLL and calibration."""
+    """Pairwise accuracy, margin and (distributional) P(w > l) accuracy, KL/NLL and calibration.
+
+    Also RewardBench's length view: ``length_split`` (accuracy with a 95% Wilson interval on the pairs
+    whose chosen answer is longer / shorter / as long as the rejected one, lengths in characters), and
+    its two headline numbers as flat floats for trackers, ``accuracy_chosen_longer`` and
+    ``accuracy_chosen_shorter`` (None when no pair is in the group).
+    """
     if len(pairs) == 0:
         raise RewardModelError("no validation pairs to evaluate on")
     lw = scorer.logits(pairs.prompts, pairs.chosen)
@@ -701,6 +708,10 @@ def evaluate_reward_model(scorer: RewardScorer, pairs: PairData, plot_dir: str |
     metrics["mean_margin"] = float(diff.mean())
     metrics["mean_reward_chosen"] = float(rw.mean())
     metrics["mean_reward_rejected"] = float(rl.mean())
+    split = length_split((diff > 0).tolist(), [len(c) for c in pairs.chosen], [len(r) for r in pairs.rejected])
+    metrics["length_split"], metrics["length_split_unit"] = split, "characters"
+    metrics["accuracy_chosen_longer"] = split["chosen_longer"]["accuracy"]
+    metrics["accuracy_chosen_shorter"] = split["chosen_shorter"]["accuracy"]
     if plot_dir is not None:
         _plot(rw.numpy(), rl.numpy(), metrics, Path(plot_dir))
     return metrics

@@ -1,0 +1,177 @@
+"""The rounds report: per round the reward model's accuracy on the next round's freshly labelled on-policy
+pairs (does the RM keep up with the policy?), and the proxy / independent RM / gold / judge / KL curves and
+the share of degenerate answers across rounds, as a table, a plot and JSON (no Prefect here)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from alignment.io import write_json
+
+_WORD = re.compile(r"\w+")
+
+
+def is_degenerate(text: str) -> bool:
+    """An answer that is no answer: empty, mostly one repeated symbol, or a loop of the same few words (fewer
+    than half of its word bigrams distinct, from 8 words on). The collapse the seed runs ended in."""
+    stripped = text.strip()
+    if not stripped:
+        return True
+    chars = Counter(c for c in stripped if not c.isspace())
+    if chars and chars.most_common(1)[0][1] / sum(chars.values()) > 0.3 and not chars.most_common(1)[0][0].isalnum():
+        return True
+    words = _WORD.findall(stripped.lower())
+    if len(words) >= 8:
+        bigrams = list(zip(words, words[1:], strict=False))
+        return len(set(bigrams)) / len(bigrams) < 0.5
+    return False
+
+
+def degenerate_share(score_dir: str | Path, model: str) -> float | None:
+    path = Path(score_dir) / "generations" / f"{model}.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sum(is_degenerate(r["completion"]) for r in rows) / len(rows) if rows else None
+
+
+def round_record(n: int, experiment: str, stages: dict[str, str], verdict: dict[str, Any],
+                 labels: dict[str, Any] | None, samples: dict[str, Any] | None) -> dict[str, Any]:
+    """What the report needs of one round, read from its stage folders (``stages``: name -> folder)."""
+    scores = json.loads((Path(stages["score"]) / "scores.json").read_text(encoding="utf-8"))
+    tuned = verdict["model"]
+    m = scores["models"][tuned]
+    checks = {c["kind"] if c["kind"] != "independent" else c["name"]: c for c in verdict["checks"]}
+    return {"round": n, "experiment": experiment, "stages": stages, "verdict": verdict,
+            "proxy": checks.get("proxy"), "gold": m.get("gold"), "kl": m.get("kl_to_reference"),
+            "independent": {c["name"]: c for c in verdict["checks"] if c["kind"] == "independent"},
+            "judge": checks.get("judge"), "distinct2": m.get("distinct2"), "eos_rate": m.get("eos_rate"),
+            "degenerate_share": degenerate_share(stages["score"], tuned),
+            "labels": labels, "samples": samples}
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _ci(check: dict[str, Any] | None, signed: bool = True) -> str:
+    if not check:
+        return "—"
+    v = format(check["value"], "+.3f" if signed else ".3f")
+    return f"{v} [{check['ci95'][0]:.3f}, {check['ci95'][1]:.3f}]"
+
+
+def on_policy_accuracy(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round n >= 1: the accuracy, on round n's freshly labelled pairs (sampled from round n-1's policy), of
+    round n-1's reward model and of round 0's (from round 2 on)."""
+    rows = []
+    for rec in records:
+        acc = (rec.get("labels") or {}).get("reward_model_accuracy") or {}
+        if acc:
+            rows.append({"round": rec["round"], **{name: a for name, a in acc.items()}})
+    return rows
+
+
+def rounds_markdown(records: list[dict[str, Any]], notes: list[str] | None = None) -> str:
+    lines = ["# Rounds: on-policy re-training\n",
+             "Each round n >= 1 sampled the previous policy, labelled the pairs, retrained the reward model on "
+             "old + new pairs and ran RL again from the previous policy. Every figure is against round 0's "
+             "starting policy on the same held-out prompts (paired differences with 95% intervals).\n",
+             "| round | proxy RM | independent RM | gold | judge win rate | KL | degenerate | labelled pairs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        ind = next(iter(rec.get("independent", {}).values()), None)
+        gold = rec.get("gold") or {}
+        gold_s = (f"{gold['accuracy']:.3f} ({gold['paired_diff']:+.3f} [{gold['paired_diff_ci95'][0]:.3f}, "
+                  f"{gold['paired_diff_ci95'][1]:.3f}])") if gold.get("paired_diff") is not None else "—"
+        lab = rec.get("labels") or {}
+        pairs = f"{lab['n_labelled']} of {lab['n_pairs']}" if lab else "—"
+        lines.append(f"| {rec['round']} | {_ci(rec.get('proxy'))} | {_ci(ind)} | {gold_s} | "
+                     f"{_ci(rec.get('judge'), signed=False)} | {_fmt(rec.get('kl'))} | "
+                     f"{_fmt(rec.get('degenerate_share'), '.2f')} | {pairs} |")
+    acc = on_policy_accuracy(records)
+    if acc:
+        lines += ["\n## Does the reward model keep up with the policy?\n",
+                  "Accuracy on each round's freshly labelled pairs (answers of the previous round's policy, which "
+                  "no reward model has trained on), with Wilson 95% intervals:\n",
+                  "| round (pairs from policy of round) | reward model | accuracy | chosen longer | chosen shorter |",
+                  "|---|---|---|---|---|"]
+        for row in acc:
+            for name, a in row.items():
+                if name == "round" or a.get("accuracy") is None:
+                    continue
+                split = a.get("length_split") or {}
+                part = {key: f"{s['accuracy']:.2f} (n={s['n']})" if (s := split.get(key) or {}).get("accuracy")
+                        is not None else "—" for key in ("chosen_longer", "chosen_shorter")}
+                lines.append(f"| {row['round']} ({row['round'] - 1}) | {name} | {a['accuracy']:.3f} "
+                             f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] (n={a['n']}) | {part['chosen_longer']} | "
+                             f"{part['chosen_shorter']} |")
+    length = [(rec["round"], (rec.get("labels") or {}).get("length") or {}) for rec in records]
+    length = [(n, s) for n, s in length if s.get("n")]
+    if length:
+        lines.append("\nLabellers' preference for the longer answer: " + "; ".join(
+            f"round {n}: {s['share_longer_preferred']:.2f} of {s['n']}" for n, s in length) + ".")
+    for note in notes or []:
+        lines.append(f"\n{note}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(records: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+
+    def series(get):
+        return [get(r) for r in records]
+
+    for name, get in (("proxy RM", lambda r: (r.get("proxy") or {}).get("value")),
+                      ("independent RM", lambda r: next(iter(r.get("independent", {}).values()), {}).get("value")),
+                      ("gold", lambda r: (r.get("gold") or {}).get("paired_diff"))):
+        ys = series(get)
+        if any(y is not None for y in ys):
+            axes[0].plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    axes[0].axhline(0, color="grey", lw=0.5)
+    axes[0].set(title="paired gain over round 0's start", xlabel="round")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(xs, [float("nan") if r.get("kl") is None else r["kl"] for r in records], marker="o", label="KL")
+    axes[1].plot(xs, [float("nan") if r.get("degenerate_share") is None else r["degenerate_share"] for r in records],
+                 marker="s", label="degenerate share")
+    axes[1].set(title="KL to the start, degenerate answers", xlabel="round")
+    axes[1].legend(fontsize=8)
+    for row in on_policy_accuracy(records):
+        for name, a in ((k, v) for k, v in row.items() if k != "round"):
+            if a.get("accuracy") is None:
+                continue
+            lo, hi = a["ci95"]
+            axes[2].errorbar(row["round"] + (0.08 if name == "round0" else 0), a["accuracy"],
+                             yerr=[[a["accuracy"] - lo], [hi - a["accuracy"]]], fmt="o" if name == "round0" else "s",
+                             color="C1" if name == "round0" else "C0",
+                             label="round 0's RM" if name == "round0" else "previous round's RM")
+    handles, labels = axes[2].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    if uniq:
+        axes[2].legend(uniq.values(), uniq.keys(), fontsize=8)
+    axes[2].axhline(0.5, color="grey", lw=0.5)
+    axes[2].set(title="RM accuracy on fresh on-policy pairs", xlabel="round", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_rounds_report(records: list[dict[str, Any]], folder: Path, notes: list[str] | None = None) -> Path:
+    """``report.md``, ``rounds.png`` and ``rounds.json`` in ``folder`` (rewritten each tick)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "rounds.json", records)
+    if records:
+        plot_rounds(records, folder / "rounds.png")
+    text = rounds_markdown(records, notes) + ("\n![rounds](rounds.png)\n" if records else "")
+    (folder / "report.md").write_text(text, encoding="utf-8")
+    return folder / "report.md"
