@@ -256,7 +256,23 @@ def test_schedule_ticks_run_the_next_round_then_complete_from_cache(prefect_harn
     assert {v["state"] for v in third["stages"].values()} == {"Cached"}
     assert any("max_rounds=2 reached" in n for n in third["notes"])
     report = Path(third["report"]).read_text()
+    assert "Not independent from round 1 on" in report  # the reward_models labeller used the independent RM
     assert "| 2 |" in report and "keep up with the policy" in report and (Path(third["report"]).parent / "rounds.png").is_file()
+
+
+def test_the_retrain_deployment_runs_the_next_round_on_its_schedule():
+    from deployments.serve import build_deployments
+
+    deployments = {(d.flow_name, d.name): d for d in build_deployments(cron="0 4 * * 2", runs_dir="runs-x")}
+    retrain = deployments[("alignment-rounds", "retrain")]
+    assert retrain.parameters["new_rounds"] == 1 and retrain.parameters["pipeline"]["options"]["runs_dir"] == "runs-x"
+    assert retrain.parameters["pipeline"]["rounds"]["max_rounds"] == 3  # the demo-rounds preset
+    assert [s.schedule.cron for s in retrain.schedules] == ["0 4 * * 2"]
+    assert retrain.entrypoint == "flows/rounds.py:alignment_rounds"
+    assert ("alignment-rounds", "manual") in deployments and ("alignment-pipeline", "demo") in deployments
+    prefect_yaml = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    entry = next(d for d in prefect_yaml["deployments"] if d["name"] == "retrain")
+    assert entry["entrypoint"] == "flows/rounds.py:alignment_rounds" and entry["parameters"] == {"new_rounds": 1}
 
 
 @pytest.mark.slow
@@ -294,3 +310,27 @@ def test_a_round_killed_mid_way_resumes_where_it_stopped(tiny_model, tmp_path):
     for stage in ("r0.reinforce", "r1.samples", "r1.labels", "r1.data", "r1.rm_scalar"):
         assert f"stage {stage}: Cached" in out, (stage, out[-3000:])
     assert "stage r1.reinforce: Completed" in out and "complete: 0, 1" in out
+
+
+def test_round_metrics_for_the_tracker():
+    from flows.rounds import _round_metrics
+
+    record = {"round": 2, "proxy": {"value": 0.3}, "judge": {"value": 0.55},
+              "independent": {"independent RM 'distributional'": {"value": -0.1}},
+              "gold": {"paired_diff": 0.1, "accuracy": 0.4}, "kl": 1.5, "degenerate_share": 0.0, "distinct2": 0.7,
+              "labels": {"reward_model_accuracy": {"round1": {"accuracy": 0.6}, "round0": {"accuracy": 0.5},
+                                                   "empty": {"accuracy": None}}}}
+    assert _round_metrics(record) == {
+        "proxy": 0.3, "judge": 0.55, "independent_0": -0.1, "gold_gain": 0.1, "gold_accuracy": 0.4, "kl": 1.5,
+        "degenerate_share": 0.0, "distinct2": 0.7, "rm_on_policy_accuracy/previous": 0.6,
+        "rm_on_policy_accuracy/round0": 0.5}
+
+
+def test_degenerate_answers_by_hand():
+    from alignment.rounds.report import is_degenerate
+
+    assert is_degenerate("") and is_degenerate("   ")
+    assert is_degenerate("!!!!!!!!!! ok")  # one symbol is 10 of 12 characters
+    assert is_degenerate("the cat the cat the cat the cat the cat")  # 9 words, bigrams: 2 distinct of 8
+    assert not is_degenerate("Paris is the capital of France, on the Seine.")
+    assert not is_degenerate("4")

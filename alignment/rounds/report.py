@@ -46,10 +46,15 @@ def round_record(n: int, experiment: str, stages: dict[str, str], verdict: dict[
     tuned = verdict["model"]
     m = scores["models"][tuned]
     checks = {c["kind"] if c["kind"] != "independent" else c["name"]: c for c in verdict["checks"]}
+    judged = json.loads((Path(stages["judge"]) / "summary.json").read_text(encoding="utf-8")) \
+        if stages.get("judge") else {}
+    used = set(((labels or {}).get("labellers") or {}))
     return {"round": n, "experiment": experiment, "stages": stages, "verdict": verdict,
             "proxy": checks.get("proxy"), "gold": m.get("gold"), "kl": m.get("kl_to_reference"),
             "independent": {c["name"]: c for c in verdict["checks"] if c["kind"] == "independent"},
-            "judge": checks.get("judge"), "distinct2": m.get("distinct2"), "eos_rate": m.get("eos_rate"),
+            "judge": checks.get("judge"), "judge_lc_win_rate": judged.get("lc_win_rate"),
+            "judge_lc_ci95": judged.get("lc_ci95"), "labelled_by": sorted(used),
+            "distinct2": m.get("distinct2"), "eos_rate": m.get("eos_rate"),
             "degenerate_share": degenerate_share(stages["score"], tuned),
             "labels": labels, "samples": samples}
 
@@ -81,8 +86,9 @@ def rounds_markdown(records: list[dict[str, Any]], notes: list[str] | None = Non
              "Each round n >= 1 sampled the previous policy, labelled the pairs, retrained the reward model on "
              "old + new pairs and ran RL again from the previous policy. Every figure is against round 0's "
              "starting policy on the same held-out prompts (paired differences with 95% intervals).\n",
-             "| round | proxy RM | independent RM | gold | judge win rate | KL | degenerate | labelled pairs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| round | proxy RM | independent RM | gold | judge win rate | length-controlled | KL | degenerate | "
+             "labelled pairs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         ind = next(iter(rec.get("independent", {}).values()), None)
         gold = rec.get("gold") or {}
@@ -90,8 +96,10 @@ def rounds_markdown(records: list[dict[str, Any]], notes: list[str] | None = Non
                   f"{gold['paired_diff_ci95'][1]:.3f}])") if gold.get("paired_diff") is not None else "—"
         lab = rec.get("labels") or {}
         pairs = f"{lab['n_labelled']} of {lab['n_pairs']}" if lab else "—"
+        lc = rec.get("judge_lc_win_rate")
+        lc_s = f"{lc:.3f} [{rec['judge_lc_ci95'][0]:.3f}, {rec['judge_lc_ci95'][1]:.3f}]" if lc is not None else "—"
         lines.append(f"| {rec['round']} | {_ci(rec.get('proxy'))} | {_ci(ind)} | {gold_s} | "
-                     f"{_ci(rec.get('judge'), signed=False)} | {_fmt(rec.get('kl'))} | "
+                     f"{_ci(rec.get('judge'), signed=False)} | {lc_s} | {_fmt(rec.get('kl'))} | "
                      f"{_fmt(rec.get('degenerate_share'), '.2f')} | {pairs} |")
     acc = on_policy_accuracy(records)
     if acc:
@@ -115,6 +123,12 @@ def rounds_markdown(records: list[dict[str, Any]], notes: list[str] | None = Non
     if length:
         lines.append("\nLabellers' preference for the longer answer: " + "; ".join(
             f"round {n}: {s['share_longer_preferred']:.2f} of {s['n']}" for n, s in length) + ".")
+    contaminated = [rec["round"] for rec in records if "reward_models" in rec.get("labelled_by", [])]
+    if contaminated:
+        lines.append(f"\n**Not independent from round {contaminated[0]} on:** the 'reward_models' labeller (rounds "
+                     f"{', '.join(map(str, contaminated))}) labelled pairs with the reward models not trained against, "
+                     "so the retrained reward model learnt them and their 'independent' column is no longer an "
+                     "independent check; gold and the judge still are.")
     for note in notes or []:
         lines.append(f"\n{note}")
     return "\n".join(lines) + "\n"
