@@ -516,13 +516,20 @@ def _cmd_judge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from alignment.pipeline import PipelineConfig, completed_pipeline, completed_result
+def _pipeline_config(args: argparse.Namespace, default_preset: str):
+    """(preset name, PipelineConfig) of `align run` / `align round(s)`: preset < --config < key=value < --runs-dir."""
+    from alignment.pipeline import PipelineConfig
 
-    preset = args.preset or "demo"
+    preset = args.preset or default_preset
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
-                          overrides=args.overrides, explicit=explicit)
+    return preset, build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
+                                overrides=args.overrides, explicit=explicit)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from alignment.pipeline import completed_pipeline, completed_result
+
+    preset, config = _pipeline_config(args, "demo")
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0
@@ -560,12 +567,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_rounds(args: argparse.Namespace) -> int:
-    from alignment.pipeline import PipelineConfig
-
-    preset = args.preset or "demo-rounds"
-    explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
-                          overrides=args.overrides, explicit=explicit)
+    preset, config = _pipeline_config(args, "demo-rounds")
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return 0

@@ -65,6 +65,19 @@ def _messages_key(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
+def _plan_or_reuse(stage: str, plan: StagePlan, config: StageConfig, out_dir: str | Path | None, overwrite: bool,
+                   runs_root: str | Path) -> tuple[str, Path, StageResult | None]:
+    """(key, folder, the complete earlier result or None): the folder checked as every stage checks it (ours,
+    not an input, not protected) before any work."""
+    out = Path(out_dir) if out_dir is not None else plan.out
+    existing = reuse_or_guard(out, plan.key, RoundsError, stage=stage, overwrite=overwrite,
+                              inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root)
+    if existing is None:
+        return plan.key, out, None
+    log.info("%s already complete in %s: reusing them", stage, out)
+    return plan.key, out, StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Pairing (pure, tested by hand)
 # --------------------------------------------------------------------------------------------
@@ -158,13 +171,9 @@ def run_samples_stage(config: SamplesConfig, out_dir: str | Path | None = None, 
 
     data_manifest = require_stage_output(config.data, "data", RoundsError, "samples: data")
     require_model_source(config.policy, RoundsError, "samples: policy")
-    plan = plan_samples(config, runs_root)
-    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    existing = reuse_or_guard(out, key, RoundsError, stage="samples", overwrite=overwrite,
-                              inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root)
-    if existing is not None:
-        log.info("samples already complete in %s: reusing them", out)
-        return StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
+    key, out, reused = _plan_or_reuse("samples", plan_samples(config, runs_root), config, out_dir, overwrite, runs_root)
+    if reused is not None:
+        return reused
 
     items = train_prompts(config.data, config.n_prompts, config.seed)
     k = config.samples_per_prompt
@@ -397,13 +406,9 @@ def run_labels_stage(config: LabelsConfig, out_dir: str | Path | None = None, *,
     from alignment.evaluation.length import longer_preferred
 
     samples_manifest = require_stage_output(config.samples, "samples", RoundsError, "labels: samples")
-    plan = plan_labels(config, runs_root)
-    key, out = plan.key, Path(out_dir) if out_dir is not None else plan.out
-    existing = reuse_or_guard(out, key, RoundsError, stage="labels", overwrite=overwrite,
-                              inputs=local_paths(config.model_dump(mode="json")), runs_root=runs_root)
-    if existing is not None:
-        log.info("labels already complete in %s: reusing them", out)
-        return StageResult(out, json.loads((out / "summary.json").read_text()), reused=True)
+    key, out, reused = _plan_or_reuse("labels", plan_labels(config, runs_root), config, out_dir, overwrite, runs_root)
+    if reused is not None:
+        return reused
 
     scfg = samples_manifest["config"]
     pairs = [json.loads(line) for line in (Path(config.samples) / "pairs.jsonl").read_text(encoding="utf-8").splitlines()

@@ -48,7 +48,7 @@ def round_record(n: int, experiment: str, stages: dict[str, str], verdict: dict[
     checks = {c["kind"] if c["kind"] != "independent" else c["name"]: c for c in verdict["checks"]}
     judged = json.loads((Path(stages["judge"]) / "summary.json").read_text(encoding="utf-8")) \
         if stages.get("judge") else {}
-    used = set(((labels or {}).get("labellers") or {}))
+    used = set((labels or {}).get("labellers") or {})
     return {"round": n, "experiment": experiment, "stages": stages, "verdict": verdict,
             "proxy": checks.get("proxy"), "gold": m.get("gold"), "kl": m.get("kl_to_reference"),
             "independent": {c["name"]: c for c in verdict["checks"] if c["kind"] == "independent"},
