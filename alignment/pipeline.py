@@ -319,6 +319,13 @@ def stage_headline(path: str | Path) -> str | None:
     if stage == "data":
         unit = "prompts" if not manifest.get("n_pairs") else "pairs"
         return f"{manifest.get('n_train')} train / {manifest.get('n_validation')} validation {unit}"
+    if stage in ("samples", "labels"):
+        s = _read_json(path / "summary.json")
+        if stage == "samples":
+            return f"{s.get('n_pairs')} pairs from {s.get('n_prompts')} prompts x {s.get('samples_per_prompt')} answers"
+        acc = "; ".join(f"{name} RM accuracy on them {a['accuracy']:.2f}"
+                        for name, a in (s.get("reward_model_accuracy") or {}).items() if a.get("accuracy") is not None)
+        return f"{s.get('n_labelled')} of {s.get('n_pairs')} pairs labelled" + (f"; {acc}" if acc else "")
     metrics = _read_json(path / "metrics.json")
     if "accuracy" in metrics:
         return f"validation accuracy {metrics['accuracy']:.3f}"
