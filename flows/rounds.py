@@ -96,9 +96,9 @@ def _rounds(config: PipelineConfig, new_rounds: int, run: tracker.Run | None) ->
     store.open({"rounds": config.rounds.model_dump(mode="json")})
     stages: dict[str, dict[str, Any]] = {}
     base = run_pipeline_stages(config, stages, prefix="r0.")  # round 0: the pipeline's stages and folders
-    if store.record(0) is None:
-        store.write_record(0, round_record(0, store.experiment, base, pipeline_verdict(base["score"], base.get("judge")),
-                                           None, None))
+    # Records are rewritten from the stage folders on every walk (cheap), so they always read as this code does.
+    store.write_record(0, round_record(0, store.experiment, base, pipeline_verdict(base["score"], base.get("judge")),
+                                       None, None))
     previous, ran, limit = base, 0, config.rounds.max_rounds
     for n in range(1, limit + 1):
         complete = store.record(n) is not None

@@ -1,9 +1,13 @@
 """Plot the held-out curves (gold, proxy, independent RMs, length) of one or more online runs side by side.
 
     python scripts/plot_heldout.py LABEL=RUN_DIR [LABEL=RUN_DIR ...] --out curves.png
+    python scripts/plot_heldout.py rounds=R0_DIR+R1_DIR+R2_DIR long=LONG_DIR --out rounds-vs-long.png
 
 RUN_DIR is an online stage folder (``runs/grpo/<hash>`` or its ``final/``); its ``heldout.jsonl`` holds one
-line per held-out evaluation (greedy, the same validation prompts each time).
+line per held-out evaluation (greedy, the same validation prompts each time). ``DIR1+DIR2+...`` chains runs
+that continue one another (the RL stages of successive rounds, each starting from the last one's policy):
+their steps add up, and each later run's step-0 evaluation (the policy the previous run ended with) is
+dropped. The proxy of a chain changes with each run's reward model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+def read_chain(spec: str) -> list[dict]:
+    """The held-out history of ``DIR`` or of chained ``DIR1+DIR2+...`` runs, on one step axis."""
+    history: list[dict] = []
+    for i, folder in enumerate(spec.split("+")):
+        part = read_heldout(Path(folder))
+        offset = history[-1]["step"] if history else 0
+        history += [{**h, "step": h["step"] + offset} for h in part if i == 0 or h["step"] > 0]
+    return history
 
 
 def read_heldout(folder: Path) -> list[dict]:
@@ -35,7 +49,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for item in args.runs:
         label, _, folder = item.partition("=")
-        history = read_heldout(Path(folder))
+        history = read_chain(folder)
         steps = [h["step"] for h in history]
         for ax, (key, title) in zip(axes, panels, strict=True):
             if key == "independent":
