@@ -14,6 +14,7 @@ built from the registry).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -89,6 +90,24 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
     return path
 
 
+@contextlib.contextmanager
+def flow_parent_run(config: PipelineConfig, name: str, kind: str, link_key: str, description: str):
+    """A flow's set-up and its MLflow parent run (yielded; None untracked): the wiring checked before any stage,
+    the runs folder, tracking, library noise, the run's link artifact, the Prefect flow run's id on every stage's run."""
+    check_pipeline(config)  # a reward model the RL stage needs but the pipeline does not train: before any stage
+    Path(config.options.runs_dir).mkdir(parents=True, exist_ok=True)
+    tracker.configure_flow(config.tracking, config.options.runs_dir)
+    quiet_libraries(is_verbose())  # again: Prefect's logging set-up at the flow's start resets library levels
+    with tracker.stage_run(name, process_wide=True, params=config.model_dump(mode="json", exclude={"tracking"}),
+                           tags={"kind": kind, "prefect.flow_run_id": flow_run.get_id(),
+                                 "prefect.flow_run_name": flow_run.get_name()}) as run:
+        if run is not None:
+            get_run_logger().info("MLflow run: %s", run.url)
+            create_link_artifact(link=run.url, link_text="MLflow run", key=link_key, description=description)
+        with tracker.tagged(**{"prefect.flow_run_id": flow_run.get_id()}):  # on every stage's run too
+            yield run
+
+
 @flow(name="alignment-pipeline")
 def alignment_pipeline(
     data: DataConfig = DEMO.data,
@@ -109,21 +128,10 @@ def alignment_pipeline(
     config = PipelineConfig(data=data, prompts=prompts, sft=sft, rm_scalar=rm_scalar, rm_distributional=rm_distributional,
                             reinforce=reinforce, ppo=ppo, grpo=grpo, score=score, judge=judge, options=options,
                             tracking=tracking)
-    check_pipeline(config)  # a reward model the RL stage needs but the pipeline does not train: before any stage
-    Path(options.runs_dir).mkdir(parents=True, exist_ok=True)
-    tracker.configure_flow(tracking, options.runs_dir)
-    quiet_libraries(is_verbose())  # again: Prefect's logging set-up at the flow's start resets library levels
-    with tracker.stage_run(f"pipeline {options.algorithm}", process_wide=True,
-                            params=config.model_dump(mode="json", exclude={"tracking"}),
-                            tags={"kind": "pipeline", "prefect.flow_run_id": flow_run.get_id(),
-                                  "prefect.flow_run_name": flow_run.get_name()}) as run:
-        if run is not None:
-            get_run_logger().info("MLflow run: %s", run.url)
-            create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-run",
-                                 description="This pipeline run in MLflow: params, per-step metrics, one child run "
-                                 "per stage, the verdict.")
-        with tracker.tagged(**{"prefect.flow_run_id": flow_run.get_id()}):  # on every stage's run too
-            result = _pipeline_stages(config, run)
+    with flow_parent_run(config, f"pipeline {options.algorithm}", "pipeline", "mlflow-run",
+                         "This pipeline run in MLflow: params, per-step metrics, one child run per stage, the "
+                         "verdict.") as run:
+        result = _pipeline_stages(config, run)
     return result
 
 

@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.artifacts import create_markdown_artifact
 
 from alignment import tracking as tracker
-from alignment.console import is_verbose, quiet_libraries
-from alignment.pipeline import PipelineConfig, check_pipeline, pipeline_verdict
+from alignment.pipeline import PipelineConfig, pipeline_verdict
 from alignment.rounds.plan import STORE_STEP, experiment_id, round_stage_config, round_stages, store_root
 from alignment.rounds.report import round_record, write_rounds_report
 from alignment.rounds.store import PreferenceStore
-from flows.pipeline import _run, pipeline_tasks, run_pipeline_stages
+from flows.pipeline import _run, flow_parent_run, pipeline_tasks, run_pipeline_stages
 from tasks.stages import data_task, embed_png, labels_task, samples_task
 
 DEMO_ROUNDS = PipelineConfig(**PipelineConfig.preset("demo-rounds"))
@@ -74,20 +72,9 @@ def alignment_rounds(pipeline: PipelineConfig = DEMO_ROUNDS, new_rounds: int = 1
     config = pipeline
     if new_rounds < 0:
         raise ValueError(f"new_rounds={new_rounds}: give 0 (report only) or more")
-    check_pipeline(config)
-    Path(config.options.runs_dir).mkdir(parents=True, exist_ok=True)
-    tracker.configure_flow(config.tracking, config.options.runs_dir)
-    quiet_libraries(is_verbose())
-    with tracker.stage_run(f"rounds {experiment_id(config)}", process_wide=True,
-                            params=config.model_dump(mode="json", exclude={"tracking"}),
-                            tags={"kind": "rounds", "prefect.flow_run_id": flow_run.get_id(),
-                                  "prefect.flow_run_name": flow_run.get_name()}) as run:
-        if run is not None:
-            get_run_logger().info("MLflow run: %s", run.url)
-            create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-rounds-run",
-                                 description="These rounds in MLflow: one child run per stage, the curves per round.")
-        with tracker.tagged(**{"prefect.flow_run_id": flow_run.get_id()}):
-            return _rounds(config, new_rounds, run)
+    with flow_parent_run(config, f"rounds {experiment_id(config)}", "rounds", "mlflow-rounds-run",
+                         "These rounds in MLflow: one child run per stage, the curves per round.") as run:
+        return _rounds(config, new_rounds, run)
 
 
 def _rounds(config: PipelineConfig, new_rounds: int, run: tracker.Run | None) -> dict[str, Any]:
