@@ -175,3 +175,93 @@ def test_int8_copy_of_a_bf16_held_lora_base_runs_in_fp32(tiny_model):
     assert sampler.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
     ro = rollout(sampler.model, tok, PROMPTS, SamplingConfig(max_new_tokens=6), 64, record_logprobs=True)
     assert ro.completion.shape[0] == len(PROMPTS) and torch.isfinite(ro.sampler_logp).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 rollouts: a bf16 copy of the Linear weights, refreshed every step
+# ---------------------------------------------------------------------------------------------
+def test_bf16_copy_samples_the_same_tokens_as_the_autocast_policy(tiny_model):
+    """The bf16 copy under autocast = the fp32 policy under autocast: the same tokens under the same
+    seed (k = 1 and k = 3), with embedding and norms shared and the LM head its own bf16 tensor; after the
+    policy's weights change, a refresh makes it sample the new policy's tokens again."""
+    from alignment.generation import Bf16Rollouts
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    copy = Bf16Rollouts(policy)
+    layer = copy.model.model.layers[0]
+    assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16 and copy.model.lm_head.weight.dtype == torch.bfloat16
+    assert copy.model.model.embed_tokens.weight is policy.model.embed_tokens.weight
+    assert copy.model.model.norm.weight is policy.model.norm.weight
+    assert policy.lm_head.weight.dtype == torch.float32  # the policy is untouched
+    batch = encode_prompts(tok, PROMPTS, 64)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0)
+
+    def same_tokens(k: int) -> bool:
+        torch.manual_seed(11)
+        a = generate(policy, tok, batch, sampling, bf16=True, samples_per_prompt=k)
+        torch.manual_seed(11)
+        b = generate(copy.model, tok, batch, sampling, bf16=True, samples_per_prompt=k)
+        return torch.equal(a, b)
+
+    assert same_tokens(1) and same_tokens(3)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+    assert not same_tokens(1)  # stale: the copy still holds the old weights
+    copy.refresh()
+    assert same_tokens(1) and same_tokens(3)
+
+
+def test_bf16_copy_merges_lora_adapters(tiny_model):
+    """With LoRA the copy holds base + adapter delta in plain bf16 Linear layers (no adapter modules run
+    while decoding), and follows the adapters after a refresh: its log-probs match the policy's under
+    autocast to bf16 rounding (merged, then rounded once), and the stale copy's do not."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignment.generation import Bf16Rollouts
+    from alignment.models import bf16_frozen_linears
+
+    policy, tok = load_causal_lm(str(tiny_model), padding_side="left")
+    bf16_frozen_linears(policy)
+    policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    copy = Bf16Rollouts(policy)
+    assert type(copy.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    ids = encode_prompts(tok, PROMPTS, 64)["input_ids"]
+
+    def gap() -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return _logsoftmax_gap(policy, copy.model, ids)
+
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    stale = gap()
+    copy.refresh()
+    fresh = gap()
+    assert fresh < 0.2 and stale > 5 * fresh, (fresh, stale)  # max |gap| over a 49k vocabulary: bf16 rounding
+
+
+def test_fused_adamw_takes_the_plain_step():
+    """adamw(fused=True) = torch's plain AdamW after a few steps, to a relative tolerance (one kernel,
+    another summation order); fused=None picks the fused kernel on the CPU."""
+    from alignment.algorithms.online import adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    results = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = adamw(params, 1e-2, 0.01, fused=fused)
+        assert opt.defaults["fused"] is fused
+        for step in range(5):
+            torch.manual_seed(step)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        results.append(params)
+    for plain, fused in zip(*results, strict=True):
+        assert not torch.equal(plain, start[0]) if plain.shape == start[0].shape else True
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert adamw([torch.nn.Parameter(torch.zeros(3))], 1e-3, 0.0).defaults["fused"] is True

@@ -327,6 +327,26 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_stack):
     assert result.summary["eval_after"]["n"] == 2
 
 
+def test_bf16_rollout_copy_samples_what_the_autocast_policy_samples(tmp_path, tiny_stack, monkeypatch):
+    """bf16 on: rollouts come from the bf16 copy, refreshed before every rollout, and the run samples the
+    same completions and rewards at every step as sampling with the autocast policy itself
+    (bf16_rollouts=false); the fused AdamW is the default optimizer."""
+    from alignment.generation import Bf16Rollouts
+
+    refreshes = []
+    original = Bf16Rollouts.refresh
+    monkeypatch.setattr(Bf16Rollouts, "refresh", lambda self: (refreshes.append(1), original(self))[1])
+    rows = {}
+    for copy in (True, False):
+        train_reinforce(_config(tiny_stack, steps=3, eval_prompts=0, bf16=True, bf16_rollouts=copy),
+                        tmp_path / str(copy))
+        rows[copy] = [json.loads(line) for line in (tmp_path / str(copy) / "metrics.jsonl").read_text().splitlines()]
+    assert len(refreshes) == 1 + 3  # once when built, then before each of the 3 rollouts
+    assert [r["sample"] for r in rows[True]] == [r["sample"] for r in rows[False]]
+    assert [r["length"] for r in rows[True]] == [r["length"] for r in rows[False]]
+    assert [r["reward"] for r in rows[True]] == pytest.approx([r["reward"] for r in rows[False]], rel=1e-3, abs=1e-3)
+
+
 def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):
     plain = _config(tiny_stack, steps=1, eval_prompts=0)
     checkpointed = _config(tiny_stack, steps=1, eval_prompts=0, gradient_checkpointing=True)

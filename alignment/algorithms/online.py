@@ -48,7 +48,7 @@ from alignment.evaluation.alarm import (
 )
 from alignment.evaluation.evaluate import PolicyEval, evaluate_policy
 from alignment.footprint import records_footprint, release_memory
-from alignment.generation import Rollout, SamplingConfig, batched_logprobs, rollout
+from alignment.generation import Bf16Rollouts, Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
@@ -144,6 +144,11 @@ class OnlineConfig(StageConfig):
                                                   "the run (best/ and the checkpoints are kept).")
     seed: int = 0
     bf16: bool | None = None
+    bf16_rollouts: bool | None = Field(None, description="Sample with a bf16 copy of the policy's Linear weights "
+                                       "(LoRA merged in), refreshed before every rollout, instead of autocasting "
+                                       "the fp32 policy at every decoding step. None: on whenever bf16 is on.")
+    fused_optimizer: bool | None = Field(None, description="torch's fused AdamW (one kernel over all parameters; "
+                                         "the same update to rounding). None: on where torch has it for the device.")
     gradient_checkpointing: bool = False
     lora: bool = Field(False, description="Train LoRA adapters (peft); the KL reference is the adapter-free model.")
     lora_r: int = Field(16, ge=1)
@@ -167,6 +172,19 @@ class OnlineConfig(StageConfig):
         """The rollout settings (greedy for the held-out evaluation)."""
         return SamplingConfig(max_new_tokens=self.max_new_tokens, greedy=greedy, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k)
+
+
+def adamw(params, lr: float, weight_decay: float, *, fused: bool | None = None) -> torch.optim.AdamW:
+    """torch's AdamW; ``fused`` (None: where torch has a fused kernel for the parameters' device, CPU
+    included since torch 2.4) runs one kernel over all parameters instead of a loop of small ops."""
+    params = list(params)
+    use = fused if fused is not None else bool(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=use)
+    except (RuntimeError, ValueError) as exc:  # a device or dtype without the fused kernel
+        if fused:
+            log.warning("fused AdamW unavailable here (%s); using the plain one", exc)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def shape_rewards(rm_mean: torch.Tensor, rm_var: torch.Tensor, kl: torch.Tensor, has_eos: torch.Tensor, *,
@@ -285,6 +303,8 @@ class OnlineRecipe:
         if cfg.kl_beta > 0 and not cfg.lora:
             self.reference, _ = load_causal_lm(cfg.policy, device=self.device, padding_side="left")
             self.reference.eval().requires_grad_(False)
+            if self.bf16:  # frozen: held in bf16, not re-cast by autocast at every pass (the same matmuls)
+                bf16_frozen_linears(self.reference)
         if cfg.rewards is None:  # the shorthand: today's scorer, loaded as before
             self.scorer = RewardScorer.from_pretrained(cfg.reward_model, device=str(self.device), bf16=self.bf16)
             self.components[0].scorer = self.scorer
@@ -313,9 +333,12 @@ class OnlineRecipe:
                                  f"batch_size={cfg.batch_size}")
         self.sampler = PromptSampler(len(self.train_prompts), cfg.seed)
         self.trainable = self.build_trainable()
-        self.optimizer = torch.optim.AdamW([p for p in self.trainable.parameters() if p.requires_grad],
-                                           lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw([p for p in self.trainable.parameters() if p.requires_grad], cfg.learning_rate,
+                               cfg.weight_decay, fused=cfg.fused_optimizer)
         self.setup_algorithm()
+        self.rollout_copy = None
+        if self.bf16 and cfg.bf16_rollouts is not False and not getattr(cfg, "int8_rollouts", False):
+            self.rollout_copy = Bf16Rollouts(self.policy)
         self.guard = CollapseGuard(cfg.guard_min_distinct2, cfg.guard_max_repetition, cfg.guard_patience)
         self.last_healthy: str | None = None
         self.eval_before: dict[str, Any] | None = None
@@ -576,16 +599,20 @@ class OnlineRecipe:
         idx = self.dist.shard(self.sampler.next(cfg.batch_size))
         # The rows the reward components score: each prompt's item k times, prompt-major like ``ro.prompts``.
         self.batch_items = [self.train_items[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        sampler, bf16 = self.sampling_model()
+        sampler, bf16, off_policy = self.sampling_model()
         return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
                        cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
-                       record_logprobs=sampler is not self.policy)
+                       record_logprobs=off_policy)
 
-    def sampling_model(self) -> tuple[Any, bool]:
-        """(the model that samples this step's rollout, bf16 autocast for it): the policy itself here;
-        an algorithm may sample with a cheaper copy (REINFORCE's int8 rollouts), whose per-token
-        log-probs then come with the rollout."""
-        return self.policy, self.bf16
+    def sampling_model(self) -> tuple[Any, bool, bool]:
+        """(the model that samples this step's rollout, bf16 autocast for it, whether it is a different
+        distribution from the policy's): the policy, or its bf16 copy refreshed from this step's weights
+        (the policy's own computation under autocast); an algorithm may sample with a cheaper, different
+        copy (REINFORCE's int8 rollouts), whose per-token log-probs then come with the rollout."""
+        if self.rollout_copy is not None:
+            self.rollout_copy.refresh()
+            return self.rollout_copy.model, True, False
+        return self.policy, self.bf16, False
 
     def end_step(self, step: int, healthy: bool, stop_after: int | None) -> bool:
         """After step ``step``: the held-out evaluation every ``eval_every`` steps (with the alarm), the

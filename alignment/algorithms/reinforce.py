@@ -212,12 +212,13 @@ class ReinforceRecipe(OnlineRecipe):
                 raise ReinforceError(f"int8_rollouts runs on the CPU only; this run is on {self.device}")
             self.int8 = Int8Rollouts(self.policy)
 
-    def sampling_model(self) -> tuple[Any, bool]:
-        """The int8 copy re-quantised from this step's weights (no autocast: fp32 activations), or the policy."""
+    def sampling_model(self) -> tuple[Any, bool, bool]:
+        """The int8 copy re-quantised from this step's weights (no autocast: fp32 activations; its log-probs
+        recorded for the importance weights), or the base recipe's sampler."""
         if self.int8 is None:
             return super().sampling_model()
         self.int8.refresh()
-        return self.int8.model, False
+        return self.int8.model, False, True
 
     def algorithm_state(self) -> dict[str, Any]:
         return {"baseline": asdict(self.baseline)}
