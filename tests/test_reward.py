@@ -191,6 +191,27 @@ def test_scorer_reads_the_last_real_token(trained_scalar):
     assert scorer.score(prompts, completions).var.abs().sum() == 0
 
 
+def test_k_samples_of_a_prompt_are_scored_on_one_prompt_pass(trained_scalar, monkeypatch):
+    """The k completions of a prompt: its prompt runs once (cache expanded k times, the completions on
+    top) and the scores equal scoring each conversation in full, padded in a batch; prompts seen once,
+    and a lone prompt, go through the plain batches."""
+    scorer = RewardScorer.from_pretrained(trained_scalar, batch_size=4, bf16=False)
+    other = [{"role": "user", "content": "Say hi"}]
+    prompts = [USER] * 3 + [other] * 2 + [[{"role": "user", "content": "Name a colour."}]]
+    completions = ["It is 4.", "Four. " * 7, "4", "hi", "Hello there, friend!", "Blue."]
+    calls = []
+    original = RewardScorer._shared_prompt_logits
+    monkeypatch.setattr(RewardScorer, "_shared_prompt_logits",
+                        lambda self, ids, n: (calls.append(len(ids)), original(self, ids, n))[1])
+    shared = scorer.logits(prompts, completions)
+    assert sorted(calls) == [2, 3]
+    ids = encode_conversations(scorer.tokenizer, prompts, completions, scorer.max_length)
+    full = torch.empty_like(shared)
+    scorer._batched_logits(ids, list(range(len(ids))), full, progress=False)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    assert shared[:3].std() > 0  # different completions, different scores
+
+
 def test_a_saved_reward_model_carries_its_max_length(trained_scalar):
     """Trained at 96 tokens -> scored at 96 unless told otherwise; the cut is where training cut."""
     config = json.loads((trained_scalar / "config.json").read_text())

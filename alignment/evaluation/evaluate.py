@@ -48,7 +48,7 @@ from alignment.generation import (
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
-from alignment.models import DEFAULT_MODEL, ModelSourceError, load_causal_lm
+from alignment.models import DEFAULT_MODEL, ModelSourceError, bf16_frozen_linears, load_causal_lm
 from alignment.ownership import local_paths
 from alignment.rewards.model import RewardModelError, RewardScorer
 from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_guard, stage_folder
@@ -373,6 +373,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
         except (ModelSourceError, OSError, ValueError) as exc:
             raise EvaluationError(f"score: model {name!r} ({config.models[name]}): {exc}") from exc
         model.eval()
+        if bf16:  # frozen: Linear weights held in bf16 (what autocast computes, without a cast per decoding step)
+            bf16_frozen_linears(model)
         log.info("model %s: answering %d prompts", name, len(prompts))
         gens[name] = generate_answers(model, tokenizer, prompts, config, bf16)
         if config.kl:

@@ -219,11 +219,12 @@ def render_conversation(tokenizer, prompt: Sequence[Message], response: str) -> 
 
 
 def encode_conversations(tokenizer, prompts: Sequence[Sequence[Message]], responses: Sequence[str],
-                         max_length: int) -> list[list[int]]:
+                         max_length: int, *, prompt_lengths: list[int] | None = None) -> list[list[int]]:
     """Token ids of each conversation, at most ``max_length``: the prompt is cut from the left.
 
     A response longer than ``max_length - 16`` is itself cut on the right and re-terminated with EOS,
-    so the reward is always read on an end-of-turn token.
+    so the reward is always read on an end-of-turn token. ``prompt_lengths``: a list that receives how
+    many of each conversation's ids are the (cut) prompt's.
     """
     if len(prompts) != len(responses):
         raise RewardModelError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -239,6 +240,8 @@ def encode_conversations(tokenizer, prompts: Sequence[Sequence[Message]], respon
             resp_ids = resp_ids[: room - 1] + [eos_id]
         keep = max_length - len(resp_ids)
         out.append(prompt_ids[-keep:] + resp_ids if keep > 0 else resp_ids)
+        if prompt_lengths is not None:
+            prompt_lengths.append(min(len(prompt_ids), max(keep, 0)))
     return out
 
 
@@ -355,10 +358,52 @@ class RewardScorer:
     @torch.no_grad()
     def logits(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str], progress: bool = False
                ) -> torch.Tensor:
-        """Head outputs (N, num_labels) in the input order."""
-        ids = encode_conversations(self.tokenizer, prompts, completions, self.max_length)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+        """Head outputs (N, num_labels) in the input order.
+
+        Conversations whose prompts tokenise the same (the k samples of a prompt) run that prompt once:
+        its KV cache is expanded to their rows and only the completions run on top
+        (:meth:`_shared_prompt_logits`); the rest are batched by length."""
+        n_prompt: list[int] = []
+        ids = encode_conversations(self.tokenizer, prompts, completions, self.max_length, prompt_lengths=n_prompt)
         out = torch.empty(len(ids), self.model.config.num_labels)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (row, n) in enumerate(zip(ids, n_prompt, strict=True)):
+            if 1 < n < len(row):  # a prompt and at least one completion token
+                groups.setdefault(tuple(row[:n]), []).append(i)
+        shared = [rows for rows in groups.values() if len(rows) > 1]
+        for rows in shared:
+            out[rows] = self._shared_prompt_logits([ids[i] for i in rows], n_prompt[rows[0]])
+        done = {i for rows in shared for i in rows}
+        self._batched_logits(ids, [i for i in range(len(ids)) if i not in done], out, progress)
+        return out
+
+    def _shared_prompt_logits(self, ids: list[list[int]], n_prompt: int) -> torch.Tensor:
+        """(k, num_labels) for k conversations sharing their first ``n_prompt`` ids: the prompt runs once
+        (no padding), its cache is expanded k times, the right-padded completions run on top; the head
+        reads each row's last real token (the sequence classifier's own pooling over the ids it is given)."""
+        from transformers import DynamicCache
+
+        pad, device = self.tokenizer.pad_token_id, self.device
+        prompt = torch.tensor([ids[0][:n_prompt]], device=device)
+        tails = [row[n_prompt:] for row in ids]
+        width = max(len(t) for t in tails)
+        tail_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        tail_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, t in enumerate(tails):
+            tail_ids[r, :len(t)] = torch.tensor(t)
+            tail_mask[r, :len(t)] = 1
+        mask = torch.cat([torch.ones((len(ids), n_prompt), dtype=torch.long), tail_mask], dim=1)
+        cache = DynamicCache()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            self.model.base_model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(ids))
+            logits = self.model(input_ids=tail_ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                                use_cache=True).logits
+        return logits.float().cpu()
+
+    def _batched_logits(self, ids: list[list[int]], rows: list[int], out: torch.Tensor, progress: bool) -> None:
+        """Fill ``out[rows]``: batches sorted by length, each padded (right) to its own longest."""
+        order = sorted(rows, key=lambda i: len(ids[i]), reverse=True)
         pad = self.tokenizer.pad_token_id
         batches = range(0, len(order), self.batch_size)
         if progress:
@@ -376,7 +421,6 @@ class RewardScorer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
             out[idx] = logits.float().cpu()
-        return out
 
     def score(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str], progress: bool = False
               ) -> RewardScores:
