@@ -324,18 +324,20 @@ class Int8Rollouts:
 
 
 class Bf16Rollouts:
-    """A bf16 copy of the policy's Linear weights for sampling under bf16 autocast, refreshed from the
-    policy's current weights before every rollout (:meth:`refresh`).
+    """A bf16 copy of the policy's Linear weights for sampling under bf16 autocast, LoRA adapters merged
+    in, refreshed from the policy's current weights before every rollout (:meth:`refresh`).
 
-    Under bf16 autocast the policy's fp32 Linear weights are cast to bf16 for every matmul, at every
-    decoding step: reading 4 bytes and writing and re-reading 2 per weight, where the copy reads 2. With
-    LoRA the copy holds base + adapter delta merged, so decoding runs no adapter modules (peft's 210 for
-    SmolLM2, ~half of a LoRA decoding step). The copy is built like :class:`Int8Rollouts`: a structural
-    copy of the model sharing embedding, norms and buffers with the policy, its Linear layers (the LM
-    head included, untied from the embedding) replaced by bf16 ones. Its matmuls see the bf16-rounded
-    weights autocast would give them, and the residual stream stays fp32 as under autocast, so it samples
-    what the policy samples under autocast (without LoRA the same tokens under the same seed); it costs
-    ~2 bytes per Linear weight of memory (0.27 GB for SmolLM2-135M) and one cast per step.
+    What it saves: with LoRA, peft runs its adapter modules (210 for SmolLM2) at every decoding step, about
+    half of a LoRA decoding step on a CPU; the copy decodes with plain merged Linear layers. Without LoRA it
+    saves little: autocast caches the bf16 cast of a weight that requires grad for the whole autocast
+    block, so within one ``generate`` the policy's weights are cast once, not at every step (a frozen fp32
+    weight is re-cast at every step). The copy is built like :class:`Int8Rollouts`: a structural copy of
+    the model sharing embedding, norms and buffers with the policy, its Linear layers (the LM head
+    included, untied from the embedding) replaced by bf16 ones. Its matmuls see the bf16-rounded weights
+    autocast would give them and the residual stream stays fp32 as under autocast, so it samples what the
+    policy samples under autocast (without LoRA the same tokens under the same seed; with LoRA the merged
+    weight is rounded once, where peft adds the adapter's output to the base's). It costs 2 bytes per
+    Linear weight (0.27 GB for SmolLM2-135M) and one cast per step.
     """
 
     def __init__(self, policy) -> None:

@@ -330,7 +330,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_stack):
 def test_bf16_rollout_copy_samples_what_the_autocast_policy_samples(tmp_path, tiny_stack, monkeypatch):
     """bf16 on: rollouts come from the bf16 copy, refreshed before every rollout, and the run samples the
     same completions and rewards at every step as sampling with the autocast policy itself
-    (bf16_rollouts=false); the fused AdamW is the default optimizer."""
+    (bf16_rollouts=false). By default the copy is used with LoRA (where it pays) and not without."""
     from alignment.generation import Bf16Rollouts
 
     refreshes = []
@@ -345,6 +345,11 @@ def test_bf16_rollout_copy_samples_what_the_autocast_policy_samples(tmp_path, ti
     assert [r["sample"] for r in rows[True]] == [r["sample"] for r in rows[False]]
     assert [r["length"] for r in rows[True]] == [r["length"] for r in rows[False]]
     assert [r["reward"] for r in rows[True]] == pytest.approx([r["reward"] for r in rows[False]], rel=1e-3, abs=1e-3)
+    refreshes.clear()
+    train_reinforce(_config(tiny_stack, steps=1, eval_prompts=0, bf16=True), tmp_path / "full")
+    assert refreshes == []
+    train_reinforce(_config(tiny_stack, steps=1, eval_prompts=0, bf16=True, lora=True), tmp_path / "lora")
+    assert len(refreshes) == 2
 
 
 def test_gradient_checkpointing_gives_the_same_first_step(tmp_path, tiny_stack):

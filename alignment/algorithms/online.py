@@ -144,9 +144,10 @@ class OnlineConfig(StageConfig):
                                                   "the run (best/ and the checkpoints are kept).")
     seed: int = 0
     bf16: bool | None = None
-    bf16_rollouts: bool | None = Field(None, description="Sample with a bf16 copy of the policy's Linear weights "
-                                       "(LoRA merged in), refreshed before every rollout, instead of autocasting "
-                                       "the fp32 policy at every decoding step. None: on whenever bf16 is on.")
+    bf16_rollouts: bool | None = Field(None, description="Under bf16: sample with a bf16 copy of the policy's "
+                                       "Linear weights, LoRA merged in, refreshed before every rollout (no adapter "
+                                       "modules while decoding). None: on with LoRA, where it pays; without LoRA "
+                                       "autocast already casts the weights once per rollout.")
     fused_optimizer: bool | None = Field(None, description="torch's fused AdamW (one kernel over all parameters; "
                                          "the same update to rounding). None: on where torch has it for the device.")
     gradient_checkpointing: bool = False
@@ -337,7 +338,8 @@ class OnlineRecipe:
                                cfg.weight_decay, fused=cfg.fused_optimizer)
         self.setup_algorithm()
         self.rollout_copy = None
-        if self.bf16 and cfg.bf16_rollouts is not False and not getattr(cfg, "int8_rollouts", False):
+        copy = cfg.bf16_rollouts if cfg.bf16_rollouts is not None else cfg.lora
+        if self.bf16 and copy and not getattr(cfg, "int8_rollouts", False):
             self.rollout_copy = Bf16Rollouts(self.policy)
         self.guard = CollapseGuard(cfg.guard_min_distinct2, cfg.guard_max_repetition, cfg.guard_patience)
         self.last_healthy: str | None = None
