@@ -448,9 +448,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     if not entropy:
         return token_logp, None
-    with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropies = log_norm - (probs * logits).sum(-1)
+    with torch.no_grad():  # H = log Z - sum_v p_v l_v, a row at a time: (T, V) temporaries, not (B, T, V)
+        entropies = torch.stack([norm - torch.softmax(row, dim=-1).mul_(row).sum(-1)
+                                 for row, norm in zip(logits, log_norm, strict=True)])
     return token_logp, entropies
 
 

@@ -13,8 +13,8 @@ Rows, per precision (--precision both|bf16|fp32; default both where the CPU has 
 AVX512-BF16 or AMX, else fp32 only: AVX2-only CPUs run bf16 matmuls far slower than fp32; --bf16
 forces the bf16 rows on anyway):
   bf16 table (bf16 autocast over fp32 weights): "ours bf16" (ReinforceConfig(bf16=True): rollouts
-    sampled by the bf16 copy of the policy's Linear weights, the KL reference held in bf16, reward
-    scoring in bf16), "ours bf16, no rollout copy" (bf16_rollouts=False: sampling autocasts the fp32 policy),
+    the defaults: sampling autocasts the fp32 policy, the KL reference held in bf16, reward scoring in
+    bf16), "ours bf16, rollout copy" (bf16_rollouts=True: the bf16 copy of the Linear weights samples),
     "ours bf16 k=K" (K samples per prompt), "TRL RLOOTrainer bf16" (RLOOConfig(bf16=True): the Trainer's
     autocast), "seed loop bf16" (generate, reward scoring and the forward under autocast).
   fp32 table: "ours fp32", "ours fp32 KL off", "ours fp32 k=K", "ours fp32 int8 rollouts" (int8 copy
@@ -180,7 +180,7 @@ def run_ours(args, policy_path: str, rm_dir: str, data_dir: str, tmp: Path, bf16
     """``k`` samples per prompt: ``args.prompts`` prompts x k samples in one step (prompt prefilled once,
     its KV cache expanded; the log-prob passes run each prompt once for its k samples). ``int8``: rollouts
     sampled by the int8 copy (re-quantised every step, inside "generate"), with the TIS correction.
-    ``rollout_copy``: ReinforceConfig.bf16_rollouts (None: its default, the bf16 copy whenever bf16)."""
+    ``rollout_copy``: ReinforceConfig.bf16_rollouts (None: its default, the bf16 copy with LoRA only)."""
     copy = {"bf16_rollouts": rollout_copy} if rollout_copy is not None else {}
     config = ReinforceConfig(policy=policy_path, reward_model=rm_dir, data=data_dir, steps=100_000,
                              batch_size=args.prompts, samples_per_prompt=k, micro_batch_size=args.prompts * k,
@@ -439,7 +439,7 @@ def ratio_pairs(precision: str, k: int) -> dict[str, tuple[str, str]]:
             f"ours_k{k}_vs_k1": (f"ours {precision} k={k}", ours),
             "ours_kl_off_vs_seed": (f"ours {precision} KL off", f"seed loop {precision}"),
             "ours_int8_vs_fp32": ("ours fp32 int8 rollouts", "ours fp32") if precision == "fp32" else None,
-            "ours_copy_vs_no_copy": (ours, "ours bf16, no rollout copy") if precision == "bf16" else None}
+            "ours_copy_vs_no_copy": ("ours bf16, rollout copy", ours) if precision == "bf16" else None}
 
 
 CROSS_PAIRS = {f"{impl}_bf16_vs_fp32": (f"{row} bf16", f"{row} fp32")
@@ -533,7 +533,7 @@ def main() -> int:
         bf16 = p == "bf16"
         plan.append((f"ours {p}", p, run_ours, (*ours_args, bf16), {}))
         if bf16 and "bf16_rollouts" in ReinforceConfig.model_fields:  # (a field newer than this bench)
-            plan.append(("ours bf16, no rollout copy", p, run_ours, (*ours_args, bf16), {"rollout_copy": False}))
+            plan.append(("ours bf16, rollout copy", p, run_ours, (*ours_args, bf16), {"rollout_copy": True}))
         if not bf16:
             plan.append(("ours fp32 KL off", p, run_ours, (*ours_args, bf16), {"kl": False}))
         if args.k > 1:
