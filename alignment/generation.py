@@ -283,8 +283,6 @@ class Int8Rollouts:
     """
 
     def __init__(self, policy, skip: tuple[str, ...] = ("down_proj",)) -> None:
-        import copy
-
         try:
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: F401
         except ImportError as e:  # a torch without the eager quantised modules
@@ -294,16 +292,11 @@ class Int8Rollouts:
         if next(base.parameters()).device.type != "cpu":
             raise RuntimeError("int8 rollouts run on the CPU only (fbgemm kernels); the policy is on "
                                f"{next(base.parameters()).device}: set int8_rollouts=false")
-        # The skeleton: a structural copy sharing every parameter and buffer with the policy (the memo maps
-        # each tensor to itself), whose Linear layers (LoRA-wrapped or plain) are then replaced.
-        memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
-        self.model = copy.deepcopy(base, memo).eval()  # (no requires_grad_(False): the tensors are the policy's)
+        self.model = _shared_skeleton(base)
         # name -> (layer, int8?): quantised layers, and skipped ones that are not a plain fp32 Linear the
         # copy can share (LoRA-wrapped, or bf16-held frozen weights): those become merged fp32 Linears.
         self.sources: dict[str, tuple[torch.nn.Module, bool]] = {}
-        for name, module in base.named_modules():
-            if not _is_linear(module) or any(name.startswith(f"{outer}.") for outer in self.sources):
-                continue  # not a Linear, or inside a LoRA layer (its base_layer, lora_A, lora_B)
+        for name, module in _outer_linears(base):
             quantise = not any(part in name.split(".") for part in skip)
             if quantise or type(module) is not torch.nn.Linear or module.weight.dtype != torch.float32:
                 self.sources[name] = (module, quantise)
@@ -341,15 +334,9 @@ class Bf16Rollouts:
     """
 
     def __init__(self, policy) -> None:
-        import copy
-
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
-        self.model = copy.deepcopy(base, memo).eval()
-        self.sources: dict[str, torch.nn.Module] = {}  # name -> the policy's layer (LoRA-wrapped or plain)
-        for name, module in base.named_modules():
-            if _is_linear(module) and not any(name.startswith(f"{outer}.") for outer in self.sources):
-                self.sources[name] = module
+        self.model = _shared_skeleton(base)
+        self.sources = dict(_outer_linears(base))  # name -> the policy's layer (LoRA-wrapped or plain)
         self.layers: dict[str, torch.nn.Linear] = {}
         device = next(base.parameters()).device
         for name, source in self.sources.items():
@@ -371,6 +358,26 @@ class Bf16Rollouts:
             self.layers[name].weight.copy_(weight)
             if bias is not None:
                 self.layers[name].bias.copy_(bias)
+
+
+def _shared_skeleton(base):
+    """A structural copy of ``base`` sharing every parameter and buffer with it (the memo maps each tensor
+    to itself), in eval mode, whose Linear layers the rollout copies then replace. (No requires_grad_(False):
+    the tensors are the policy's.)"""
+    import copy
+
+    memo = {id(t): t for t in (*base.parameters(), *base.buffers())}
+    return copy.deepcopy(base, memo).eval()
+
+
+def _outer_linears(base):
+    """(name, layer) of every plain Linear or LoRA layer of ``base``, not those inside a LoRA layer (its
+    base_layer, lora_A, lora_B)."""
+    outer: list[str] = []
+    for name, module in base.named_modules():
+        if _is_linear(module) and not any(name.startswith(f"{o}.") for o in outer):
+            outer.append(name)
+            yield name, module
 
 
 def _is_linear(module) -> bool:

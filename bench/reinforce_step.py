@@ -532,7 +532,7 @@ def main() -> int:
     for p in precisions:
         bf16 = p == "bf16"
         plan.append((f"ours {p}", p, run_ours, (*ours_args, bf16), {}))
-        if bf16 and "bf16_rollouts" in ReinforceConfig.model_fields:  # (a field newer than this bench)
+        if bf16:
             plan.append(("ours bf16, rollout copy", p, run_ours, (*ours_args, bf16), {"rollout_copy": True}))
         if not bf16:
             plan.append(("ours fp32 KL off", p, run_ours, (*ours_args, bf16), {"kl": False}))
@@ -593,7 +593,7 @@ def main() -> int:
     if not args.skip_decode:
         modes = ["fp32"]
         if "bf16" in precisions:
-            modes += ["bf16 autocast"] + (["bf16 copy"] if hasattr(generation, "Bf16Rollouts") else [])
+            modes += ["bf16 autocast", "bf16 copy"]
         modes += [] if args.skip_int8 else ["int8"]
         for mode in modes:
             decode[mode] = d = decode_throughput(policy_path, mode)

@@ -337,10 +337,7 @@ class OnlineRecipe:
         self.optimizer = adamw([p for p in self.trainable.parameters() if p.requires_grad], cfg.learning_rate,
                                cfg.weight_decay, fused=cfg.fused_optimizer)
         self.setup_algorithm()
-        self.rollout_copy = None
-        copy = cfg.bf16_rollouts if cfg.bf16_rollouts is not None else cfg.lora
-        if self.bf16 and copy and not getattr(cfg, "int8_rollouts", False):
-            self.rollout_copy = Bf16Rollouts(self.policy)
+        self.rollout_copy = Bf16Rollouts(self.policy) if self.wants_bf16_rollouts() else None
         self.guard = CollapseGuard(cfg.guard_min_distinct2, cfg.guard_max_repetition, cfg.guard_patience)
         self.last_healthy: str | None = None
         self.eval_before: dict[str, Any] | None = None
@@ -605,6 +602,12 @@ class OnlineRecipe:
         return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
                        cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
                        record_logprobs=off_policy)
+
+    def wants_bf16_rollouts(self) -> bool:
+        """Whether the bf16 rollout copy samples (``bf16_rollouts``; by default with LoRA, under bf16 only);
+        an algorithm with its own sampler says no (REINFORCE's int8 rollouts)."""
+        cfg = self.config
+        return self.bf16 and (cfg.bf16_rollouts if cfg.bf16_rollouts is not None else cfg.lora)
 
     def sampling_model(self) -> tuple[Any, bool, bool]:
         """(the model that samples this step's rollout, bf16 autocast for it, whether it is a different

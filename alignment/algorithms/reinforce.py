@@ -212,6 +212,9 @@ class ReinforceRecipe(OnlineRecipe):
                 raise ReinforceError(f"int8_rollouts runs on the CPU only; this run is on {self.device}")
             self.int8 = Int8Rollouts(self.policy)
 
+    def wants_bf16_rollouts(self) -> bool:
+        return self.int8 is None and super().wants_bf16_rollouts()
+
     def sampling_model(self) -> tuple[Any, bool, bool]:
         """The int8 copy re-quantised from this step's weights (no autocast: fp32 activations; its log-probs
         recorded for the importance weights), or the base recipe's sampler."""

@@ -40,6 +40,7 @@ from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.evaluation.length import length_split
 from alignment.footprint import records_footprint
+from alignment.generation import pad_completions
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import (
@@ -383,16 +384,10 @@ class RewardScorer:
         reads each row's last real token (the sequence classifier's own pooling over the ids it is given)."""
         from transformers import DynamicCache
 
-        pad, device = self.tokenizer.pad_token_id, self.device
+        device = self.device
         prompt = torch.tensor([ids[0][:n_prompt]], device=device)
-        tails = [row[n_prompt:] for row in ids]
-        width = max(len(t) for t in tails)
-        tail_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        tail_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, t in enumerate(tails):
-            tail_ids[r, :len(t)] = torch.tensor(t)
-            tail_mask[r, :len(t)] = 1
-        mask = torch.cat([torch.ones((len(ids), n_prompt), dtype=torch.long), tail_mask], dim=1)
+        tail_ids, tail_mask = pad_completions([row[n_prompt:] for row in ids], self.tokenizer.pad_token_id)
+        mask = torch.cat([torch.ones((len(ids), n_prompt), dtype=torch.long), tail_mask.long()], dim=1)
         cache = DynamicCache()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             self.model.base_model(input_ids=prompt, past_key_values=cache, use_cache=True)
