@@ -18,12 +18,22 @@ class DeviceError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
+def cpu_info(path: str = "/proc/cpuinfo") -> dict:
+    """The first core's model name and instruction flags from /proc/cpuinfo ({"model_name": "", "flags":
+    frozenset()} where there is none: not Linux)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        lines = []
+    field: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())  # the first core's
+    return {"model_name": field.get("model name", ""), "flags": frozenset(field.get("flags", "").split())}
+
+
+def cpu_has_fast_bf16() -> bool:
+    return not cpu_info()["flags"].isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward_scoring import seed_loop as seed_scores  # noqa: E402
 
 import alignment.generation as generation  # noqa: E402
+import alignment.hardware as hardware  # noqa: E402
 from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
 from alignment.hardware import cpu_has_fast_bf16  # noqa: E402
@@ -89,17 +90,9 @@ PRECISIONS = {"both": ("bf16", "fp32"), "bf16": ("bf16",), "fp32": ("fp32",)}
 # ---------------------------------------------------------------------------------------------
 def cpu_info() -> dict:
     """The CPU's model name and whether it has the instructions bf16 and fp32 speed depend on."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    field = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        field.setdefault(key.strip(), value.strip())  # the first core's
-    flags = set(field.get("flags", "").split())
-    return {"model_name": field.get("model name") or platform.processor() or platform.machine(),
-            "flags": {f: f in flags for f in ("avx2", "avx512_bf16", "amx_tile")}}
+    info = hardware.cpu_info()
+    return {"model_name": info["model_name"] or platform.processor() or platform.machine(),
+            "flags": {f: f in info["flags"] for f in ("avx2", "avx512_bf16", "amx_tile")}}
 
 
 def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), budget_s: float = 4.0) -> float:

@@ -63,3 +63,20 @@ def test_machine_figures(bench):
     assert cpu["model_name"] and set(cpu["flags"]) == {"avx2", "avx512_bf16", "amx_tile"}
     bandwidth = bench.memory_bandwidth(mib=4, repeats=2)
     assert bandwidth["bytes"] == 4 * 2**20 and bandwidth["copy"] > 0 and bandwidth["read"] > 0
+
+
+def test_cpu_flags_read_from_the_first_core(bench, tmp_path, monkeypatch):
+    """hardware.cpu_info parses /proc/cpuinfo's first core; the bf16 choice and the bench read its flags."""
+    from alignment import hardware
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    info = hardware.cpu_info(str(cpuinfo))
+    assert info == {"model_name": "Test CPU", "flags": frozenset({"fpu", "avx2", "avx512_bf16"})}
+    assert hardware.cpu_info(str(tmp_path / "absent")) == {"model_name": "", "flags": frozenset()}
+    for flags, fast in (("fpu avx2", False), ("avx2 avx512_bf16", True), ("amx_bf16 amx_tile", True)):
+        monkeypatch.setattr(hardware, "cpu_info", lambda flags=flags: {"model_name": "X",
+                                                                       "flags": frozenset(flags.split())})
+        assert hardware.cpu_has_fast_bf16() is fast
+    assert bench.cpu_info() == {"model_name": "X", "flags": {"avx2": False, "avx512_bf16": False, "amx_tile": True}}
