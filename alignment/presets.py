@@ -19,12 +19,18 @@ _DEMO_RM = {"max_length": 256, "max_train_pairs": 64, "max_eval_pairs": 32, "epo
 _HS2_RM = {"max_length": 1024, "epochs": 1.0, "batch_size": 16, "learning_rate": 2e-5, "gradient_checkpointing": True,
            "device": "cuda"}
 
+# The demo row's reward models at 144 tokens: the demo pairs are ~57 tokens (90% under 80) but three of
+# the 178 train pairs run to 195-242, and a batch holding one is padded to it (a ~3x slower step, and the
+# stage's peak). 144 holds every demo prompt (<= 69 tokens with the chat template) with a 64-token answer,
+# so what the policy's answers are scored on later is never cut (docs/performance.md, the demo pipeline).
+_DEMO_RM_SHORT = {**_DEMO_RM, "max_length": 144}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The embedded demo set on a CPU in minutes: small subsets, short generations, the local judge.
     "demo": {
         "data": {"source": "demo"},
-        "rm_scalar": {"kind": "scalar", **_DEMO_RM},
-        "rm_distributional": {"kind": "distributional", **_DEMO_RM},
+        "rm_scalar": {"kind": "scalar", **_DEMO_RM_SHORT},
+        "rm_distributional": {"kind": "distributional", **_DEMO_RM_SHORT},
         # LoRA: the KL reference is the adapter-free policy (no second copy), no full-size gradients or Adam
         # moments, the frozen base in bf16 where autocast runs (5.4 GB peak with full fine-tuning).
         "reinforce": {"steps": 8, "batch_size": 4, "max_new_tokens": 32, "max_prompt_length": 256, "lora": True,

@@ -124,3 +124,22 @@ def test_pad_completions_and_rollout_views():
     assert ro.prompt_width == 2 and ro.lengths.tolist() == [2, 3]
     assert ro.input_ids.tolist() == [[0, 3, 5, 2, 9], [4, 3, 6, 7, 8]]
     assert ro.attention_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.slow
+def test_demo_reward_models_hold_every_demo_prompt_with_its_scored_answer(tmp_path):
+    """The demo row's reward models are cut at 144 tokens for speed: every demo prompt (chat template
+    included) with the longest answer the pipeline later scores must still fit uncut."""
+    from alignment.data import DataConfig, PairData, run_data_stage
+    from alignment.models import load_tokenizer, resolve_model
+
+    row = pipeline_preset("demo")
+    tok = load_tokenizer(resolve_model())
+    data = run_data_stage(DataConfig(**row["data"]), tmp_path / "data").out_dir
+    longest_answer = max(row["score"]["max_new_tokens"], row["reinforce"]["max_new_tokens"])
+    for split in ("train", "validation"):
+        for prompt in PairData.load(data / f"{split}.parquet").unique_prompts():
+            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            for section in ("rm_scalar", "rm_distributional"):
+                assert n + longest_answer + 1 <= row[section]["max_length"], (split, n, prompt)
