@@ -481,7 +481,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8, help="samples per step (TRL: prompts/2 x 2 generations)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (averaged)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (in bf16 the first two or three steps of a run are slower: "
+                             "docs/performance.md)")
     parser.add_argument("--precision", choices=list(PRECISIONS),
                         help="the tables to time (default: both where the CPU has fast bf16, else fp32)")
     parser.add_argument("--bf16", action="store_true",
