@@ -74,7 +74,6 @@ import alignment.generation as generation  # noqa: E402
 import alignment.hardware as hardware  # noqa: E402
 from alignment.algorithms.reinforce import ReinforceConfig, train_reinforce  # noqa: E402
 from alignment.data import DataConfig, PairData, run_data_stage  # noqa: E402
-from alignment.hardware import cpu_has_fast_bf16  # noqa: E402
 from alignment.io import MANIFEST, sha256_file, write_json  # noqa: E402
 from alignment.models import DEFAULT_MODEL, load_causal_lm, load_sequence_classifier, resolve_model  # noqa: E402
 from alignment.rewards.model import tag_reward_model  # noqa: E402
@@ -502,7 +501,7 @@ def main() -> int:
         parser.error("--repeats must be >= 1")
     if args.bf16 and args.precision == "fp32":
         parser.error("--bf16 asks for the bf16 rows, --precision fp32 for none")
-    precision = args.precision or ("both" if cpu_has_fast_bf16() or args.bf16 else "fp32")
+    precision = args.precision or ("both" if hardware.cpu_has_fast_bf16() or args.bf16 else "fp32")
     precisions = PRECISIONS[precision]
     logging.basicConfig(level=logging.WARNING)
     load_before = os.getloadavg()[0]
@@ -517,7 +516,7 @@ def main() -> int:
     cpu = cpu_info()
     # The bf16 peak where the CPU has bf16 instructions or bf16 rows are timed (on AVX2: a slow fallback path).
     peaks = {"fp32": matmul_peak(torch.float32)}
-    if cpu_has_fast_bf16() or "bf16" in precisions:
+    if hardware.cpu_has_fast_bf16() or "bf16" in precisions:
         peaks["bf16"] = matmul_peak(torch.bfloat16)
     bandwidth = memory_bandwidth()
 

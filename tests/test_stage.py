@@ -129,17 +129,18 @@ def test_pad_completions_and_rollout_views():
 @pytest.mark.slow
 def test_demo_reward_models_hold_every_demo_prompt_with_its_scored_answer(tmp_path):
     """The demo row's reward models are cut at 144 tokens for speed: every demo prompt (chat template
-    included) with the longest answer the pipeline later scores must still fit uncut."""
+    included) with the longest answer the pipeline later scores must still be encoded uncut."""
     from alignment.data import DataConfig, PairData, run_data_stage
     from alignment.models import load_tokenizer, resolve_model
+    from alignment.rewards.model import encode_conversations
 
     row = pipeline_preset("demo")
     tok = load_tokenizer(resolve_model())
     data = run_data_stage(DataConfig(**row["data"]), tmp_path / "data").out_dir
-    longest_answer = max(row["score"]["max_new_tokens"], row["reinforce"]["max_new_tokens"])
-    for split in ("train", "validation"):
-        for prompt in PairData.load(data / f"{split}.parquet").unique_prompts():
-            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            n = len(tok(text, add_special_tokens=False)["input_ids"])
-            for section in ("rm_scalar", "rm_distributional"):
-                assert n + longest_answer + 1 <= row[section]["max_length"], (split, n, prompt)
+    longest = max(row["score"]["max_new_tokens"], row["reinforce"]["max_new_tokens"])
+    answer = " one" * longest
+    assert len(tok(answer, add_special_tokens=False)["input_ids"]) == longest
+    prompts = [p for split in ("train", "validation") for p in PairData.load(data / f"{split}.parquet").unique_prompts()]
+    uncut = encode_conversations(tok, prompts, [answer] * len(prompts), 4096)
+    for section in ("rm_scalar", "rm_distributional"):
+        assert encode_conversations(tok, prompts, [answer] * len(prompts), row[section]["max_length"]) == uncut
