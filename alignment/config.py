@@ -7,8 +7,10 @@ parameters, where pydantic models become UI forms.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import math
 import reprlib
 import types
 import typing
@@ -39,8 +41,25 @@ def _numeric_types(annotation: Any) -> tuple[set[type], bool]:
     return {a for a in args if a in (int, float)}, bool in args
 
 
+def first_nonfinite(value: Any) -> float | None:
+    """The first NaN or infinite float in ``value`` (a number, or a list/tuple/dict of them at any depth; nested
+    config models are skipped: they check their own fields), else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
 class ConfigModel(BaseModel):
-    """Base of config models: a number field refuses a boolean (pydantic would read ``seed=true`` as 1)."""
+    """Base of config models: a number field refuses a boolean (pydantic would read ``seed=true`` as 1), and
+    every number in every field is finite (``learning_rate=.inf`` would train NaN weights, ``temperature=.inf``
+    sample noise, ``epochs=.inf`` overflow): one validator, inherited by every config."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -49,6 +68,14 @@ class ConfigModel(BaseModel):
             numeric, takes_bool = _numeric_types(cls.model_fields[info.field_name].annotation)
             if numeric and not takes_bool:
                 raise ValueError(f"expected {'an integer' if int in numeric else 'a number'}, not a boolean")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_numbers(cls, value: Any) -> Any:
+        bad = first_nonfinite(value)
+        if bad is not None:
+            raise ValueError(f"must be a finite number, not {bad} (inf and NaN are refused)")
         return value
 
 
@@ -102,11 +129,31 @@ def check_size(value: Any, what: str) -> Any:
     return value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth (PyYAML silently keeps
+    the last one, so ``data:`` written twice would drop the first section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *alias": merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"duplicate key {shown(key, 80)} (lines {first} and {key_node.start_mark.line + 1}); "
+                                  "give each key once")
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` whose failures are ConfigErrors (yaml.YAMLError is left to the caller) and whose
-    result is bounded by :func:`check_size`."""
+    """Safe YAML loading (:class:`_StrictLoader`: no duplicate keys) whose failures are ConfigErrors
+    (yaml.YAMLError is left to the caller) and whose result is bounded by :func:`check_size`."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except RecursionError:
         raise ConfigError(f"{what} is nested too deeply") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -147,8 +194,11 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
-    """Read a YAML file holding either the stage's fields or a mapping with a ``section:`` key."""
+def read_config_file(path: str | Path, section: str, cls: type[BaseModel] | None = None) -> dict[str, Any]:
+    """Read a YAML file holding either the stage's fields or a mapping with a section per stage (``section:``
+    among them, or the whole file when it is ``cls``'s own sections, as a pipeline file is). In a file of
+    sections every top-level key must be a known section (:data:`alignment.presets.FILE_SECTIONS`) holding a
+    mapping; the keys of the part read are checked against ``cls`` (:func:`check_keys`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -168,9 +218,105 @@ def read_config_file(path: str | Path, section: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
-    if section in data and isinstance(data[section], dict):
-        return data[section]
-    return data
+    where = f"config file {path}"
+    if cls is None:  # unchecked: the section when there is one, else the whole file
+        return data[section] if isinstance(data.get(section), dict) else data
+    fields = cls.model_fields
+    if _holds_sections(cls):  # the pipeline's file: its sections, at the top or under ``pipeline:``
+        if isinstance(data.get(section), dict) and section not in fields:
+            for key in data:
+                if key != section:
+                    raise ConfigError(f"{where}: key {shown(key, 80)} sits beside {section!r}, which holds the "
+                                      "sections; put it inside")
+            data = data[section]
+        check_keys(cls, data, where, file=True)
+        return data
+    sections = [k for k, v in data.items() if k in _file_sections() and isinstance(v, dict)
+                and not (k in fields and _takes_mapping(fields[k].annotation))]
+    if not sections:  # the stage's own fields
+        check_keys(cls, data, where, file=True)
+        return data
+    for key, value in data.items():
+        if key not in _file_sections():
+            if key in fields:
+                raise ConfigError(f"{where}: key {shown(key, 80)} sits beside the sections; put it under its section "
+                                  f"({section}.{key})")
+            raise ConfigError(f"{where}: unknown section {shown(key, 80)}{_nearest(key, _file_sections())}")
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: section {shown(key, 80)} must hold a mapping of settings, not "
+                              f"{type(value).__name__}")
+    own = next((s for s in (section, getattr(fields.get("section"), "default", None)) if s and data.get(s)), None)
+    values = data[own] if own else {}
+    check_keys(cls, values, where, file=True, path=(own or section,))
+    return values
+
+
+def _file_sections() -> tuple[str, ...]:
+    from alignment.presets import FILE_SECTIONS  # the one table of section names
+
+    return FILE_SECTIONS
+
+
+def _nearest(key: Any, names: Any) -> str:
+    """`` (did you mean 'x'?)`` with the valid name nearest ``key`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(str(key), [str(n) for n in names], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The one config model a field holds (``X`` or ``X | None``), else None (a list or union of models is left
+    to pydantic)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _takes_mapping(annotation: Any) -> bool:
+    """Whether a field of this type can hold a mapping (a config model or a dict): ``data: {source: x}`` is then
+    that field's value, not a section (``RewardModelConfig.data`` is a folder name: there it is a section)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    return any(a is dict or typing.get_origin(a) is dict or (isinstance(a, type) and issubclass(a, BaseModel))
+               or a is Any for a in args)
+
+
+def _holds_sections(cls: type[BaseModel]) -> bool:
+    """Every field of ``cls`` (but ``section``) is a config model: its keys are sections (the pipeline's)."""
+    return all(name == "section" or _model_of(f.annotation) for name, f in cls.model_fields.items())
+
+
+def check_keys(cls: type[BaseModel], values: Any, where: str, *, file: bool = False, path: tuple[str, ...] = ()
+               ) -> None:
+    """Refuse a key ``cls`` has no field for, at any depth of nested configs, with one line naming it and the
+    nearest valid name: ``config file x.yaml: unknown section 'dta' (did you mean 'data'?)``. ``section`` is
+    fixed by the class: a file may repeat its value (a dumped config carries it), an override may not set it."""
+    if not isinstance(values, dict) or cls.model_config.get("extra") != "forbid":
+        return
+    fields = cls.model_fields
+    sections = _holds_sections(cls)
+    for key, value in values.items():
+        dotted = ".".join((*path, str(key)))
+        if key == "section" and "section" in fields:
+            fixed = fields["section"].default
+            if file and value == fixed:
+                continue
+            raise ConfigError(f"{where}: {dotted!r} cannot be set: it names where the stage's settings sit "
+                              f"({fixed!r}), not a setting")
+        if key not in fields:
+            if sections:
+                owners = [s for s, f in fields.items() if (m := _model_of(f.annotation)) and key in m.model_fields]
+                if owners and not isinstance(value, dict):
+                    raise ConfigError(f"{where}: key {dotted!r} sits beside the sections; put it under its section "
+                                      f"(e.g. {owners[0]}.{key})")
+                names = [name for name in fields if name != "section"]
+                if key in _file_sections():  # another command's section (dpo, compare, ...)
+                    raise ConfigError(f"{where}: section {dotted!r} is not one of this config's ({', '.join(names)})")
+                raise ConfigError(f"{where}: unknown section {dotted!r}{_nearest(key, names)}")
+            raise ConfigError(f"{where}: unknown key {dotted!r}{_nearest(key, fields)}")
+        model = _model_of(fields[key].annotation)
+        if model is not None:
+            check_keys(model, value, where, file=file, path=(*path, str(key)))
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", shown_errors: int = 20) -> str:
@@ -181,7 +327,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "", shown_errors
     for err in errors[:shown_errors]:
         loc = ".".join(cut(str(p), 80) for p in err["loc"]) or "(config)"
         got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
-        lines.append(f"{prefix}{loc}: {cut(' '.join(err['msg'].split()), 2 * MAX_SHOWN_CHARS)}{got}")
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong
+        lines.append(f"{prefix}{loc}: {cut(' '.join(msg.split()), 2 * MAX_SHOWN_CHARS)}{got}")
     if len(lines) == 1:
         return f"invalid config: {lines[0]}"
     if len(errors) > shown_errors:
@@ -196,12 +343,17 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
     explicit: dict[str, Any] | None = None,
+    section: str | None = None,
 ) -> C:
-    """Layer a config: class defaults < ``base`` (a preset) < YAML file < ``key=value`` < explicit flags."""
-    section = cls.model_fields["section"].default
+    """Layer a config: class defaults < ``base`` (a preset) < YAML file < ``key=value`` < explicit flags.
+    ``section``: the file's section to read (default the class's: ``rm_scalar`` for ``align rm --kind
+    scalar``, whose class says ``rm``). An unknown key in the file or an override is a ConfigError naming it."""
+    section = section or cls.model_fields["section"].default
     values: dict[str, Any] = dict(base or {})
     if config_file is not None:
-        values = _deep_merge(values, read_config_file(config_file, section))
+        values = _deep_merge(values, read_config_file(config_file, section, cls))
+    for item in overrides or ():
+        check_keys(cls, parse_overrides([item]), f"override {shown(item, 120)}")
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
     if explicit:

@@ -119,6 +119,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge",
             "options", "rounds")
+# Every section name a config file may hold (a file for one stage may carry a section per stage): the preset
+# sections, tracking, and the sections of stages outside the preset table (``align rm``'s own ``rm``, compare,
+# the rounds' samples and labels). A top-level key of such a file that is none of them is refused, with the
+# nearest of these names (alignment.config.read_config_file).
+FILE_SECTIONS = (*SECTIONS, "tracking", "rm", "compare", "samples", "labels")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

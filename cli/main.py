@@ -289,7 +289,7 @@ def _stage_config(args: argparse.Namespace, cls, section: str, explicit: dict):
 
     preset = getattr(args, "preset", None)
     config = build_config(cls, base=stage_preset(preset, section) if preset else None, config_file=args.config,
-                          overrides=args.overrides, explicit=explicit)
+                          overrides=args.overrides, explicit=explicit, section=section)
     if args.print_config:
         print(json.dumps(config.model_dump(mode="json"), indent=2))
         return None
@@ -622,19 +622,26 @@ def _configure_tracking(args: argparse.Namespace) -> None:
     """Tracking for a single-stage command: ``tracking=none`` / ``tracking.uri=...`` among its key=value
     overrides (taken out of the stage's), else what the environment says (``ALIGNMENT_TRACKING``, set by a
     parent process or ``=none``), else MLflow on a SQLite file under the runs folder."""
+    from pydantic import ValidationError
+
     from alignment import tracking
-    from alignment.config import parse_overrides
+    from alignment.config import check_keys, format_validation_error, parse_overrides
 
     mine = [o for o in getattr(args, "overrides", None) or [] if o.split("=", 1)[0].split(".", 1)[0] == "tracking"]
     if mine:
         args.overrides = [o for o in args.overrides if o not in mine]
     runs_root = os.environ.get("ALIGNMENT_RUNS_DIR", "runs")
     if mine:
+        for item in mine:  # a misspelt key: one line naming it and the nearest valid one
+            check_keys(tracking.TrackingConfig, parse_overrides([item]).get("tracking"), f"override {item!r}",
+                       path=("tracking",))
         value = parse_overrides(mine).get("tracking")
         try:
             config = tracking.TrackingConfig.model_validate(value)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, prefix="tracking.")) from None
         except ValueError as exc:
-            raise ConfigError(f"tracking: {exc}") from exc
+            raise ConfigError(f"tracking: {exc}") from None
         tracking.configure(config, runs_root)
     elif os.environ.get(tracking.TRACKING_ENV):
         tracking.settings()  # inherited (a launched stage) or switched off

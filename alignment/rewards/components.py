@@ -100,7 +100,9 @@ class ComponentConfig(BaseModel):
     """What every component's config holds. ``name`` (default: the kind) names the component in
     metrics (``rewards/<name>/mean``) and errors; ``weight`` multiplies its values in the total."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number finite (a var_lambda of .inf would turn every reward into NaN). Not a ConfigModel: its
+    # "*" validators cannot run on the discriminator ``kind``, so pydantic's own flag does it here.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
                       description="Component name (letters, digits, '_', '.', '-'): metrics rewards/<name>/...")
