@@ -139,13 +139,15 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *alias": merged keys may be overridden
                 continue
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: SafeLoader's own error says so
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise ConfigError(f"duplicate key {shown(key, 80)} (lines {first} and {key_node.start_mark.line + 1}); "
-                                  "give each key once")
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise ConfigError(f"duplicate key {shown(key, 80)} ({where}); give each key once")
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -348,7 +350,8 @@ def build_config(
     """Layer a config: class defaults < ``base`` (a preset) < YAML file < ``key=value`` < explicit flags.
     ``section``: the file's section to read (default the class's: ``rm_scalar`` for ``align rm --kind
     scalar``, whose class says ``rm``). An unknown key in the file or an override is a ConfigError naming it."""
-    section = section or cls.model_fields["section"].default
+    prefix = cls.model_fields["section"].default  # errors name the class's section (rm.learning_rate)
+    section = section or prefix
     values: dict[str, Any] = dict(base or {})
     if config_file is not None:
         values = _deep_merge(values, read_config_file(config_file, section, cls))
@@ -362,4 +365,4 @@ def build_config(
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix=f"{section}." if section else "")) from None
+        raise ConfigError(format_validation_error(exc, prefix=f"{prefix}." if prefix else "")) from None

@@ -69,7 +69,8 @@ class PipelineOptions(ConfigModel):
                                "stages: > 1 runs them under `accelerate launch` from inside the task (one per "
                                "GPU; gloo on CPU).")
     judge_retries: int = Field(1, ge=0, description="Prefect retries of the judge stage on transient failures.")
-    judge_retry_delay_s: float = Field(30.0, ge=0.0)
+    judge_retry_delay_s: float = Field(30.0, ge=0.0, le=86400.0, description="Seconds before a judge retry "
+                                       "(at most a day: Prefect's retry delay overflows on huge values).")
 
     @field_validator("algorithm")
     @classmethod

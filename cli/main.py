@@ -676,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.data import DataError
     from alignment.evaluation.evaluate import EvaluationError
     from alignment.evaluation.judge import JudgeError
+    from alignment.finite import NonFiniteError
     from alignment.hardware import DeviceError
     from alignment.io import DiskFullError
     from alignment.models import ModelSourceError
@@ -697,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
             EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError) as exc:
+            DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError, NonFiniteError) as exc:
         if args.debug:
             raise
         print(f"align {args.command}: error: {exc}", file=sys.stderr)

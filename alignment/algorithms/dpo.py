@@ -31,6 +31,7 @@ from alignment.checkpoints import (
 from alignment.config import StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import PairData
+from alignment.finite import check_output
 from alignment.footprint import records_footprint
 from alignment.hardware import bf16_enabled, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
@@ -57,7 +58,8 @@ class DPOStageConfig(StageConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="sigmoid = DPO.")
     max_length: int = Field(512, ge=32, description="Tokens per prompt + answer.")
     max_train_pairs: int | None = Field(None, ge=1, description="Train on a seeded subset of this many pairs.")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
+                          "more than 1000 is a typo, and the step count it implies would not fit).")
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-6, gt=0.0)
@@ -163,6 +165,7 @@ def run_dpo_stage(config: DPOStageConfig, out_dir: str | Path | None = None, *, 
         with open(tmp / "train_log.jsonl", "w") as fh:
             for h in trainer.state.log_history:
                 fh.write(json.dumps(h) + "\n")
+        check_output(tmp, "dpo", out, {"metrics.json": metrics})  # diverged: no manifest, one line
         write_json(tmp / MANIFEST, {
             "stage": "dpo", "stage_key": plan.key, "config": config.model_dump(mode="json"),
             "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})

@@ -36,7 +36,7 @@ from alignment import tracking
 from alignment.algorithms.guard import CollapseGuard
 from alignment.algorithms.metrics import append_metrics, plot_curves, truncate_metrics
 from alignment.algorithms.sampler import PromptSampler
-from alignment.checkpoints import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from alignment.checkpoints import CKPT_DIR, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from alignment.config import StageConfig
 from alignment.console import StageProgress, is_verbose
 from alignment.data import PairData
@@ -47,6 +47,7 @@ from alignment.evaluation.alarm import (
     plot_overoptimisation,
 )
 from alignment.evaluation.evaluate import PolicyEval, evaluate_policy
+from alignment.finite import NonFiniteError, check_output, check_tensors
 from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Bf16Rollouts, Rollout, SamplingConfig, batched_logprobs, rollout
 from alignment.hardware import bf16_enabled, resolve_device
@@ -458,7 +459,10 @@ class OnlineRecipe:
         state = {**self._state(), "protected": [self.last_healthy] if self.last_healthy else []}
         # Every process's RNG state, so a resumed run continues each one's sampling exactly.
         rng = {"ranks": self.dist.gather_objects([rng_state()])} if self.dist.world > 1 else None
-        if self.dist.is_main:
+        if self.dist.is_main:  # a diverged policy is never checkpointed: the last good checkpoint stays
+            check_tensors(self.trainable.state_dict().items(), self.stage,
+                          self.out / CKPT_DIR / f"step-{step:06d}" / "policy.safetensors",
+                          "it was not written (the last checkpoint stays)")
             save_checkpoint(self.out, step, self.trainable, self.optimizer, state, rng=rng)
         self.dist.barrier()
         self.last_checkpoint_at = time.monotonic()
@@ -563,6 +567,7 @@ class OnlineRecipe:
             if self.heldout:
                 shutil.copy(self.out / HELDOUT, tmp / HELDOUT)
                 plot_overoptimisation(self.heldout, tmp / "overoptimisation.png")
+            check_output(tmp, self.stage, final, {"summary.json": summary})  # diverged: no manifest, one line
             write_json(tmp / MANIFEST, {
                 "stage": self.stage, "stage_key": self.key, "config": self.config.model_dump(mode="json"),
                 "files": {f.name: {"sha256": sha256_file(f)} for f in sorted(tmp.glob("*.safetensors"))}})
@@ -599,9 +604,16 @@ class OnlineRecipe:
         # The rows the reward components score: each prompt's item k times, prompt-major like ``ro.prompts``.
         self.batch_items = [self.train_items[i] for i in idx for _ in range(cfg.samples_per_prompt)]
         sampler, bf16, off_policy = self.sampling_model()
-        return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
-                       cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
-                       record_logprobs=off_policy)
+        try:
+            return rollout(sampler, self.tokenizer, [self.train_prompts[i] for i in idx], cfg.sampling(),
+                           cfg.max_prompt_length, bf16=bf16, samples_per_prompt=cfg.samples_per_prompt,
+                           record_logprobs=off_policy)
+        except RuntimeError as exc:  # torch.multinomial on NaN/inf probabilities: the last update diverged
+            if "probability tensor contains" not in str(exc):
+                raise
+            raise NonFiniteError(f"{self.stage}: the policy's next-token probabilities hold NaN or inf: training "
+                                 f"diverged (learning_rate {cfg.learning_rate:g} too high?); nothing of this step "
+                                 "was saved, the last checkpoint stays") from None
 
     def wants_bf16_rollouts(self) -> bool:
         """Whether the bf16 rollout copy samples (``bf16_rollouts``; by default with LoRA, under bf16 only);

@@ -43,6 +43,7 @@ from alignment.config import StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import SummaryData, read_summaries
 from alignment.evaluation.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
+from alignment.finite import check_output
 from alignment.footprint import records_footprint
 from alignment.generation import (
     SamplingConfig,
@@ -84,7 +85,8 @@ class SFTConfig(StageConfig):
     max_prompt_length: int = Field(512, ge=16, description="Prompt tokens; longer posts are cut from the left.")
     max_completion_length: int = Field(64, ge=4, description="Reference tokens trained on (longer ones are cut).")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per summary in the evaluation (greedy).")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
+                          "more than 1000 is a typo, and the step count it implies would not fit).")
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-5, gt=0.0)
@@ -283,6 +285,7 @@ def run_sft_stage(config: SFTConfig, out_dir: str | Path | None = None, *, overw
         with open(tmp / "train_log.jsonl", "w", encoding="utf-8") as fh:
             for h in trainer.state.log_history:
                 fh.write(json.dumps(h) + "\n")
+        check_output(tmp, "sft", out, {"metrics.json": metrics})  # diverged: no manifest, one line
         write_json(tmp / MANIFEST, {
             "stage": "sft", "stage_key": plan.key, "config": config.model_dump(mode="json"), "source": data.source,
             "source_sha256": data.sha256,

@@ -97,9 +97,10 @@ class JudgeConfig(StageConfig):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     concurrency: int = Field(4, ge=1, le=64, description="Gemini calls in flight at once.")
     max_retries: int = Field(6, ge=0, description="Retries per judgment on 429 / 5xx / timeout / malformed output.")
-    initial_backoff_s: float = Field(1.0, ge=0.0)
-    max_backoff_s: float = Field(60.0, ge=0.0)
-    timeout_s: float = Field(60.0, gt=0.0, description="Per-call HTTP timeout.")
+    # Waits are at most an hour: time.sleep and the HTTP client's millisecond timeout overflow on huge values.
+    initial_backoff_s: float = Field(1.0, ge=0.0, le=3600.0)
+    max_backoff_s: float = Field(60.0, ge=0.0, le=3600.0)
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Per-call HTTP timeout.")
     budget_calls: int = Field(2000, ge=1, description="Most API calls (retries included) this run may make.")
     api_key_secret: str | None = Field(None, description="Name of a Prefect Secret block holding the Gemini API key, "
                                        "read by the flows when GEMINI_API_KEY / GOOGLE_API_KEY are not set. The "

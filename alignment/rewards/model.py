@@ -39,6 +39,7 @@ from alignment.config import StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.evaluation.length import length_split
+from alignment.finite import check_output
 from alignment.footprint import records_footprint
 from alignment.generation import pad_completions
 from alignment.hardware import DeviceError, bf16_enabled, resolve_device
@@ -146,7 +147,8 @@ class RewardModelConfig(StageConfig):
     max_length: int = Field(512, ge=32, description="Tokens per sequence; prompts are cut from the left.")
     max_train_pairs: int | None = Field(None, ge=1, description="Train on a seeded subset of this many pairs.")
     max_eval_pairs: int | None = Field(None, ge=1, description="Evaluate on the first N validation pairs.")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
+                          "more than 1000 is a typo, and the step count it implies would not fit).")
     batch_size: int = Field(8, ge=1, description="Pairs per device step.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(3e-5, gt=0.0)
@@ -679,6 +681,7 @@ def run_reward_stage(config: RewardModelConfig, out_dir: str | Path | None = Non
         with open(tmp / "train_log.jsonl", "w") as fh:
             for h in trainer.state.log_history:
                 fh.write(json.dumps(h) + "\n")
+        check_output(tmp, "reward_model", out, {"metrics.json": metrics})  # diverged: no manifest, one line
         write_json(tmp / MANIFEST, {
             "stage": "reward_model", "kind": config.kind, "stage_key": key, "config": config.model_dump(mode="json"),
             "data": str(data_dir), "data_manifest_sha256": sha256_file(data_dir / MANIFEST),
