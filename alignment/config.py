@@ -321,21 +321,19 @@ def check_keys(cls: type[BaseModel], values: Any, where: str, *, file: bool = Fa
             check_keys(model, value, where, file=file, path=(*path, str(key)))
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "", shown_errors: int = 20) -> str:
-    """``invalid config: section.field: message (got VALUE)``, one line per error when there are several;
-    values are cut to MAX_SHOWN_CHARS characters."""
-    lines = []
+def format_validation_error(exc: ValidationError, prefix: str = "", shown_errors: int = 5) -> str:
+    """``invalid config: section.field: message (got VALUE)``: one line, several errors separated by ``; `` (the
+    first ``shown_errors``, then how many more); values are cut to MAX_SHOWN_CHARS characters."""
+    parts = []
     errors = exc.errors(include_url=False)
     for err in errors[:shown_errors]:
         loc = ".".join(cut(str(p), 80) for p in err["loc"]) or "(config)"
         got = f" (got {shown(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
         msg = err["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong
-        lines.append(f"{prefix}{loc}: {cut(' '.join(msg.split()), 2 * MAX_SHOWN_CHARS)}{got}")
-    if len(lines) == 1:
-        return f"invalid config: {lines[0]}"
+        parts.append(f"{prefix}{loc}: {cut(' '.join(msg.split()), 2 * MAX_SHOWN_CHARS)}{got}")
     if len(errors) > shown_errors:
-        lines.append(f"... and {len(errors) - shown_errors} more")
-    return "invalid config:\n" + "\n".join(f"  {line}" for line in lines)
+        parts.append(f"and {len(errors) - shown_errors} more")
+    return "invalid config: " + "; ".join(parts)
 
 
 def build_config(
