@@ -30,7 +30,7 @@ from alignment.algorithms.dpo import DPOStageConfig, plan_dpo
 from alignment.algorithms.ppo import PPOConfig
 from alignment.algorithms.registry import ALGORITHMS, get_algorithm
 from alignment.algorithms.reinforce import ReinforceConfig
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
@@ -80,7 +80,7 @@ class CompareConfig(StageConfig):
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0: halfway and at the end).")
     n_prompts: int = Field(32, ge=1, description="Held-out prompts of the final scoring.")
     score_max_new_tokens: int = Field(64, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

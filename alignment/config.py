@@ -3,6 +3,11 @@
 Every stage has one config class derived from :class:`StageConfig`. The same class is used by the
 CLI (``align <stage> --config FILE key=value``), by Python callers and, later, as Prefect flow
 parameters, where pydantic models become UI forms.
+
+Strict: every number is finite (:class:`ConfigModel`), and a mistake is one :class:`ConfigError` line naming
+the key and the nearest valid name -- an unknown section or key at any depth of a file or an override
+(:func:`check_keys`), a key given twice in one YAML mapping (:class:`_StrictLoader`), a key beside the
+sections of a file, an attempt to set ``section``.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import math
 import reprlib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -30,14 +36,24 @@ MAX_CONFIG_CHARS = 10_000_000  # characters of all strings after alias expansion
 MAX_SHOWN_CHARS = 200  # an invalid value is shown in an error message cut to this many characters
 
 
+# A seed every generator takes: numpy's seeding (transformers.set_seed) refuses anything outside [0, 2**32).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class ConfigError(ValueError):
     """A config file, override or value is invalid. The message names the field."""
 
 
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union annotation (``int | None`` -> (int, NoneType)), else the annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def _numeric_types(annotation: Any) -> tuple[set[type], bool]:
     """The int/float types an annotation admits, and whether it admits bool (``int | None`` -> ({int}, False))."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
+    args = _union_args(annotation)
     return {a for a in args if a in (int, float)}, bool in args
 
 
@@ -163,8 +179,9 @@ def _load_yaml(text: str, what: str) -> Any:
     return check_size(value, what)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a=1", "b.c=x"]`` into a nested dict; values are parsed as YAML scalars/flow collections."""
+def parse_overrides(items: list[str], check: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Turn ``["a=1", "b.c=x"]`` into a nested dict; values are parsed as YAML scalars/flow collections.
+    ``check(item, {"b": {"c": "x"}})`` sees each override alone first (to name the one holding a mistake)."""
     result: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -176,8 +193,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {shown(item)}: value is not valid YAML ({cut(' '.join(str(exc).split()), 300)})"
                               ) from None
-        node = result
         parts = key.split(".")
+        if check is not None:
+            alone: Any = value
+            for part in reversed(parts):
+                alone = {part: alone}
+            check(item, alone)
+        node = result
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -268,19 +290,15 @@ def _nearest(key: Any, names: Any) -> str:
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The one config model a field holds (``X`` or ``X | None``), else None (a list or union of models is left
     to pydantic)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    models = [a for a in _union_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
     return models[0] if len(models) == 1 else None
 
 
 def _takes_mapping(annotation: Any) -> bool:
     """Whether a field of this type can hold a mapping (a config model or a dict): ``data: {source: x}`` is then
     that field's value, not a section (``RewardModelConfig.data`` is a folder name: there it is a section)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
-        else (annotation,)
-    return any(a is dict or typing.get_origin(a) is dict or (isinstance(a, type) and issubclass(a, BaseModel))
-               or a is Any for a in args)
+    return any(a is dict or a is Any or typing.get_origin(a) is dict or (isinstance(a, type) and issubclass(a, BaseModel))
+               for a in _union_args(annotation))
 
 
 def _holds_sections(cls: type[BaseModel]) -> bool:
@@ -353,10 +371,9 @@ def build_config(
     values: dict[str, Any] = dict(base or {})
     if config_file is not None:
         values = _deep_merge(values, read_config_file(config_file, section, cls))
-    for item in overrides or ():
-        check_keys(cls, parse_overrides([item]), f"override {shown(item, 120)}")
     if overrides:
-        values = _deep_merge(values, parse_overrides(overrides))
+        values = _deep_merge(values, parse_overrides(
+            overrides, check=lambda item, alone: check_keys(cls, alone, f"override {shown(item, 120)}")))
     if explicit:
         values = _deep_merge(values, {k: v for k, v in explicit.items() if v is not None})
     values.pop("section", None)

@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from alignment import __version__
-from alignment.config import StageConfig, cut
+from alignment.config import Seed, StageConfig, cut
 from alignment.evaluation.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.footprint import records_footprint
 from alignment.hub import hub_status, looks_like_repo_id, offline_requested
@@ -133,7 +133,7 @@ class DataConfig(StageConfig):
     rating_min: float = Field(0.0, allow_inf_nan=False, description="Lowest rating on the source scale (finite).")
     rating_max: float = Field(4.0, allow_inf_nan=False, description="Highest rating on the source scale (finite).")
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of prompts held out.")
-    seed: int = Field(0, ge=0, description="Seed of the train/validation split and of max_pairs sampling.")
+    seed: Seed = Field(0, description="Seed of the train/validation split and of max_pairs sampling.")
     max_pairs: int | None = Field(None, ge=2, description="Keep a seeded random subset of this many pairs.")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="'error' stops at bad input naming file, row and field; 'skip' drops and counts."

@@ -632,10 +632,8 @@ def _configure_tracking(args: argparse.Namespace) -> None:
         args.overrides = [o for o in args.overrides if o not in mine]
     runs_root = os.environ.get("ALIGNMENT_RUNS_DIR", "runs")
     if mine:
-        for item in mine:  # a misspelt key: one line naming it and the nearest valid one
-            check_keys(tracking.TrackingConfig, parse_overrides([item]).get("tracking"), f"override {item!r}",
-                       path=("tracking",))
-        value = parse_overrides(mine).get("tracking")
+        value = parse_overrides(mine, check=lambda item, alone: check_keys(  # a misspelt key: one line, nearest name
+            tracking.TrackingConfig, alone["tracking"], f"override {item!r}", path=("tracking",))).get("tracking")
         try:
             config = tracking.TrackingConfig.model_validate(value)
         except ValidationError as exc:

@@ -78,6 +78,8 @@ def test_a_nonfinite_value_inside_a_list_or_mapping_field_is_refused():
     ("judge", "alignment.evaluation.judge.JudgeConfig", "max_backoff_s", [-1.0, 1e300], [0.0, 60.0]),
     ("options", "alignment.pipeline.PipelineOptions", "judge_retry_delay_s", [-1.0, 1e300], [0.0, 30.0]),
     ("data", "alignment.data.DataConfig", "validation_fraction", [0.0, 1.0], [0.1, 0.5]),
+    ("sft", "alignment.algorithms.sft.SFTConfig", "seed", [-1, 2**32], [0, 2**32 - 1]),  # numpy's seed range
+    ("rm_scalar", "alignment.rewards.model.RewardModelConfig", "data_seed", [-1, 2**40], [None, 7]),
 ])
 def test_ranges_on_hand_chosen_fields(section, cls_path, field, bad, good):
     import importlib

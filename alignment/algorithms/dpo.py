@@ -28,7 +28,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import PairData
 from alignment.finite import check_output
@@ -70,7 +70,7 @@ class DPOStageConfig(StageConfig):
     checkpoint_every_s: float = Field(600.0, ge=0.0, description="Also checkpoint once this many seconds have passed "
                                       "since the last checkpoint (whichever comes first); 0: by steps only. "
                                       "Not part of the stage key.")
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     lora: bool = False

@@ -37,7 +37,7 @@ from alignment.algorithms.guard import CollapseGuard
 from alignment.algorithms.metrics import append_metrics, plot_curves, truncate_metrics
 from alignment.algorithms.sampler import PromptSampler
 from alignment.checkpoints import CKPT_DIR, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress, is_verbose
 from alignment.data import PairData
 from alignment.evaluation.alarm import (
@@ -143,7 +143,7 @@ class OnlineConfig(StageConfig):
                                       "many of its standard deviations (over prompts, at the first evaluation).")
     alarm_action: Literal["warn", "stop"] = Field("warn", description="What the alarm does: log a warning, or stop "
                                                   "the run (best/ and the checkpoints are kept).")
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = None
     bf16_rollouts: bool | None = Field(None, description="Under bf16: sample with a bf16 copy of the policy's "
                                        "Linear weights, LoRA merged in, refreshed before every rollout (no adapter "

@@ -39,7 +39,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import SummaryData, read_summaries
 from alignment.evaluation.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
@@ -105,7 +105,7 @@ class SFTConfig(StageConfig):
                                       "since the last checkpoint (whichever comes first); 0: by steps only. "
                                       "Not part of the stage key.")
     eval_batch_size: int = Field(16, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

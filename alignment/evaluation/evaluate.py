@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
 from alignment.evaluation.gold import check_answer
@@ -111,7 +111,7 @@ class ScoreConfig(StageConfig):
     temperature: float = Field(0.7, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
     kl: bool = Field(True, description="Also compute the k1 KL of each model's answers to the first model.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% CIs.")

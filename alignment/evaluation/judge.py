@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.evaluation.evaluate import GENERATIONS, read_generations
 from alignment.evaluation.length import length_controlled_win_rate
 from alignment.evaluation.stats import bootstrap_ci, wilson_interval
@@ -112,7 +112,7 @@ class JudgeConfig(StageConfig):
                                "position bias cancels; false: per-order verdicts, a flip is a tie.")
     local_batch_size: int = Field(4, ge=1)
     max_answer_chars: int = Field(6000, ge=100, description="Answers are cut to this many characters.")
-    seed: int = 0
+    seed: Seed = 0
 
     # Operational settings: changing them must not invalidate judgments already paid for.
     OPERATIONAL: ClassVar[tuple[str, ...]] = ("concurrency", "max_retries", "initial_backoff_s", "max_backoff_s",

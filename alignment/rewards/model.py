@@ -35,7 +35,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.evaluation.length import length_split
@@ -154,7 +154,7 @@ class RewardModelConfig(StageConfig):
     learning_rate: float = Field(3e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = Field(None, description="bf16 autocast (default: on GPUs and CPUs with bf16 instructions).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (off by default on CPU).")
     freeze_embeddings: bool = Field(False, description="Keep the token embedding fixed (no gradient or optimizer "
@@ -177,9 +177,9 @@ class RewardModelConfig(StageConfig):
                           "written into one ensemble folder. 1: one reward model.")
     bootstrap: bool = Field(True, description="Ensemble: each member trains on a seeded resample with replacement "
                             "of the train pairs (after max_train_pairs). Not part of the key when ensemble=1.")
-    data_seed: int | None = Field(None, description="Seed of the max_train_pairs subset (default: seed); the "
+    data_seed: Seed | None = Field(None, description="Seed of the max_train_pairs subset (default: seed); the "
                                   "ensemble sets it for its members so they share one subset.")
-    resample: int | None = Field(None, description="Train on a bootstrap resample (as many pairs, with replacement) "
+    resample: Seed | None = Field(None, description="Train on a bootstrap resample (as many pairs, with replacement) "
                                  "of the train pairs, with this seed; the ensemble sets it for its members.")
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from alignment import __version__
-from alignment.config import StageConfig
+from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress
 from alignment.data import PairData, PromptItem
 from alignment.evaluation.evaluate import model_fingerprint
@@ -126,7 +126,7 @@ class SamplesConfig(StageConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     batch_size: int = Field(16, ge=1, description="Sequences per generation batch (prompts x k).")
-    seed: int = 0
+    seed: Seed = 0
     bf16: bool | None = None
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
 
