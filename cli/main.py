@@ -685,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "round": _cmd_rounds, "rounds": _cmd_rounds,
                 "serve": _cmd_serve, "model": _cmd_model}
     try:
+        from alignment.hardware import apply_threads
+
+        apply_threads()  # once per process: torch threads from the free cores (ALIGN_THREADS wins)
         if args.command in TRACKED:
             _configure_tracking(args)
         return handlers[args.command](args)
