@@ -606,7 +606,8 @@ class OnlineRecipe:
 
     def wants_bf16_rollouts(self) -> bool:
         """Whether the bf16 rollout copy samples (``bf16_rollouts``; by default with LoRA where bf16 is
-        measured faster at the decode shape, under bf16 only); an algorithm with its own sampler says no (REINFORCE's int8 rollouts)."""
+        measured faster at the decode shape, under bf16 only); an algorithm with its own sampler says no
+        (REINFORCE's int8 rollouts)."""
         cfg = self.config
         if not self.bf16 or cfg.bf16_rollouts is not None:
             return self.bf16 and bool(cfg.bf16_rollouts)
