@@ -912,12 +912,17 @@ def _columns(records: Iterable[dict]) -> set[str]:
     return cols
 
 
+def _did_you_mean(column: str, known: str) -> str:
+    return f"column {column!r} is not a known column: did you mean {known!r}? (rename it, or pass " \
+           f"column_map.{known}={column})"
+
+
 def _missing_columns_error(name: str, missing: list[str], columns: set[str], fmt: str) -> DataError:
     hints = []
     for col in missing:
         close = difflib.get_close_matches(col, sorted(columns), n=1, cutoff=0.6)
         if close:
-            hints.append(f"column {close[0]!r} looks like {col!r}: pass column_map.{col}={close[0]}")
+            hints.append(_did_you_mean(close[0], col))
     msg = f"{name}: missing column(s) {missing} for the {fmt} format (columns found: {sorted(columns)})"
     return DataError(msg + ("; " + "; ".join(hints) if hints else ""))  # one line
 
@@ -935,9 +940,7 @@ def _near_misses(name: str, cols: set[str]) -> DataError | None:
     for col in sorted(c for c in cols if isinstance(c, str) and c not in KNOWN_COLUMNS):
         close = difflib.get_close_matches(col.strip().lower(), list(absent), n=1, cutoff=0.85)
         if close:
-            known = absent[close[0]]
-            hints.append(f"column {col!r} is not a known column: did you mean {known!r}? (rename it, or pass "
-                         f"column_map.{known}={col})")
+            hints.append(_did_you_mean(col, absent[close[0]]))
     return DataError(f"{name}: " + "; ".join(hints)) if hints else None
 
 
