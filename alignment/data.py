@@ -610,9 +610,6 @@ def _read_jsonl(path: Path, data: bytes | bytearray) -> tuple[list[dict], list[i
 # --------------------------------------------------------------------------------------------
 # CSV / TSV, read strictly: a row must have the header's number of fields, a quote must close
 # --------------------------------------------------------------------------------------------
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-
-
 def _read_csv(name: str, text: str, kind: str) -> tuple[list[dict], list[int], list[RowIssue]]:
     """The records of a CSV/TSV text (``kind`` 'csv' or 'tsv'), each with its 1-based record number.
 
@@ -622,7 +619,7 @@ def _read_csv(name: str, text: str, kind: str) -> tuple[list[dict], list[int], l
     field over the stdlib reader's limit stop the file in one line naming the line. Blank lines are skipped.
     """
     delimiter = "\t" if kind == "tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(_csv_lines(text), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     records, rows, issues = [], [], []
     n = 0  # record number (the header is not one)
@@ -652,6 +649,18 @@ def _read_csv(name: str, text: str, kind: str) -> tuple[list[dict], list[int], l
         records.append({k: (v if v != "" else None) for k, v in zip(header, fields, strict=True)})
         rows.append(n)
     return records, rows, issues
+
+
+def _csv_lines(text: str) -> io.StringIO:
+    """The text as lines ending at "\n" (a "\r\n" ending included): a lone "\r" inside an unquoted field
+    (Python's csv writer leaves it unquoted with lineterminator="\n") is then a reader error, a bad row,
+    not a line break that would split the row in two. A file without any "\n" (classic Mac) ends lines at "\r"."""
+    return io.StringIO(text, newline="\n" if "\n" in text else "")
+
+
+def _line_breaks(text: str, within: str) -> int:
+    """Line breaks in ``within`` as :func:`_csv_lines` counts them in ``text``."""
+    return within.count("\n") if "\n" in text else within.count("\r")
 
 
 def _csv_header(name: str, fields: list[str], line: int) -> list[str]:
@@ -689,20 +698,22 @@ def _csv_error(name: str, text: str, kind: str, exc: csv.Error, start: int, end:
     if "expected after" in msg:
         return (f"text after a closing quote on line {end} ({msg}): quote the whole field and double the quotes "
                 f"inside it{span}")
+    if "new-line character seen in unquoted field" in msg:
+        return f"a line break (\\r) inside an unquoted field on line {end}: quote the field{span}"
     return f"not readable on line {end} ({msg}){span}"
 
 
 def _quote_line(text: str, kind: str, start: int) -> int:
     """The line where the last field of the record starting on line ``start`` opens its quote: ``start`` plus
     the line breaks inside the fields before it (the record is re-read without strictness)."""
-    lines = io.StringIO(text, newline="")
+    lines = _csv_lines(text)
     for _ in range(start - 1):
         next(lines, None)
     try:
         fields = next(csv.reader(lines, delimiter="\t" if kind == "tsv" else ","), [])
     except csv.Error:
         return start
-    return start + sum(len(_LINE_BREAK.findall(f)) for f in fields[:-1])
+    return start + sum(_line_breaks(text, f) for f in fields[:-1])
 
 
 def _read_file(path: Path) -> SourceData:

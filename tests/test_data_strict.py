@@ -98,6 +98,17 @@ def test_quoted_commas_and_line_breaks_are_one_field(tmp_path):
     assert manifest(path)["n_rows_rejected"] == 0
 
 
+def test_a_lone_carriage_return_in_an_unquoted_field_is_a_bad_row_not_a_line_break(tmp_path, capsys):
+    # what Python's csv writer makes of "b1 \r;" with lineterminator="\n": left unquoted
+    path = csv_file(tmp_path, "prompt,chosen,rejected\nq1,a1,b1 \r;\nq2,a2,b2\nq3,a3,b3\n")
+    assert align_data(path) == 2
+    assert f"{path}, row 1: a line break (\\r) inside an unquoted field on line 2: quote the field" in (
+        capsys.readouterr().err)
+    mac = csv_file(tmp_path, 'prompt,chosen,rejected\rq1,a1,b1\rq2,"a\r2",b2\r', "mac.csv")  # no "\n" at all
+    assert align_data(mac) == 0
+    assert {r["chosen"] for r in written_pairs(mac)} == {"a1", "a\r2"}
+
+
 def test_a_duplicate_header_is_one_line_naming_the_column(tmp_path, capsys):
     path = csv_file(tmp_path, "prompt,chosen,chosen,rejected\nq1,a1,x1,b1\nq2,a2,x2,b2\nq3,a3,x3,b3\n")
     assert align_data(path) == 2
