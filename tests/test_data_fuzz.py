@@ -7,6 +7,10 @@ invalid UTF-8, or binary garbage. Every run must either write a complete output 
 can read, or raise the project's DataError (one line on the CLI) -- never another exception type. A
 folder with a foreign file beside the output (and, sometimes, given as the output) is never touched.
 
+CSV text through the CLI: quoted by a csv writer it reads back exactly; joined by hand it never becomes a pair
+made of a split row (a row holding a comma is a bad row, a stray quote one error line or one bad row); random
+CSV text is a result or an error line, never a traceback.
+
 Bounded to 150 examples per test, about 10 s (ALIGN_FUZZ_EXAMPLES=N for a longer hunt); no example database is
 written (nothing lands in the checkout).
 """
