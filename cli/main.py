@@ -315,7 +315,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
               f"{sum(m['n_gold_prompts'].values())})")
         print(f"  train {m['n_train']} prompts / validation {m['n_validation']} prompts")
         return 0
-    print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped)")
+    dropped = "".join(f", {m[k]} {what} dropped" for k, what in (("n_rating_reversed_dropped", "rated chosen < rejected"),
+                      ("n_contradictory_dropped", "contradictory")) if m.get(k))  # rules: docs/data.md
+    print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped{dropped})")
     print(f"  train {m['n_train']} pairs / validation {m['n_validation']} pairs; ratings: {m['has_ratings']}")
     return 0
 
