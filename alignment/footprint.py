@@ -8,7 +8,8 @@ peak so far. Where that is not possible (not Linux, or the reset is refused) the
 On CUDA the peak allocated device memory is recorded too.
 
 Each stage that computes something writes ``footprint.json`` in its output folder after it completes
-(a reused output keeps the figures of the run that made it).
+(a reused output keeps the figures of the run that made it), recorded in the folder's marker as ours
+(``alignment.ownership``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from alignment.ownership import write_record
 
 FOOTPRINT = "footprint.json"
 _STATUS = Path("/proc/self/status")
@@ -156,7 +159,7 @@ def records_footprint(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
             result.footprint = fp.record
             out = Path(result.out_dir)
             if out.is_dir() and os.environ.get("RANK", "0") == "0":  # one writer under data parallel
-                (out / FOOTPRINT).write_text(json.dumps(fp.record, indent=2) + "\n")
+                write_record(out, FOOTPRINT, fp.record)
         return result
 
     return wrapper
