@@ -28,6 +28,10 @@ reports): each is recorded by a sidecar beside it, ``.<name>.alignment.json`` (:
 the file's SHA-256 when its content is final (a JSON report) and without one for a file that keeps
 changing (a database). An existing file is written over only when its sidecar says it is ours and, where
 a hash was recorded, it still has that hash (:func:`file_problem`); anything else is refused.
+The tracking store's default, ``<runs>/mlflow.db``, is claimed by its sidecar when it is about to be created
+(:func:`claim_store`, called where ``alignment.tracking`` picks the URI); ``<runs>`` is the runs folder the
+command uses (a single-stage command with an --out outside ``./runs`` and no ``$ALIGNMENT_RUNS_DIR``: the
+folder its --out sits in; see ``cli.main._tracking_root``).
 
 Refusals raise the stage's own error or :class:`NotOurs` (a one-line message naming up to five foreign
 entries), so the CLI exits 2 and nothing is touched.
