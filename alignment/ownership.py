@@ -40,9 +40,11 @@ entries), so the CLI exits 2 and nothing is touched.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,11 +67,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary sibling and a rename (this module sits below ``alignment.io``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _write_marker(folder: Path, record: dict[str, Any]) -> None:
     """Write the marker atomically (a kill leaves the old one or the new one, never half of one)."""
-    from alignment.io import write_json
-
-    write_json(folder / MARKER, {"created_by": CREATOR, **record})
+    _write_atomic(folder / MARKER, json.dumps({"created_by": CREATOR, **record}) + "\n")
 
 
 def write_marker(folder: Path, entries: Iterable[str] = ()) -> None:
@@ -98,14 +110,15 @@ def record_entries(folder: str | Path, names: Iterable[str]) -> None:
 
 
 def write_record(folder: str | Path, name: str, data: Any) -> None:
-    """Write the JSON record ``name`` into a ``folder`` of ours (atomically), listing it in the folder's marker
-    first so that it is ours by the record (a temporary copy a kill leaves mid-write is not, and is named
-    when the folder is refused)."""
-    from alignment.io import write_json
-
+    """Write the JSON record ``name`` into a ``folder`` of ours atomically, listing it in the folder's marker
+    first, and its temporary copy while it exists, so that neither is ever foreign (a kill mid-write leaves a
+    listed temporary, which a later overwrite removes with the rest)."""
     folder = Path(folder)
-    record_entries(folder, [name])
-    write_json(folder / name, data)
+    tmp = f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    record_entries(folder, [name, tmp])
+    (folder / tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(folder / tmp, folder / name)
+    write_marker(folder, recorded_entries(folder) - {tmp})
 
 
 def _marker(folder: Path) -> dict[str, Any] | None:
@@ -352,8 +365,6 @@ def _sidecar(path: Path) -> Path:
 def file_problem(path: str | Path, what: str = "the file") -> str | None:
     """Why this project may not write ``path`` (a file outside a stage folder), in one line; None when it is
     missing or ours by its sidecar record (and unchanged since, where a hash was recorded)."""
-    from alignment.io import sha256_file
-
     path = Path(path)
     problem = path_problem(path, what)
     if problem is not None:
@@ -365,7 +376,7 @@ def file_problem(path: str | Path, what: str = "the file") -> str | None:
     record = _read_json(_sidecar(path))
     if record is None or record.get("created_by") != CREATOR or record.get("file") != path.name:
         return f"{what} {path} already exists and this project did not write it; it is never overwritten"
-    if record.get("sha256") and sha256_file(path) != record["sha256"]:
+    if record.get("sha256") and _sha256(path) != record["sha256"]:
         return f"{what} {path} was changed since this project wrote it; it is never overwritten"
     return None
 
@@ -373,26 +384,22 @@ def file_problem(path: str | Path, what: str = "the file") -> str | None:
 def record_file(path: str | Path, final: bool = True) -> None:
     """Record that this project wrote ``path`` (its sidecar; with the file's SHA-256 when ``final``: a file
     that keeps changing, such as a database, is recorded without one)."""
-    from alignment.io import sha256_file, write_json
-
     path = Path(path)
     record: dict[str, Any] = {"created_by": CREATOR, "file": path.name}
     if final:
-        record["sha256"] = sha256_file(path)
-    write_json(_sidecar(path), record)
+        record["sha256"] = _sha256(path)
+    _write_atomic(_sidecar(path), json.dumps(record) + "\n")
 
 
 def write_own_file(path: str | Path, text: str, what: str = "the file") -> None:
     """Write ``text`` to ``path`` (atomically) and record it as ours; :class:`NotOurs` when the path holds
     something this project did not write (check :func:`file_problem` early, before the work)."""
-    from alignment.io import write_text_atomic
-
     path = Path(path)
     problem = file_problem(path, what)
     if problem is not None:
         raise NotOurs(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    _write_atomic(path, text)
     record_file(path)
 
 

@@ -216,8 +216,8 @@ def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, stag
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise error(f"{folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}, not a folder; "
                     "choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):  # before the lock: leave no lock file there
-        raise error(replace_problem(folder, stage, inputs=inputs, runs_root=runs_root))
+    if folder.is_dir() and any(folder.iterdir()) and (not is_ours(folder) or (stage and not recorded_stage(folder))):
+        raise error(replace_problem(folder, stage, inputs=inputs, runs_root=runs_root))  # before the lock: none left
     _lock_for_this_stage(folder)
     if not overwrite:
         manifest = complete_manifest(done if done is not None else folder, key)

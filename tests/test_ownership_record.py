@@ -5,6 +5,7 @@ tracking store follow the same rule. Every victim lives in pytest's tmp_path and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def test_a_folder_of_ours_that_is_no_stage_output_is_never_replaced_by_one(tmp_p
     assert foreign_entries(cache) == []  # ours through and through, and still not a data output
     _refused(["-q", "data", "--source", str(_source(tmp_path)), "--out", str(cache),
               *(["--overwrite"] if overwrite else [])], cache, capsys, "is a model folder (the converted-model cache?)")
+    assert not (tmp_path / ".SmolLM2-cache.lock").exists()  # refused before the stage lock
 
 
 def test_rm_eval_json_never_overwrites_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
@@ -192,3 +194,32 @@ def test_record_entries_keeps_what_the_folder_listed(tmp_path):
     assert foreign_entries(folder) == ["b"]
     record_entries(folder, ["b"])
     assert foreign_entries(folder) == [] and recorded_entries(folder) == {"a", "b"}
+
+
+def test_a_record_cut_short_leaves_only_listed_entries(tmp_path, monkeypatch):
+    """A kill between writing a record's temporary copy and renaming it leaves nothing unlisted."""
+    import alignment.ownership as O
+
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("ours")
+    out = tmp_path / "out"
+    write_record(out, "footprint.json", {"seconds": 1})
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "a.txt", "footprint.json"]
+    assert recorded_entries(out) == {"a.txt", "footprint.json"}
+
+    real_replace = os.replace
+
+    def killed(src, dst):  # the marker's own write goes through; the record's rename is where the kill lands
+        if Path(dst).name == "timing.json":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(O.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_record(out, "timing.json", {"seconds": 2})
+    monkeypatch.undo()
+    left = [p.name for p in out.iterdir() if p.name.startswith(".timing.json.tmp-")]
+    assert len(left) == 1 and left[0] in recorded_entries(out) and foreign_entries(out) == []
+    with atomic_directory(out) as tmp:  # replaced whole: everything in it was listed
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
