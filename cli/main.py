@@ -524,8 +524,10 @@ def _pipeline_config(args: argparse.Namespace, default_preset: str):
 
     preset = args.preset or default_preset
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    return preset, build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
-                                overrides=args.overrides, explicit=explicit)
+    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    config.options.runs_dir = _runs_dir(config.options.runs_dir, "options.runs_dir")  # from a file or key=value too
+    return preset, config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -632,11 +634,25 @@ def _checked_paths(args: argparse.Namespace) -> None:
             continue
         value = os.path.expanduser(value)
         setattr(args, attr, value)
+        if attr == "runs_dir":
+            _runs_dir(value, flag)
+            continue
         problem = file_problem(value, flag) if attr == "json" else path_problem(value, flag)
-        if problem is None and attr == "runs_dir" and os.path.exists(value) and not os.path.isdir(value):
-            problem = f"--runs-dir {value} is a file, not a folder"
         if problem is not None:
             raise ConfigError(problem)
+
+
+def _runs_dir(value: str, what: str) -> str:
+    """A runs folder, ``~``-expanded; :class:`ConfigError` (one line) when it cannot be a folder."""
+    from alignment.ownership import path_problem
+
+    value = os.path.expanduser(value)
+    problem = path_problem(value, what)
+    if problem is None and os.path.exists(value) and not os.path.isdir(value):
+        problem = f"{what} {value} is a file, not a folder"
+    if problem is not None:
+        raise ConfigError(problem)
+    return value
 
 
 def _tracking_root(args: argparse.Namespace) -> str:

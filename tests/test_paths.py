@@ -101,3 +101,13 @@ def test_prefect_run_loggers_print_the_projects_own_errors_without_a_traceback(m
                           "write (mine.txt)')")
     assert "Traceback" in printed[1] and "KeyError: 'bug'" in printed[1]  # a bug keeps its traceback
     assert not [f for f in logger.filters if type(f).__name__ == "_OneLineErrors"]  # removed on the way out
+
+
+def test_a_runs_dir_from_a_key_value_override_is_checked_and_expanded_too(place, tmp_path, capsys):
+    before = tree_digest(place)
+    _one_line(["-q", "run", "options.runs_dir=afile.txt", "--print-config"], capsys,
+              "options.runs_dir afile.txt is a file, not a folder")
+    _one_line(["-q", "run", "options.runs_dir=LOOP/runs", "--print-config"], capsys, "LOOP is a symbolic link that loops")
+    assert tree_digest(place) == before
+    assert main(["-q", "run", "options.runs_dir=~/runs", "--print-config"]) == 0
+    assert f'"runs_dir": "{tmp_path / "home" / "runs"}"' in capsys.readouterr().out
