@@ -5,11 +5,14 @@
 (``"scratch"``: a writer's temporary folder, everything in it is that writer's); just before it becomes
 the final output the marker is rewritten (sealed) with the folder's entries. Records the project adds
 to a finished folder later (``footprint.json``, ``align compare``'s ``timing.json``, a resumable stage's
-``run.json``, a Trainer checkpoint) are added to the marker when they are written
-(:func:`record_entries`). What a folder's records list (the marker's entries; for a folder from before
-markers, its stage manifest's files and the manifest itself; a run record itself) is **ours**; every
-other entry is **foreign**, whatever its name. The rules, for every stage, the CLI, the Prefect tasks,
-``align compare``, checkpoint folders and the clean-up of stale temporary siblings:
+``run.json``) are added to the marker when they are written (:func:`write_record`). A folder that is a
+writer's workspace throughout (a Trainer's checkpoint folder ``.<out>.checkpoints``, an ensemble's staging
+folder) keeps a scratch marker naming it. What a folder's records list (the marker's entries; for a
+folder from before markers, its stage manifest's files and the manifest itself) is **ours**; every other
+entry is **foreign**, whatever its name (``timing.json``, ``.x.old-2024`` and ``.x.lock`` included: the
+stage locks and their holder records live beside the folder they lock, not in it). The rules, for every
+stage, the CLI, the Prefect tasks, ``align compare``, checkpoint folders and the clean-up of stale
+temporary siblings:
 
 * a folder is replaced only when it is empty, or a stage output of ours for the same stage with no
   foreign entry; a folder of ours that is no stage output (the converted-model cache, an ensemble's
@@ -103,10 +106,11 @@ def seal_marker(folder: Path) -> None:
 
 def record_entries(folder: str | Path, names: Iterable[str]) -> None:
     """Add ``names`` (entries this project writes into ``folder``) to the folder's record, keeping what it
-    already lists: call it when writing a record into a finished output (footprint, timing, run record,
-    a checkpoint), so the entry is proven ours by the record, not by its name."""
+    already lists: call it when writing a record into a finished output (footprint, timing, run record), so
+    the entry is proven ours by the record, not by its name. A scratch folder claims all it holds already."""
     folder = Path(folder)
-    write_marker(folder, recorded_entries(folder) | set(names))
+    if not _is_scratch(folder):
+        write_marker(folder, recorded_entries(folder) | set(names))
 
 
 def write_record(folder: str | Path, name: str, data: Any) -> None:
