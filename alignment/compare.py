@@ -36,7 +36,7 @@ from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
 from alignment.hardware import thread_env
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
-from alignment.ownership import local_paths, replace_problem
+from alignment.ownership import local_paths, replace_problem, write_record
 from alignment.stage import StageResult, complete_manifest, exclusive_stage, stage_folder
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def run_algorithm(name: str, command: str, config: StageConfig, runs_dir: str | 
         raise CompareError(f"{name} failed (exit code {code}); its output is above and its folder is {out}. "
                            "Run the comparison again: finished algorithms are reused, this one re-runs.")
     timing = {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
-    write_json(out / TIMING, timing)
+    write_record(out, TIMING, timing)
     return {**timing, "reused": False}
 
 

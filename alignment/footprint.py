@@ -12,7 +12,8 @@ it decided ``bf16: auto`` or the bf16 rollout copy, the choice and its measured 
 :mod:`alignment.hardware`).
 
 Each stage that computes something writes ``footprint.json`` in its output folder after it completes
-(a reused output keeps the figures of the run that made it).
+(a reused output keeps the figures of the run that made it), recorded in the folder's marker as ours
+(``alignment.ownership``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from alignment.ownership import write_record
 
 FOOTPRINT = "footprint.json"
 _STATUS = Path("/proc/self/status")
@@ -172,7 +175,7 @@ def records_footprint(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
             result.footprint = fp.record
             out = Path(result.out_dir)
             if out.is_dir() and os.environ.get("RANK", "0") == "0":  # one writer under data parallel
-                (out / FOOTPRINT).write_text(json.dumps(fp.record, indent=2) + "\n")
+                write_record(out, FOOTPRINT, fp.record)
         return result
 
     return wrapper

@@ -90,11 +90,18 @@ class TrackingConfig(ConfigModel):
         return self.backend != "none"
 
     def resolved_uri(self, runs_root: str | Path) -> str:
+        """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``<runs_root>/mlflow.db``: refused (``NotOurs``) when that
+        file exists and this project did not create it, recorded as ours when it is about to be created
+        (``alignment.ownership.claim_store``)."""
         if self.uri:
             return self.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
+        from alignment.ownership import claim_store
+
+        path = (Path(runs_root).expanduser() / "mlflow.db").resolve()
+        claim_store(path)
+        return f"sqlite:///{path}"
 
 
 # ----------------------------------------------------------------------------------------- settings

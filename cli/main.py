@@ -374,7 +374,9 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        from alignment.ownership import write_own_file
+
+        write_own_file(args.json, text + "\n", "--json")  # checked before scoring too (_checked_paths)
     return 0
 
 
@@ -524,8 +526,10 @@ def _pipeline_config(args: argparse.Namespace, default_preset: str):
 
     preset = args.preset or default_preset
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    return preset, build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
-                                overrides=args.overrides, explicit=explicit)
+    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    config.options.runs_dir = _runs_dir(config.options.runs_dir, "options.runs_dir")  # from a file or key=value too
+    return preset, config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -620,6 +624,55 @@ def _cmd_model(args: argparse.Namespace) -> int:
 TRACKED = {"data", "rm", "rm-eval", "dpo", "sft", "compare", "score", "judge"}  # + every online algorithm
 
 
+def _checked_paths(args: argparse.Namespace) -> None:
+    """Expand ``~`` in --out, --json and --runs-dir once, here, so that what is checked is what is written, and
+    refuse (one line) a path that cannot be written: through a file or a broken or looping symbolic link, a
+    name too long, a --runs-dir that is a file, a --json file this project did not write."""
+    from alignment.ownership import file_problem, path_problem
+
+    for attr, flag in (("out", "--out"), ("json", "--json"), ("runs_dir", "--runs-dir")):
+        value = getattr(args, attr, None)
+        if not value:
+            continue
+        value = os.path.expanduser(value)
+        setattr(args, attr, value)
+        if attr == "runs_dir":
+            _runs_dir(value, flag)
+            continue
+        problem = file_problem(value, flag) if attr == "json" else path_problem(value, flag)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
+def _runs_dir(value: str, what: str) -> str:
+    """A runs folder, ``~``-expanded; :class:`ConfigError` (one line) when it cannot be a folder."""
+    from alignment.ownership import path_problem
+
+    value = os.path.expanduser(value)
+    problem = path_problem(value, what)
+    if problem is None and os.path.exists(value) and not os.path.isdir(value):
+        problem = f"{what} {value} is a file, not a folder"
+    if problem is not None:
+        raise ConfigError(problem)
+    return value
+
+
+def _tracking_root(args: argparse.Namespace) -> str:
+    """The runs folder whose ``mlflow.db`` a single-stage command tracks into: ``$ALIGNMENT_RUNS_DIR``, else
+    ``runs`` (in the current directory) when the command writes there (no --out, or an --out inside it), else
+    the folder its --out sits in, so that a command pointed elsewhere never writes ``./runs/mlflow.db``."""
+    runs = os.environ.get("ALIGNMENT_RUNS_DIR")
+    if runs:
+        return runs
+    out = getattr(args, "out", None)
+    if not out:
+        return "runs"
+    here, target = os.path.realpath("runs"), os.path.realpath(out)
+    if target == here or target.startswith(here + os.sep):
+        return "runs"
+    return os.path.dirname(target)
+
+
 def _configure_tracking(args: argparse.Namespace) -> None:
     """Tracking for a single-stage command: ``tracking=none`` / ``tracking.uri=...`` among its key=value
     overrides (taken out of the stage's), else what the environment says (``ALIGNMENT_TRACKING``, set by a
@@ -630,7 +683,7 @@ def _configure_tracking(args: argparse.Namespace) -> None:
     mine = [o for o in getattr(args, "overrides", None) or [] if o.split("=", 1)[0].split(".", 1)[0] == "tracking"]
     if mine:
         args.overrides = [o for o in args.overrides if o not in mine]
-    runs_root = os.environ.get("ALIGNMENT_RUNS_DIR", "runs")
+    runs_root = _tracking_root(args)
     if mine:
         value = parse_overrides(mine).get("tracking")
         try:
@@ -687,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "round": _cmd_rounds, "rounds": _cmd_rounds,
                 "serve": _cmd_serve, "model": _cmd_model}
     try:
+        _checked_paths(args)
         from alignment.hardware import apply_threads
 
         apply_threads()  # once per process: torch threads from the free cores (ALIGN_THREADS wins)

@@ -15,6 +15,7 @@ built from the registry).
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -256,6 +257,32 @@ def judge_flow(config: JudgeConfig, runs_dir: str = "runs") -> str:
     return _single(judge_task, config, runs_dir, "judge")
 
 
+class _OneLineErrors(logging.Filter):
+    """Drop the traceback Prefect logs with a failed task or flow run when the error is one of the project's own
+    (a class defined in ``alignment``: a refusal or bad input, said in one line by the caller), unless -v."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("alignment.") and not is_verbose():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Within: Prefect's run loggers print the project's own errors without their traceback."""
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    only = _OneLineErrors()
+    for logger in loggers:
+        logger.addFilter(only)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(only)
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run the pipeline flow with a full config (``align run``)."""
-    return alignment_pipeline(**config.flow_parameters())
+    with one_line_errors():
+        return alignment_pipeline(**config.flow_parameters())
