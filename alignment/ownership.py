@@ -407,11 +407,33 @@ def write_own_file(path: str | Path, text: str, what: str = "the file") -> None:
     record_file(path)
 
 
+def is_mlflow_store(path: str | Path) -> bool:
+    """``path`` is a SQLite file that already holds an MLflow tracking store (its ``experiments`` and
+    ``alembic_version`` tables), read without writing it."""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(16) != b"SQLite format 3\0":
+                return False
+        db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            db.close()
+    except (OSError, sqlite3.Error):
+        return False
+    return {"experiments", "runs", "alembic_version"} <= tables
+
+
 def claim_store(path: str | Path) -> None:
     """Before a tracking store (a SQLite file) at ``path`` is used: refuse (:class:`NotOurs`) a file this
-    project did not create; record one about to be created as ours."""
+    project did not create, unless it already is an MLflow tracking store (adding runs to one is what it is
+    for: a store made before these records, or by ``mlflow`` itself); record one about to be created as ours."""
     path = Path(path)
     problem = file_problem(path, "the tracking store")
+    if problem is not None and path.is_file() and not path.is_symlink() and is_mlflow_store(path):
+        return
     if problem is not None:
         raise NotOurs(f"{problem} (give tracking.uri, or tracking=none)")
     if not path.exists():

@@ -223,3 +223,29 @@ def test_a_record_cut_short_leaves_only_listed_entries(tmp_path, monkeypatch):
     with atomic_directory(out) as tmp:  # replaced whole: everything in it was listed
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "b.txt"]
+
+
+def test_an_existing_mlflow_store_is_used_and_any_other_sqlite_file_refused(tmp_path):
+    """A store made before the sidecar records (or by ``mlflow`` itself) is an MLflow store: runs are added to it;
+    a user's own SQLite database (other tables) is refused untouched, as in D11."""
+    import sqlite3
+
+    from alignment.ownership import is_mlflow_store
+    from alignment.tracking import TrackingConfig
+
+    old, theirs = tmp_path / "old-runs", tmp_path / "mine"
+    for folder, tables in ((old, ("experiments", "runs", "alembic_version")), (theirs, ("customers", "orders"))):
+        folder.mkdir()
+        db = sqlite3.connect(folder / "mlflow.db")
+        for table in tables:
+            db.execute(f"CREATE TABLE {table} (id INTEGER)")
+        db.commit()
+        db.close()
+    assert is_mlflow_store(old / "mlflow.db") and not is_mlflow_store(theirs / "mlflow.db")
+    before = tree_digest(old)
+    assert TrackingConfig().resolved_uri(old) == f"sqlite:///{(old / 'mlflow.db').resolve()}"
+    assert tree_digest(old) == before  # adopted as it is: no record claims it as ours
+    before = tree_digest(theirs)
+    with pytest.raises(NotOurs, match="did not write it"):
+        TrackingConfig().resolved_uri(theirs)
+    assert tree_digest(theirs) == before
