@@ -562,7 +562,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if tracked:
         version = f"; policy registered as alignment-policy v{tracked['model_version']}" \
             if tracked.get("model_version") else ""
-        print(f"MLflow run: {tracked['url']}{version}")
+        print(f"MLflow run: {tracked.get('where') or tracked['url']}{version}")
     return 0
 
 
