@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import subprocess
+import sys
 import types
 from collections.abc import Iterator
 
@@ -27,16 +29,33 @@ class PrefectServerError(RuntimeError):
     """The temporary Prefect server did not come up; the message says which setting to raise."""
 
 
+def _die_with_parent():
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, however it dies (SIGKILL
+    included; Linux's PR_SET_PDEATHSIG); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG = 1
+
+    return preexec
+
+
 def _own_session_server_class():
     from prefect.server.api import server as server_module
 
     class OwnSessionServer(server_module.SubprocessASGIServer):
         """Prefect's temporary server, its uvicorn process started in a session of its own (so a terminal's
-        Ctrl-C reaches only the command, which stops the server itself). Prefect's command is kept: only the
-        ``Popen`` its module calls is given ``start_new_session=True`` for that one call."""
+        Ctrl-C reaches only the command, which stops the server itself) and ended by the kernel if the command
+        dies without stopping it (SIGKILL). Prefect's command is kept: only the ``Popen`` its module calls gets
+        ``start_new_session`` and the ``preexec_fn``, for that one call."""
 
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            own_session = types.SimpleNamespace(Popen=functools.partial(subprocess.Popen, start_new_session=True))
+            popen = functools.partial(subprocess.Popen, start_new_session=True, preexec_fn=_die_with_parent())
+            own_session = types.SimpleNamespace(Popen=popen)
             server_module.subprocess = own_session
             try:
                 return super()._run_uvicorn_command()

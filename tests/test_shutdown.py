@@ -124,3 +124,25 @@ def test_the_start_up_timeout_is_generous_unless_set(tmp_path):
         out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(tmp_path, **extra),
                              capture_output=True, text=True, timeout=120)
         assert out.stdout.strip() == expected, out.stderr[-2000:]
+
+
+def test_the_temporary_server_has_its_own_session_and_dies_with_a_killed_command(tmp_path):
+    """Its own session: a terminal's Ctrl-C does not reach it before the command has finished with it. And a
+    command killed outright (SIGKILL: no clean-up runs) does not leave it behind (Linux)."""
+    code = ("from flows.server import start_temporary_server\nimport time\n"
+            "server = start_temporary_server()\nprint('server', server.server_process.pid, flush=True)\n"
+            "time.sleep(600)")
+    log = tmp_path / "console.log"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=_env(tmp_path), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for(proc, log, "server ")
+    server = psutil.Process(int(log.read_text().split("server ")[1].split()[0]))
+    try:
+        assert os.getsid(server.pid) == server.pid != os.getsid(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+        if sys.platform.startswith("linux"):
+            server.wait(timeout=STOP_S)  # psutil.TimeoutExpired if it outlived the command
+    finally:
+        if server.is_running():
+            server.kill()
