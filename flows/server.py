@@ -6,7 +6,7 @@ process group and with 20 s to come up. Both break: on a busy machine the start-
 ``RuntimeError`` traceback), and a Ctrl-C in the terminal reaches the server together with the command, so
 the command's last API calls (a served runner pausing its schedules, a flow run reporting its state) retry
 against a dead server for minutes. :func:`prefect_api` starts it first, in its own session (only this
-process stops it, after those calls), waiting ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
+process stops it, after those calls; the kernel ends it if this process is killed outright), waiting ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
 (``tasks.EPHEMERAL_STARTUP_TIMEOUT_S`` unless set); Prefect's own clients then find it running
 (one temporary server per process). A start-up that still fails is one :class:`PrefectServerError`.
 """
