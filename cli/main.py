@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -548,8 +549,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"--force-flow runs the flow anyway) [{time.perf_counter() - start:.1f} s]:")
     else:
         from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
+        from flows.server import prefect_api
 
-        result = run_pipeline(config)
+        with prefect_api():  # PREFECT_API_URL, else a temporary server this command owns and stops
+            result = run_pipeline(config)
         print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s (each stage's line above)")
     for name, info in result["stages"].items() if done is not None else ():
         peak = info.get("peak_rss_mb")
@@ -568,7 +571,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if tracked:
         version = f"; policy registered as alignment-policy v{tracked['model_version']}" \
             if tracked.get("model_version") else ""
-        print(f"MLflow run: {tracked['url']}{version}")
+        print(f"MLflow run: {tracked.get('where') or tracked['url']}{version}")
     return 0
 
 
@@ -582,8 +585,10 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n {n}: give 0 (report only) or more")
     start = time.perf_counter()
     from flows.rounds import run_rounds  # sets Prefect's environment before Prefect is imported
+    from flows.server import prefect_api
 
-    result = run_rounds(config, n)
+    with prefect_api():
+        result = run_rounds(config, n)
     print(f"rounds ({preset}, {result['experiment']}): {result['new_rounds']} new round(s) in "
           f"{time.perf_counter() - start:.0f} s; complete: {', '.join(map(str, result['rounds_complete']))}")
     for rnd, reading in result["verdicts"].items():
@@ -597,6 +602,7 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
+    # Ctrl-C / SIGTERM: Prefect's serve shuts its runner down and returns; main() reports the signal.
     serve_all(cron=args.cron, timezone=args.timezone, retrain_preset=args.retrain_preset, runs_dir=args.runs_dir)
     return 0
 
@@ -622,6 +628,25 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 TRACKED = {"data", "rm", "rm-eval", "dpo", "sft", "compare", "score", "judge"}  # + every online algorithm
+STOPPABLE = {"run", "round", "rounds", "serve"}  # SIGTERM stops them as Ctrl-C does (cli.shutdown)
+
+
+def _loaded_errors() -> tuple[type[Exception], ...]:
+    """Expected errors of modules that only some commands import (a temporary Prefect server that did not
+    come up), so the others need not import them."""
+    server = sys.modules.get("flows.server")
+    return (server.PrefectServerError,) if server is not None else ()
+
+
+def _stopped(command: str, signum: int) -> int:
+    """One line after Ctrl-C / SIGTERM, once every process this one started is stopped; 130 / 143."""
+    from cli import shutdown
+
+    shutdown.ignore_stop_signals()
+    n = shutdown.stop_children()
+    children = f" ({n} child process{'es' if n > 1 else ''} stopped)" if n else ""
+    print(f"align {command}: stopped by {signal.Signals(signum).name}{children}", file=sys.stderr)
+    return shutdown.exit_code(signum)
 
 
 def _checked_paths(args: argparse.Namespace) -> None:
@@ -733,30 +758,37 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.rounds.onpolicy import RoundsError
     from alignment.rounds.store import StoreError
     from alignment.stage import StageBusy
+    from cli import shutdown
 
     TRACKED.update(ALGORITHMS)
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
                 "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "round": _cmd_rounds, "rounds": _cmd_rounds,
                 "serve": _cmd_serve, "model": _cmd_model}
-    try:
-        _checked_paths(args)
-        from alignment.hardware import apply_threads
+    with shutdown.stop_signals(install=args.command in STOPPABLE):
+        try:
+            _checked_paths(args)
+            from alignment.hardware import apply_threads
 
-        apply_threads()  # once per process: torch threads from the free cores (ALIGN_THREADS wins)
-        if args.command in TRACKED:
-            _configure_tracking(args)
-        return handlers[args.command](args)
-    except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError) as exc:
-        if args.debug:
-            raise
-        print(f"align {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"align {args.command}: interrupted", file=sys.stderr)
-        return 130
+            apply_threads()  # once per process: torch threads from the free cores (ALIGN_THREADS wins)
+            if args.command in TRACKED:
+                _configure_tracking(args)
+            code = handlers[args.command](args)
+        except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
+                EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
+                DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError,
+                *_loaded_errors()) as exc:
+            if args.debug:
+                raise
+            print(f"align {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except BaseException as exc:  # Ctrl-C, SIGTERM, and whatever a library turned them into on the way up
+            signum = shutdown.received(exc)
+            if signum is None or args.debug:
+                raise
+            return _stopped(args.command, signum)
+        signum = shutdown.received()  # a library that handles the interruption itself returns (Prefect's serve)
+        return code if signum is None else _stopped(args.command, signum)
 
 
 if __name__ == "__main__":
