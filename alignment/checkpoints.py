@@ -50,7 +50,7 @@ from alignment.ownership import (
     is_ours,
     remove_owned,
     remove_stale,
-    write_marker,
+    write_scratch_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,9 @@ def resume_point(folder: str | Path, key: str, clean: bool = True) -> Path | Non
                               f"did not write ({', '.join(foreign_entries(folder)[:5])}); move them away")
             log.warning("%s holds checkpoints of another run (stage key %s, this one %s): removing them",
                         folder, (recorded or "unknown")[:12], key[:12])
-            shutil.rmtree(folder)
+            remove_owned(folder, "the checkpoints of another run")
     folder.mkdir(parents=True, exist_ok=True)
-    write_marker(folder)
+    write_scratch_marker(folder)  # the Trainer's working folder: all it holds is ours (alignment.ownership)
     write_json(owner, {"stage_key": key})
     newest = None
     for ckpt in sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()), key=_step, reverse=True):
@@ -247,7 +247,7 @@ def remove_checkpoints(folder: str | Path) -> None:
     """Remove a finished stage's checkpoint folder (:func:`checkpoint_folder`), only when it is ours."""
     folder = Path(folder)
     if folder.is_dir() and (folder / OWNER).is_file() and not is_ours(folder):
-        write_marker(folder)  # a folder of ours from before markers (stage.json written by resume_point)
+        write_scratch_marker(folder)  # a folder of ours from before markers (stage.json written by resume_point)
     try:
         remove_owned(folder, "the checkpoints")
     except NotOurs as exc:  # the output is complete all the same: keep the folder and say why
@@ -309,8 +309,17 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     for ckpt, problem in damaged:
         log.warning("checkpoint %s is unusable: %s; removing it and resuming from %s", ckpt, problem,
                     good.name if good else "the start (no intact checkpoint is left)")
-        shutil.rmtree(ckpt, ignore_errors=True)
+        _remove_step(ckpt)
     return good
+
+
+def _remove_step(ckpt: Path) -> None:
+    """Remove an online checkpoint (an atomic folder whose marker lists what it holds), only when all of it is
+    ours; a warning naming what is not, otherwise."""
+    try:
+        remove_owned(ckpt, f"the checkpoint {ckpt}")
+    except NotOurs as exc:
+        log.warning("%s; keeping it", exc)
 
 
 def step_checkpoint_problem(ckpt: Path) -> str | None:
@@ -343,7 +352,7 @@ def save_checkpoint(out_dir: Path, step: int, policy, optimizer, state: dict[str
         write_json(tmp / "state.json", {"step": step, **state, "files": files})  # last: marks it complete
     for old in sorted((out_dir / CKPT_DIR).glob("step-*"))[:-keep]:
         if old.name != target.name and old.name not in state.get("protected", []):
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_step(old)
     return target
 
 

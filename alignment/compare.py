@@ -8,7 +8,8 @@ samples per second, and a plot of the reward-vs-KL frontier (each online run's h
 
 Each algorithm runs in its own process (``python -m cli <algorithm>``), so its wall-clock and peak
 resident memory are its own; its folder is the stage's usual one, so a finished run is reused and a
-failed one re-runs alone when the comparison is run again.
+failed one re-runs alone when the comparison is run again. One runs at a time, with the threads the cores
+free at its start allow (:func:`alignment.hardware.thread_env`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from alignment.algorithms.registry import ALGORITHMS, get_algorithm
 from alignment.algorithms.reinforce import ReinforceConfig
 from alignment.config import Seed, StageConfig
 from alignment.evaluation.evaluate import ScoreConfig, run_score_stage
+from alignment.hardware import thread_env
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL
-from alignment.ownership import local_paths, replace_problem
+from alignment.ownership import local_paths, replace_problem, write_record
 from alignment.stage import StageResult, complete_manifest, exclusive_stage, stage_folder
 
 log = logging.getLogger(__name__)
@@ -164,7 +166,8 @@ def run_algorithm(name: str, command: str, config: StageConfig, runs_dir: str | 
     cmd = [sys.executable, "-m", "cli", "-q", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("%s: %s", name, " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env()})  # its run: a child of this one
+    # its run: a child of this one; its threads chosen now, from the cores free while this one waits
+    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env(), **thread_env(1)})
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
@@ -172,7 +175,7 @@ def run_algorithm(name: str, command: str, config: StageConfig, runs_dir: str | 
         raise CompareError(f"{name} failed (exit code {code}); its output is above and its folder is {out}. "
                            "Run the comparison again: finished algorithms are reused, this one re-runs.")
     timing = {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
-    write_json(out / TIMING, timing)
+    write_record(out, TIMING, timing)
     return {**timing, "reused": False}
 
 

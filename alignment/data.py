@@ -86,10 +86,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # The longest text one field may hold: the stdlib csv reader's own limit (csv.field_size_limit()),
 # applied to every file format, so one line of megabytes is a bad row, not a stall or a memory spike.
 MAX_FIELD_CHARS = 131_072
+# The most a .gz input may expand to (1 GiB): past it the file is refused, before more is held in memory.
+MAX_DECOMPRESSED_BYTES = 1 << 30
 _HS2_TURN = re.compile(r"\s*<extra_id_1>(User|Assistant)\s*\n?")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
-SCHEMA_VERSION = 3  # 2: raw responses grouped by the exact prompt string; 3: gold columns. Bump when the output files change shape or meaning: invalidates reuse
+# 2: raw responses grouped by the exact prompt string; 3: gold columns; 4: given pairs with tied or reversed
+# ratings, or contradicting each other, dropped. Bump when the output files change shape or meaning: invalidates reuse
+SCHEMA_VERSION = 4
 Message = dict[str, str]
 Format = Literal["raw", "pairs", "hh", "comparisons", "prompts"]
 COMPARISON_COLUMNS = ("info", "summaries", "choice")
@@ -473,6 +477,9 @@ class BinariseStats:
     n_pairs: int = 0
     n_ties_dropped: int = 0
     n_prompts_unpaired: int = 0  # prompts with a single response
+    n_rating_reversed_dropped: int = 0  # given pairs whose chosen is rated below their rejected
+    n_contradictory_dropped: int = 0  # given pairs with the same two responses preferred the other way too
+    dropped_rows: dict[str, list[int]] = field(default_factory=dict)  # reason -> source rows (given pairs)
 
 
 @dataclass
@@ -496,18 +503,32 @@ def _builtin_path(name: str) -> Path:
     return Path(str(resources.files("alignment.resources").joinpath(BUILTIN_SOURCES[name])))
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path) -> bytes | bytearray:
+    """The file's bytes; a ``.gz`` file decompressed (see :func:`_gunzip`)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if path.suffix.lower() == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
-            what = "cut short (truncated)" if isinstance(exc, EOFError) else f"{exc}"
-            raise DataError(f"{path}: not a readable gzip file: {what}") from None
-    return data
+    return _gunzip(path, data) if path.suffix.lower() == ".gz" else data
+
+
+def _gunzip(path: Path, data: bytes) -> bytearray:
+    """Decompress in 1 MiB chunks and stop past MAX_DECOMPRESSED_BYTES: a small file that expands to
+    gigabytes (a gzip bomb, or a file of newlines) is one error line, never that much memory."""
+    out = bytearray()
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            while chunk := fh.read(1 << 20):
+                out += chunk
+                if len(out) > MAX_DECOMPRESSED_BYTES:
+                    raise DataError(
+                        f"{path}: expands to more than {MAX_DECOMPRESSED_BYTES:,} bytes when decompressed (the "
+                        f"limit for .gz inputs, {len(data):,} bytes compressed); decompress it yourself if it is "
+                        "genuine")
+    except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as exc:
+        what = "cut short (truncated)" if isinstance(exc, EOFError) else f"{exc}"
+        raise DataError(f"{path}: not a readable gzip file: {what}") from None
+    return out
 
 
 MAX_NESTING = 100  # levels of lists/objects inside one row
@@ -551,9 +572,15 @@ def _drop_bad_rows(name: str, records: list[dict], rows: list[int]) -> tuple[lis
     return kept, kept_rows, issues
 
 
-def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict], list[int], list[RowIssue]]:
+def _read_jsonl(path: Path, data: bytes | bytearray) -> tuple[list[dict], list[int], list[RowIssue]]:
+    """The JSON Lines records with their line numbers. Only non-empty lines become objects (a regex scan
+    with line numbers counted between them): a file of millions of blank lines costs no list of lines."""
     records, rows, issues = [], [], []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    lineno, last = 1, 0
+    for match in re.finditer(rb"[^\n]+", data):
+        lineno += data.count(b"\n", last, match.start())
+        last = match.start()
+        raw = match.group()
         if not raw.strip():
             continue
         try:
@@ -580,6 +607,115 @@ def _read_jsonl(path: Path, data: bytes) -> tuple[list[dict], list[int], list[Ro
     return records, rows, issues
 
 
+# --------------------------------------------------------------------------------------------
+# CSV / TSV, read strictly: a row must have the header's number of fields, a quote must close
+# --------------------------------------------------------------------------------------------
+def _read_csv(name: str, text: str, kind: str) -> tuple[list[dict], list[int], list[RowIssue]]:
+    """The records of a CSV/TSV text (``kind`` 'csv' or 'tsv'), each with its 1-based record number.
+
+    Strict, so that no row is silently split or swallowed: a row with more or fewer fields than the
+    header (an unquoted comma inside a field) is a bad row naming its line; so is text after a closing
+    quote. A duplicate header name, a quote that never closes (it would swallow every later row) and a
+    field over the stdlib reader's limit stop the file in one line naming the line. Blank lines are skipped.
+    """
+    delimiter = "\t" if kind == "tsv" else ","
+    reader = csv.reader(_csv_lines(text), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    records, rows, issues = [], [], []
+    n = 0  # record number (the header is not one)
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            bad = _csv_error(name, text, kind, exc, start, reader.line_num)
+            if header is None:
+                raise DataError(f"{name}, line {reader.line_num}: the header is not readable ({bad})") from None
+            n += 1
+            issues.append(RowIssue(name, n, None, bad))
+            continue
+        if not fields:
+            continue
+        if header is None:
+            header = _csv_header(name, fields, start)
+            continue
+        n += 1
+        if len(fields) != len(header):
+            issues.append(RowIssue(name, n, None, _field_count_problem(len(fields), len(header), delimiter, start,
+                                                                       reader.line_num)))
+            continue
+        records.append({k: (v if v != "" else None) for k, v in zip(header, fields, strict=True)})
+        rows.append(n)
+    return records, rows, issues
+
+
+def _csv_lines(text: str) -> io.StringIO:
+    """The text as lines ending at "\n" (a "\r\n" ending included): a lone "\r" inside an unquoted field
+    (Python's csv writer leaves it unquoted with lineterminator="\n") is then a reader error, a bad row,
+    not a line break that would split the row in two. A file without any "\n" (classic Mac) ends lines at "\r"."""
+    return io.StringIO(text, newline="\n" if "\n" in text else "")
+
+
+def _line_breaks(text: str, within: str) -> int:
+    """Line breaks in ``within`` as :func:`_csv_lines` counts them in ``text``."""
+    return within.count("\n") if "\n" in text else within.count("\r")
+
+
+def _csv_header(name: str, fields: list[str], line: int) -> list[str]:
+    """The column names; a name given twice is refused (a reader would keep only the last column's values)."""
+    first: dict[str, int] = {}
+    for i, col in enumerate(fields, start=1):
+        key = col.strip()
+        if key in first:
+            j = first[key]
+            what = f"{col!r}" if fields[j - 1] == col else f"{fields[j - 1]!r} / {col!r}"
+            raise DataError(f"{name}, line {line}: duplicate column {what} in the header (columns {j} and {i}); "
+                            "rename or remove one")
+        first[key] = i
+    return fields
+
+
+def _field_count_problem(got: int, want: int, delimiter: str, start: int, end: int) -> str:
+    where = f"on line {start}" if start == end else (
+        f"on lines {start}-{end} (a quoted field runs over {end - start + 1} lines: an unbalanced quote?)")
+    why = f"an unquoted {delimiter!r} inside a field? quote such fields" if got > want else "a field left out?"
+    return f"{got} fields where the header has {want}, {where} ({why})"
+
+
+def _csv_error(name: str, text: str, kind: str, exc: csv.Error, start: int, end: int) -> str:
+    """What a stdlib reader error means, for a bad row; a quote that never closes (the rest of the file would
+    be one field) or a field over the reader's limit is a DataError naming the line."""
+    msg = str(exc)
+    span = "" if start == end else f"; the row began on line {start}: an unbalanced quote there?"
+    if "unexpected end of data" in msg:
+        opened = _quote_line(text, kind, start)
+        raise DataError(f"{name}, line {opened}: a quote opens a field there and never closes (it would swallow "
+                        f"lines {opened}-{end} into one field); close it, or double it (\"\") inside a quoted field")
+    if "field larger than field limit" in msg:
+        raise DataError(f"{name}, line {end}: not a readable {kind} file ({exc}){span}")
+    if "expected after" in msg:
+        return (f"text after a closing quote on line {end} ({msg}): quote the whole field and double the quotes "
+                f"inside it{span}")
+    if "new-line character seen in unquoted field" in msg:
+        return f"a line break (\\r) inside an unquoted field on line {end}: quote the field{span}"
+    return f"not readable on line {end} ({msg}){span}"
+
+
+def _quote_line(text: str, kind: str, start: int) -> int:
+    """The line where the last field of the record starting on line ``start`` opens its quote: ``start`` plus
+    the line breaks inside the fields before it (the record is re-read without strictness)."""
+    lines = _csv_lines(text)
+    for _ in range(start - 1):
+        next(lines, None)
+    try:
+        fields = next(csv.reader(lines, delimiter="\t" if kind == "tsv" else ","), [])
+    except csv.Error:
+        return start
+    return start + sum(_line_breaks(text, f) for f in fields[:-1])
+
+
 def _read_file(path: Path) -> SourceData:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -589,7 +725,7 @@ def _read_file(path: Path) -> SourceData:
     data = _read_bytes(path)
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (spreadsheet exports): not part of the text
         data = data[3:]
-    if not data.strip():
+    if not data or data.isspace():  # (no stripped copy of a large file)
         raise DataError(f"{name}: the file is empty")
     sha = sha256_file(path)
     typed = True
@@ -622,12 +758,8 @@ def _read_file(path: Path) -> SourceData:
         # The stdlib reader, not pandas: bytes that are not UTF-8 survive as lone surrogates
         # (surrogateescape) and are then reported per row and field instead of failing the file.
         text = data.decode("utf-8", errors="surrogateescape")
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
-        try:
-            records = [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader]
-        except csv.Error as exc:  # e.g. "field larger than field limit (131072)": the stdlib reader's limit
-            raise DataError(f"{name}, line {reader.reader.line_num}: not a readable {ext[1:]} file ({exc})") from None
-        rows, typed = list(range(1, len(records) + 1)), False
+        records, rows, issues = _read_csv(name, text, ext[1:])
+        typed = False
     else:
         raise DataError(f"{name}: unsupported file type {cut(ext, 40) or '(none)'}; use .jsonl, .json, .parquet or .csv")
     records, rows, oversized = _drop_bad_rows(name, records, rows)
@@ -791,14 +923,36 @@ def _columns(records: Iterable[dict]) -> set[str]:
     return cols
 
 
+def _did_you_mean(column: str, known: str) -> str:
+    return f"column {column!r} is not a known column: did you mean {known!r}? (rename it, or pass " \
+           f"column_map.{known}={column})"
+
+
 def _missing_columns_error(name: str, missing: list[str], columns: set[str], fmt: str) -> DataError:
     hints = []
     for col in missing:
         close = difflib.get_close_matches(col, sorted(columns), n=1, cutoff=0.6)
         if close:
-            hints.append(f"column {close[0]!r} looks like {col!r}: pass column_map.{col}={close[0]}")
+            hints.append(_did_you_mean(close[0], col))
     msg = f"{name}: missing column(s) {missing} for the {fmt} format (columns found: {sorted(columns)})"
-    return DataError(msg + ("\n  " + "\n  ".join(hints) if hints else ""))
+    return DataError(msg + ("; " + "; ".join(hints) if hints else ""))  # one line
+
+
+KNOWN_COLUMNS = (*CANONICAL_COLUMNS, *COMPARISON_COLUMNS)
+
+
+def _near_misses(name: str, cols: set[str]) -> DataError | None:
+    """A column that is not a known one but looks like a known one the file lacks (``chosen_ratingg``,
+    ``Prompt``, ``rejected ``): read as an unknown column it would be ignored, silently dropping the ratings
+    or changing the detected format. The error to raise, one line naming each ("did you mean
+    'chosen_rating'?"), or None."""
+    absent = {k.lower(): k for k in KNOWN_COLUMNS if k not in cols}
+    hints = []
+    for col in sorted(c for c in cols if isinstance(c, str) and c not in KNOWN_COLUMNS):
+        close = difflib.get_close_matches(col.strip().lower(), list(absent), n=1, cutoff=0.85)
+        if close:
+            hints.append(_did_you_mean(col, absent[close[0]]))
+    return DataError(f"{name}: " + "; ".join(hints)) if hints else None
 
 
 def detect_format(source: SourceData) -> Format:
@@ -995,6 +1149,48 @@ def merge_votes(judgments: list[PreferencePair]) -> tuple[list[PreferencePair], 
     return pairs, stats
 
 
+def settle_pairs(given: list[PreferencePair], tol: float = 1e-9) -> tuple[list[PreferencePair], BinariseStats]:
+    """Given pairs (formats pairs and hh) whose labels disagree with themselves are dropped and counted.
+
+    * ratings that tie (within ``tol``): dropped, counted in ``n_ties_dropped`` (as binarisation drops ties);
+    * chosen rated below rejected: dropped, ``n_rating_reversed_dropped`` -- the label and the ratings
+      disagree and nothing tells which is wrong (swapping would trust the ratings over the label);
+    * contradictions, the same two responses to the same prompt preferred one way in one row and the other
+      way in another: every such row dropped, ``n_contradictory_dropped`` (rows), as an even vote is a tie
+      (:func:`merge_votes`). Checked after the ratings, so a reversed row no longer contradicts its twin.
+    """
+    stats = BinariseStats(n_prompts=len({p.prompt_key for p in given}))
+    dropped: dict[str, list[int]] = {}
+    kept = []
+    for pair in given:
+        reason = None
+        if pair.chosen_rating is not None and pair.rejected_rating is not None:
+            if abs(pair.chosen_rating - pair.rejected_rating) <= tol:
+                reason = "tie"
+            elif pair.chosen_rating < pair.rejected_rating:
+                reason = "rating_reversed"
+        if reason is None:
+            kept.append(pair)
+        else:
+            dropped.setdefault(reason, []).extend(pair.source_rows)
+
+    def both_ways(p: PreferencePair) -> str:
+        return sha256_text(json.dumps([p.prompt, sorted((p.chosen, p.rejected))], sort_keys=True, ensure_ascii=False))
+
+    winners: dict[str, set[str | None]] = {}
+    for pair in kept:
+        winners.setdefault(both_ways(pair), set()).add(pair.chosen)
+    pairs = [p for p in kept if len(winners[both_ways(p)]) == 1]
+    contradictory = [r for p in kept if len(winners[both_ways(p)]) > 1 for r in p.source_rows]
+    if contradictory:
+        dropped["contradictory"] = contradictory
+    stats.n_ties_dropped = len(dropped.get("tie", []))
+    stats.n_rating_reversed_dropped = len(dropped.get("rating_reversed", []))
+    stats.n_contradictory_dropped = len(contradictory)
+    stats.n_pairs, stats.dropped_rows = len(pairs), dropped
+    return pairs, stats
+
+
 @dataclass
 class ParsedData:
     pairs: list[PreferencePair]
@@ -1007,11 +1203,19 @@ class ParsedData:
 def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
     """Validate every row, turn rows into pairs (binarising the raw form) and drop duplicates."""
     _apply_column_map(source, config.column_map)
-    fmt: Format = detect_format(source) if config.format == "auto" else config.format
     cols = _columns(source.records)
+    near_miss = _near_misses(source.name, cols)
+    try:
+        fmt: Format = detect_format(source) if config.format == "auto" else config.format
+    except DataError as exc:
+        if near_miss is None:
+            raise
+        raise DataError(f"{exc}; {str(near_miss).removeprefix(f'{source.name}: ')}") from None  # likely why
     missing = [c for c in _required_columns(fmt, config, cols) if c not in cols]
     if missing:
         raise _missing_columns_error(source.name, missing, cols, fmt)
+    if near_miss:  # the columns it needs are there, and this one would be ignored
+        raise near_miss
     issues = list(source.unreadable)
     weights = _score_weights(config)
     with_ratings = fmt == "pairs" and "chosen_rating" in cols
@@ -1046,10 +1250,10 @@ def parse_source(source: SourceData, config: DataConfig) -> ParsedData:
         pairs, stats = binarise(items, config.pairing)
     elif fmt == "comparisons":
         pairs, stats = merge_votes(items)
+    elif fmt == "prompts":
+        pairs, stats = items, BinariseStats(n_prompts=len({p.prompt_key for p in items}))
     else:
-        pairs = items
-        stats = BinariseStats(n_prompts=len({p.prompt_key for p in pairs}),
-                              n_pairs=0 if fmt == "prompts" else len(pairs))
+        pairs, stats = settle_pairs(items)
     return ParsedData(pairs, stats, fmt, issues, len(source.records) + len(source.unreadable))
 
 
@@ -1287,9 +1491,12 @@ def _extra_pairs(config: DataConfig, sources: Sequence[SourceData], validation_p
                 seen.add(pair.pair_key)
                 pairs.append(pair)
                 kept += 1
+        _log_dropped(src.name, parsed.stats)
         report.append({"source": src.name, "sha256": src.sha256, "n_pairs": kept,
                        "n_dropped_validation_prompt": held_out, "n_dropped_duplicate": duplicate,
-                       "n_rows_rejected": len(parsed.issues)})
+                       "n_rows_rejected": len(parsed.issues), "n_ties_dropped": parsed.stats.n_ties_dropped,
+                       "n_rating_reversed_dropped": parsed.stats.n_rating_reversed_dropped,
+                       "n_contradictory_dropped": parsed.stats.n_contradictory_dropped})
     return pairs, report, issues
 
 
@@ -1340,9 +1547,10 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
     if not pairs and prompts_only:
         raise DataError(f"{source.name}: no usable prompts (rows read: {parsed.n_rows_read}, rejected: "
                         f"{len(parsed.issues)})")
+    _log_dropped(source.name, parsed.stats)
     if not pairs:
         raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
-                        f"{len(parsed.issues)}, ties dropped: {parsed.stats.n_ties_dropped})")
+                        f"{len(parsed.issues)}, {_dropped_summary(parsed.stats)})")
     try:
         train_idx, val_idx = split_by_prompt(pairs, config.validation_fraction, config.seed)
     except DataError as exc:
@@ -1389,6 +1597,8 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
             "n_prompts": parsed.stats.n_prompts,
             "n_prompts_unpaired": parsed.stats.n_prompts_unpaired,
             "n_ties_dropped": parsed.stats.n_ties_dropped,
+            "n_rating_reversed_dropped": parsed.stats.n_rating_reversed_dropped,
+            "n_contradictory_dropped": parsed.stats.n_contradictory_dropped,
             "n_pairs_before_limit": n_before_limit,
             "n_pairs": 0 if prompts_only else len(pairs),
             "n_train": len(train_idx),
@@ -1410,15 +1620,37 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
         log.info("data: %d prompts, no pairs (%d bad rows skipped) -> %d train / %d validation prompts in %s",
                  manifest["n_prompts"], manifest["n_rows_rejected"], manifest["n_train"], manifest["n_validation"], out)
         return StageResult(out, manifest)
-    log.info("data: %d prompts -> %d pairs (%d ties dropped, %d bad rows skipped) -> %d train / %d validation in %s",
-             manifest["n_prompts"], manifest["n_pairs"], manifest["n_ties_dropped"], manifest["n_rows_rejected"],
+    log.info("data: %d prompts -> %d pairs (%s, %d bad rows skipped) -> %d train / %d validation in %s",
+             manifest["n_prompts"], manifest["n_pairs"], _dropped_summary(parsed.stats), manifest["n_rows_rejected"],
              manifest["n_train"], manifest["n_validation"], out)
     return StageResult(out, manifest)
 
 
+def _dropped_summary(stats: BinariseStats) -> str:
+    """The pairs dropped by rule, in words: "3 ties dropped, 1 rated chosen < rejected dropped, ..."."""
+    parts = [f"{stats.n_ties_dropped} ties dropped"]
+    if stats.n_rating_reversed_dropped:
+        parts.append(f"{stats.n_rating_reversed_dropped} rated chosen < rejected dropped")
+    if stats.n_contradictory_dropped:
+        parts.append(f"{stats.n_contradictory_dropped} contradictory dropped")
+    return ", ".join(parts)
+
+
+DROP_RULES = {"tie": "their ratings tie", "rating_reversed": "chosen is rated below rejected",
+              "contradictory": "another row prefers the same two responses the other way"}
+
+
+def _log_dropped(name: str, stats: BinariseStats) -> None:
+    """A warning per rule that dropped given pairs, naming their first rows (the rules: :func:`settle_pairs`)."""
+    for reason, rows in stats.dropped_rows.items():
+        shown = ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} in all)" if len(rows) > 10 else "")
+        log.warning("%s: dropped %d pair(s) because %s: row(s) %s", name, len(rows), DROP_RULES[reason], shown)
+
+
 def _reason_class(issue: RowIssue) -> str:
     msg = issue.message
-    for needle, label in (("duplicate", "duplicate"), ("undecodable", "undecodable"), ("invalid JSON", "invalid_json"),
+    for needle, label in (("fields where the header has", "field_count"), ("quote", "quoting"),
+                          ("duplicate", "duplicate"), ("undecodable", "undecodable"), ("invalid JSON", "invalid_json"),
                           ("empty", "empty_text"), ("missing", "missing_value"), ("outside", "out_of_range"),
                           ("NaN", "nan"), ("same text", "chosen_equals_rejected")):
         if needle in msg:

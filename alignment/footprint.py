@@ -7,8 +7,13 @@ peak so far. Where that is not possible (not Linux, or the reset is refused) the
 ``ru_maxrss`` is recorded and marked ``"process peak"``: an upper bound that includes earlier stages.
 On CUDA the peak allocated device memory is recorded too.
 
+The machine choices the stage ran with are recorded too (``machine``: its torch threads and why, and where
+it decided ``bf16: auto`` or the bf16 rollout copy, the choice and its measured figures; see
+:mod:`alignment.hardware`).
+
 Each stage that computes something writes ``footprint.json`` in its output folder after it completes
-(a reused output keeps the figures of the run that made it).
+(a reused output keeps the figures of the run that made it), recorded in the folder's marker as ours
+(``alignment.ownership``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from alignment.ownership import write_record
 
 FOOTPRINT = "footprint.json"
 _STATUS = Path("/proc/self/status")
@@ -70,10 +77,13 @@ class Footprint:
 
     >>> with Footprint() as fp:
     ...     work()
-    >>> fp.record  # {"seconds": ..., "peak_rss_mb": ..., "rss_before_mb": ..., "peak_scope": ...}
+    >>> fp.record  # {"seconds": ..., "peak_rss_mb": ..., "rss_before_mb": ..., "peak_scope": ..., "machine": ...}
     """
 
     def __enter__(self) -> Footprint:
+        hardware = sys.modules.get("alignment.hardware")
+        if hardware is not None:  # the precision choices recorded are this stage's own
+            hardware.forget_stage_choices()
         self.scope = "stage" if reset_peak() else "process peak"
         self.before = rss_mb()
         self._cuda = _cuda_reset()
@@ -89,6 +99,10 @@ class Footprint:
             import torch
 
             self.record["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        hardware = sys.modules.get("alignment.hardware")
+        choices = hardware.stage_choices() if hardware is not None else {}
+        if choices:
+            self.record["machine"] = choices
 
 
 def _cuda_reset() -> bool:
@@ -141,10 +155,15 @@ def release_memory() -> None:
 def records_footprint(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a stage function returning a StageResult: when it computed (not reused) its output,
     write ``footprint.json`` into the output folder and attach the record as ``result.footprint``.
-    Whatever the stage held is released afterwards (:func:`release_memory`), even when it failed."""
+    Whatever the stage held is released afterwards (:func:`release_memory`), even when it failed. Torch's
+    threads are set first, once per process, wherever the stage runs (the CLI, a flow, a served deployment):
+    :func:`alignment.hardware.apply_threads`."""
 
     @functools.wraps(stage_fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from alignment.hardware import apply_threads
+
+        apply_threads()
         try:
             with Footprint() as fp:
                 result = stage_fn(*args, **kwargs)
@@ -156,7 +175,7 @@ def records_footprint(stage_fn: Callable[..., Any]) -> Callable[..., Any]:
             result.footprint = fp.record
             out = Path(result.out_dir)
             if out.is_dir() and os.environ.get("RANK", "0") == "0":  # one writer under data parallel
-                (out / FOOTPRINT).write_text(json.dumps(fp.record, indent=2) + "\n")
+                write_record(out, FOOTPRINT, fp.record)
         return result
 
     return wrapper

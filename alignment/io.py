@@ -36,12 +36,22 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temporary file + rename): a crash leaves the old file or the new one."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text atomically (temporary file + rename): a crash leaves the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -82,25 +92,25 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     their manifest last, so a folder with a manifest is a complete one.
 
     Only what this project wrote is ever removed (:mod:`alignment.ownership`): the temporary folder carries
-    the project's marker from the start (listing the output's entries once it is complete), stale siblings
-    are removed only when they carry it, and an existing ``final`` is replaced only when it is empty or ours
+    a scratch marker naming it from the start (sealed with the output's entries once it is complete), stale
+    siblings are removed only when their own marker proves all they hold ours, and an existing ``final`` is replaced only when it is empty or ours
     with nothing foreign in it (:class:`alignment.ownership.NotOurs` otherwise, before any work and again
     before the rename).
     """
-    from alignment.ownership import remove_stale, seal_marker, write_marker
+    from alignment.ownership import remove_stale, seal_marker, write_scratch_marker
 
     final = Path(final)
     _replace_check(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Temporary siblings left by a writer killed mid-write (SIGKILL skips the cleanup below). Whoever writes
-    # ``final`` holds its stage lock (alignment.stage), so they belong to dead runs: remove the ones we made.
+    # ``final`` holds its stage lock (alignment.stage), so they belong to dead runs: remove the ones proven ours.
     for stale in (*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")):
         remove_stale(stale)
     token = uuid.uuid4().hex[:8]
     tmp = final.parent / f".{final.name}.tmp-{token}"
     tmp.mkdir()
     try:
-        write_marker(tmp)
+        write_scratch_marker(tmp)
         yield tmp
         seal_marker(tmp)
         _replace_check(final)

@@ -11,6 +11,10 @@ Note: ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelera
 still runs on CPU, with gloo) or torchrun.
 
 A single process never imports accelerate here, so its behaviour is exactly the plain loop's.
+
+Threads: each of N processes on one machine gets its cores / N torch threads, less the cores other
+processes keep busy (:func:`alignment.hardware.apply_threads`, with :func:`local_world_size`); the
+launchers' own default (``OMP_NUM_THREADS=1`` per worker) is not taken as a choice, ``ALIGN_THREADS`` is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ T = TypeVar("T")
 def launched_world_size() -> int:
     """Processes in the launch (torchrun/accelerate set WORLD_SIZE); 1 when run plainly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int:
+    """Processes of the launch on this machine, sharing its cores (torchrun/accelerate set LOCAL_WORLD_SIZE;
+    else WORLD_SIZE, one machine); 1 when run plainly. ``alignment.hardware.apply_threads`` divides the
+    cores by it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or launched_world_size())
 
 
 def launched_rank() -> int:

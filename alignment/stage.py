@@ -35,7 +35,14 @@ from typing import Any, NamedTuple
 
 from alignment import tracking
 from alignment.io import files_intact, read_manifest, write_json
-from alignment.ownership import is_ours, protected_reason, replace_problem
+from alignment.ownership import (
+    is_ours,
+    path_problem,
+    protected_reason,
+    recorded_stage,
+    replace_problem,
+    write_record,
+)
 
 RUN_RECORD = "run.json"
 
@@ -200,14 +207,17 @@ def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, stag
     """
     folder = Path(folder)
     inputs = list(inputs)
+    problem = path_problem(folder, "--out")
+    if problem is not None:
+        raise error(problem)
     reason = protected_reason(folder, inputs, runs_root)
     if reason is not None:
         raise error(f"{folder} is never used as an output folder: {reason}; choose another --out")
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise error(f"{folder} is {'a symbolic link' if folder.is_symlink() else 'a file'}, not a folder; "
                     "choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not is_ours(folder):  # before the lock: leave no lock file there
-        raise error(replace_problem(folder, stage, inputs=inputs, runs_root=runs_root))
+    if folder.is_dir() and any(folder.iterdir()) and (not is_ours(folder) or (stage and not recorded_stage(folder))):
+        raise error(replace_problem(folder, stage, inputs=inputs, runs_root=runs_root))  # before the lock: none left
     _lock_for_this_stage(folder)
     if not overwrite:
         manifest = complete_manifest(done if done is not None else folder, key)
@@ -215,10 +225,14 @@ def reuse_or_guard(folder: str | Path, key: str, error: type[Exception], *, stag
             return manifest
     if not folder.is_dir() or not any(folder.iterdir()):
         return None
-    problem = replace_problem(folder, stage, inputs=inputs, runs_root=runs_root)
     owner = _recorded_key(folder)
-    if owner == key and resumable and not overwrite and problem is None:
-        return None
+    same_stage = stage is None or recorded_stage(folder) in (None, stage)
+    if resumable and not overwrite and owner is not None and same_stage:
+        if owner == key:  # the same run, continued: it writes into its folder, removing nothing it did not record
+            return None
+        raise error(f"{folder} already holds a different output of this stage (made with a different config or "
+                    "inputs); choose another --out")
+    problem = replace_problem(folder, stage, inputs=inputs, runs_root=runs_root)
     if overwrite or problem is not None:
         if problem is None:
             return None
@@ -235,4 +249,4 @@ def claim_output(folder: str | Path, key: str, config: dict[str, Any], *, stage:
     """Record in ``folder/run.json`` that a resumable ``stage`` with ``key`` writes here (call after the guard)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / RUN_RECORD, {"stage": stage, "stage_key": key, "config": config, **extra})
+    write_record(folder, RUN_RECORD, {"stage": stage, "stage_key": key, "config": config, **extra})

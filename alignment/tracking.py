@@ -53,6 +53,7 @@ MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 MAX_ARTIFACT_BYTES = 5_000_000
 ARTIFACT_SUFFIXES = (".png", ".json", ".jsonl", ".md", ".html", ".csv", ".yaml", ".txt")
 OTHER_TRACKERS = ("tensorboard", "trackio", "wandb")
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 class TrackingConfig(ConfigModel):
@@ -90,11 +91,18 @@ class TrackingConfig(ConfigModel):
         return self.backend != "none"
 
     def resolved_uri(self, runs_root: str | Path) -> str:
+        """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``<runs_root>/mlflow.db``: refused (``NotOurs``) when that
+        file exists and this project did not create it, recorded as ours when it is about to be created
+        (``alignment.ownership.claim_store``)."""
         if self.uri:
             return self.uri
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
-        return f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
+        from alignment.ownership import claim_store
+
+        path = (Path(runs_root).expanduser() / "mlflow.db").resolve()
+        claim_store(path)
+        return f"sqlite:///{path}"
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -296,10 +304,25 @@ class Run:
         self._params: set[str] = set()
 
     @property
-    def url(self) -> str:
-        """The run's page in the MLflow UI (for a SQLite store: the page ``mlflow ui`` serves on its default port)."""
-        base = self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+    def page(self) -> str:
+        """The run's path in the MLflow UI: ``#/experiments/<id>/runs/<id>``."""
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    @property
+    def url(self) -> str | None:
+        """The run's page on the tracking server; None for a store without one (a SQLite file): nothing serves
+        a link to it until ``mlflow ui`` runs, see :attr:`where`."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/{self.page}"
+        return None
+
+    @property
+    def where(self) -> str:
+        """Where a person finds the run: its URL on the tracking server, else the command that serves the store
+        (``mlflow ui --backend-store-uri sqlite:///...``) and the run's page in that UI."""
+        if self.url is not None:
+            return self.url
+        return f"`mlflow ui --backend-store-uri {self.uri}`, then open {MLFLOW_UI}/{self.page}"
 
     def _safe(self, what: str, fn, *args, **kwargs) -> Any:
         if self.broken:

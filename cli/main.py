@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -315,7 +316,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
               f"{sum(m['n_gold_prompts'].values())})")
         print(f"  train {m['n_train']} prompts / validation {m['n_validation']} prompts")
         return 0
-    print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped)")
+    dropped = "".join(f", {m[k]} {what} dropped" for k, what in (("n_rating_reversed_dropped", "rated chosen < rejected"),
+                      ("n_contradictory_dropped", "contradictory")) if m.get(k))  # rules: docs/data.md
+    print(f"  {m['n_prompts']} prompts -> {m['n_pairs']} pairs ({m['n_ties_dropped']} ties dropped{dropped})")
     print(f"  train {m['n_train']} pairs / validation {m['n_validation']} pairs; ratings: {m['has_ratings']}")
     return 0
 
@@ -372,7 +375,9 @@ def _cmd_rm_eval(args: argparse.Namespace) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        from alignment.ownership import write_own_file
+
+        write_own_file(args.json, text + "\n", "--json")  # checked before scoring too (_checked_paths)
     return 0
 
 
@@ -522,8 +527,10 @@ def _pipeline_config(args: argparse.Namespace, default_preset: str):
 
     preset = args.preset or default_preset
     explicit = {"options": {"runs_dir": args.runs_dir}} if args.runs_dir else None
-    return preset, build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
-                                overrides=args.overrides, explicit=explicit)
+    config = build_config(PipelineConfig, base=PipelineConfig.preset(preset), config_file=args.config,
+                          overrides=args.overrides, explicit=explicit)
+    config.options.runs_dir = _runs_dir(config.options.runs_dir, "options.runs_dir")  # from a file or key=value too
+    return preset, config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -542,8 +549,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"--force-flow runs the flow anyway) [{time.perf_counter() - start:.1f} s]:")
     else:
         from flows.pipeline import run_pipeline  # sets Prefect's environment before Prefect is imported
+        from flows.server import prefect_api
 
-        result = run_pipeline(config)
+        with prefect_api():  # PREFECT_API_URL, else a temporary server this command owns and stops
+            result = run_pipeline(config)
         print(f"pipeline ({preset}) finished in {time.perf_counter() - start:.0f} s (each stage's line above)")
     for name, info in result["stages"].items() if done is not None else ():
         peak = info.get("peak_rss_mb")
@@ -562,7 +571,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if tracked:
         version = f"; policy registered as alignment-policy v{tracked['model_version']}" \
             if tracked.get("model_version") else ""
-        print(f"MLflow run: {tracked['url']}{version}")
+        print(f"MLflow run: {tracked.get('where') or tracked['url']}{version}")
     return 0
 
 
@@ -576,8 +585,10 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n {n}: give 0 (report only) or more")
     start = time.perf_counter()
     from flows.rounds import run_rounds  # sets Prefect's environment before Prefect is imported
+    from flows.server import prefect_api
 
-    result = run_rounds(config, n)
+    with prefect_api():
+        result = run_rounds(config, n)
     print(f"rounds ({preset}, {result['experiment']}): {result['new_rounds']} new round(s) in "
           f"{time.perf_counter() - start:.0f} s; complete: {', '.join(map(str, result['rounds_complete']))}")
     for rnd, reading in result["verdicts"].items():
@@ -591,6 +602,7 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.serve import serve_all
 
+    # Ctrl-C / SIGTERM: Prefect's serve shuts its runner down and returns; main() reports the signal.
     serve_all(cron=args.cron, timezone=args.timezone, retrain_preset=args.retrain_preset, runs_dir=args.runs_dir)
     return 0
 
@@ -616,6 +628,74 @@ def _cmd_model(args: argparse.Namespace) -> int:
 
 
 TRACKED = {"data", "rm", "rm-eval", "dpo", "sft", "compare", "score", "judge"}  # + every online algorithm
+STOPPABLE = {"run", "round", "rounds", "serve"}  # SIGTERM stops them as Ctrl-C does (cli.shutdown)
+
+
+def _loaded_errors() -> tuple[type[Exception], ...]:
+    """Expected errors of modules that only some commands import (a temporary Prefect server that did not
+    come up), so the others need not import them."""
+    server = sys.modules.get("flows.server")
+    return (server.PrefectServerError,) if server is not None else ()
+
+
+def _stopped(command: str, signum: int) -> int:
+    """One line after Ctrl-C / SIGTERM, once every process this one started is stopped; 130 / 143."""
+    from cli import shutdown
+
+    shutdown.ignore_stop_signals()
+    n = shutdown.stop_children()
+    children = f" ({n} child process{'es' if n > 1 else ''} stopped)" if n else ""
+    print(f"align {command}: stopped by {signal.Signals(signum).name}{children}", file=sys.stderr)
+    return shutdown.exit_code(signum)
+
+
+def _checked_paths(args: argparse.Namespace) -> None:
+    """Expand ``~`` in --out, --json and --runs-dir once, here, so that what is checked is what is written, and
+    refuse (one line) a path that cannot be written: through a file or a broken or looping symbolic link, a
+    name too long, a --runs-dir that is a file, a --json file this project did not write."""
+    from alignment.ownership import file_problem, path_problem
+
+    for attr, flag in (("out", "--out"), ("json", "--json"), ("runs_dir", "--runs-dir")):
+        value = getattr(args, attr, None)
+        if not value:
+            continue
+        value = os.path.expanduser(value)
+        setattr(args, attr, value)
+        if attr == "runs_dir":
+            _runs_dir(value, flag)
+            continue
+        problem = file_problem(value, flag) if attr == "json" else path_problem(value, flag)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
+def _runs_dir(value: str, what: str) -> str:
+    """A runs folder, ``~``-expanded; :class:`ConfigError` (one line) when it cannot be a folder."""
+    from alignment.ownership import path_problem
+
+    value = os.path.expanduser(value)
+    problem = path_problem(value, what)
+    if problem is None and os.path.exists(value) and not os.path.isdir(value):
+        problem = f"{what} {value} is a file, not a folder"
+    if problem is not None:
+        raise ConfigError(problem)
+    return value
+
+
+def _tracking_root(args: argparse.Namespace) -> str:
+    """The runs folder whose ``mlflow.db`` a single-stage command tracks into: ``$ALIGNMENT_RUNS_DIR``, else
+    ``runs`` (in the current directory) when the command writes there (no --out, or an --out inside it), else
+    the folder its --out sits in, so that a command pointed elsewhere never writes ``./runs/mlflow.db``."""
+    runs = os.environ.get("ALIGNMENT_RUNS_DIR")
+    if runs:
+        return runs
+    out = getattr(args, "out", None)
+    if not out:
+        return "runs"
+    here, target = os.path.realpath("runs"), os.path.realpath(out)
+    if target == here or target.startswith(here + os.sep):
+        return "runs"
+    return os.path.dirname(target)
 
 
 def _configure_tracking(args: argparse.Namespace) -> None:
@@ -630,7 +710,7 @@ def _configure_tracking(args: argparse.Namespace) -> None:
     mine = [o for o in getattr(args, "overrides", None) or [] if o.split("=", 1)[0].split(".", 1)[0] == "tracking"]
     if mine:
         args.overrides = [o for o in args.overrides if o not in mine]
-    runs_root = os.environ.get("ALIGNMENT_RUNS_DIR", "runs")
+    runs_root = _tracking_root(args)
     if mine:
         value = parse_overrides(mine, check=lambda item, alone: check_keys(  # a misspelt key: one line, nearest name
             tracking.TrackingConfig, alone["tracking"], f"override {item!r}", path=("tracking",))).get("tracking")
@@ -684,26 +764,37 @@ def main(argv: list[str] | None = None) -> int:
     from alignment.rounds.onpolicy import RoundsError
     from alignment.rounds.store import StoreError
     from alignment.stage import StageBusy
+    from cli import shutdown
 
     TRACKED.update(ALGORITHMS)
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
                 "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
                 "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "round": _cmd_rounds, "rounds": _cmd_rounds,
                 "serve": _cmd_serve, "model": _cmd_model}
-    try:
-        if args.command in TRACKED:
-            _configure_tracking(args)
-        return handlers[args.command](args)
-    except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
-            EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
-            DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError, NonFiniteError) as exc:
-        if args.debug:
-            raise
-        print(f"align {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"align {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with shutdown.stop_signals(install=args.command in STOPPABLE):
+        try:
+            _checked_paths(args)
+            from alignment.hardware import apply_threads
+
+            apply_threads()  # once per process: torch threads from the free cores (ALIGN_THREADS wins)
+            if args.command in TRACKED:
+                _configure_tracking(args)
+            code = handlers[args.command](args)
+        except (ConfigError, DataError, ModelSourceError, RewardModelError, DeviceError, ReinforceError,
+                EvaluationError, JudgeError, ResumeError, PPOError, DPOError, CompareError, StageBusy,
+                DiskFullError, SFTError, NotOurs, RewardComponentError, RoundsError, StoreError, NonFiniteError,
+                *_loaded_errors()) as exc:
+            if args.debug:
+                raise
+            print(f"align {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except BaseException as exc:  # Ctrl-C, SIGTERM, and whatever a library turned them into on the way up
+            signum = shutdown.received(exc)
+            if signum is None or args.debug:
+                raise
+            return _stopped(args.command, signum)
+        signum = shutdown.received()  # a library that handles the interruption itself returns (Prefect's serve)
+        return code if signum is None else _stopped(args.command, signum)
 
 
 if __name__ == "__main__":

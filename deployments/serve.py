@@ -11,16 +11,20 @@
   ``algorithm-comparison/manual``: algorithms on equal budgets.
 
 Runs execute in this process (Prefect's runner); a failed run retried from the UI re-runs only the
-stages whose cache is not complete. Needs ``PREFECT_API_URL`` pointing at a server
-(``prefect server start``); with telemetry off.
+stages whose cache is not complete. On ``PREFECT_API_URL`` (``prefect server start``), else on a temporary
+local server this process owns (``flows.server``); with telemetry off.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+from typing import Any
 
-from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.runner import Runner
 
 from alignment.pipeline import PipelineConfig
 from deployments.options import add_serve_arguments
@@ -36,6 +40,7 @@ from flows.pipeline import (  # importing flows sets Prefect's environment (tele
     sft_flow,
 )
 from flows.rounds import alignment_rounds
+from flows.server import prefect_api
 
 
 def _config(preset: str, runs_dir: str) -> PipelineConfig:
@@ -81,9 +86,34 @@ def build_deployments(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_pr
     return deployments
 
 
+class StoppableRunner(Runner):
+    """Prefect's runner, SIGTERM handled as Ctrl-C. Prefect 3.8.8's own SIGTERM handler leaves its stop coroutine
+    un-awaited (a RuntimeWarning) and exits 0, so a stopped server looked like a clean exit; here SIGTERM goes to
+    the process's Ctrl-C handler (``align``'s records which signal came) and the runner shuts down as on Ctrl-C:
+    schedules paused, then the loop ends."""
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        self._logger.info("SIGTERM received, shutting down...")
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):
+            interrupt(signal.SIGTERM, None)  # raises KeyboardInterrupt (align's handler, or Python's default)
+        raise KeyboardInterrupt("SIGTERM")
+
+
 def serve_all(cron: str = "0 3 * * 1", timezone: str = "UTC", retrain_preset: str = "demo-rounds",
               runs_dir: str = "runs") -> None:
-    serve(*build_deployments(cron, timezone, retrain_preset, runs_dir))
+    """Serve every deployment until Ctrl-C / SIGTERM, on PREFECT_API_URL or else on a temporary server that is
+    stopped after the runner has shut down (flows.server). Returns after the shutdown."""
+    deployments = build_deployments(cron, timezone, retrain_preset, runs_dir)
+    with prefect_api():
+        runner = StoppableRunner(pause_on_shutdown=True)
+        for deployment in deployments:
+            runner.add_deployment(deployment)
+        print(f"serving {len(deployments)} deployments (Ctrl-C stops): "
+              + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments), flush=True)
+        # Ctrl-C / SIGTERM: the runner shuts down (schedules paused); align's main() says which signal stopped it
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(runner.start())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from alignment import tracking as tracker
 from alignment.compare import CompareConfig, algorithm_configs, algorithm_done
 from alignment.tracking import TrackingConfig
+from flows.pipeline import mlflow_artifact
 from tasks.stages import algorithm_task, comparison_task, result_storage
 
 
@@ -31,8 +31,7 @@ def algorithm_comparison(config: CompareConfig, runs_dir: str = "runs",
     with tracker.stage_run("comparison", params=config.model_dump(mode="json"), process_wide=True,
                            tags={"kind": "comparison", "prefect.flow_run_id": flow_run.get_id()}) as run:
         if run is not None:
-            create_link_artifact(link=run.url, link_text="MLflow run", key="mlflow-run",
-                                 description="This comparison in MLflow: one child run per algorithm.")
+            mlflow_artifact(run, "mlflow-run", "This comparison in MLflow: one child run per algorithm.")
         return _compare(config, runs_dir)
 
 

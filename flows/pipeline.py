@@ -15,6 +15,7 @@ built from the registry).
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -90,6 +91,16 @@ def _run(task, config, options: PipelineOptions, stages: dict[str, dict[str, str
     return path
 
 
+def mlflow_artifact(run: tracker.Run, key: str, description: str) -> None:
+    """The flow run's way to its MLflow run: a link to the tracking server's page, or (a SQLite store, no server)
+    the command that serves the store and the run's page in it."""
+    if run.url is not None:
+        create_link_artifact(link=run.url, link_text="MLflow run", key=key, description=description)
+    else:
+        create_markdown_artifact(markdown=f"MLflow run (no tracking server): {run.where}", key=key,
+                                 description=description)
+
+
 @contextlib.contextmanager
 def flow_parent_run(config: PipelineConfig, name: str, kind: str, link_key: str, description: str):
     """A flow's set-up and its MLflow parent run (yielded; None untracked): the wiring checked before any stage,
@@ -102,8 +113,8 @@ def flow_parent_run(config: PipelineConfig, name: str, kind: str, link_key: str,
                            tags={"kind": kind, "prefect.flow_run_id": flow_run.get_id(),
                                  "prefect.flow_run_name": flow_run.get_name()}) as run:
         if run is not None:
-            get_run_logger().info("MLflow run: %s", run.url)
-            create_link_artifact(link=run.url, link_text="MLflow run", key=link_key, description=description)
+            get_run_logger().info("MLflow run: %s", run.where)
+            mlflow_artifact(run, link_key, description)
         with tracker.tagged(**{"prefect.flow_run_id": flow_run.get_id()}):  # on every stage's run too
             yield run
 
@@ -183,7 +194,7 @@ def _pipeline_stages(config: PipelineConfig, run: tracker.Run | None) -> dict[st
         version = tracker.register_policy(policy, key, {"verdict": result["reading"], **{
             f"verdict.{c['name']}": f"{c['value']:+.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
             for c in result["checks"]}}) if key else None
-        tracked = {"run_id": run.run_id, "url": run.url, "model_version": version}
+        tracked = {"run_id": run.run_id, "url": run.url, "where": run.where, "model_version": version}
     return {"stages": stages, "report": report, "verdict": result, "tracking": tracked}
 
 
@@ -256,6 +267,32 @@ def judge_flow(config: JudgeConfig, runs_dir: str = "runs") -> str:
     return _single(judge_task, config, runs_dir, "judge")
 
 
+class _OneLineErrors(logging.Filter):
+    """Drop the traceback Prefect logs with a failed task or flow run when the error is one of the project's own
+    (a class defined in ``alignment``: a refusal or bad input, said in one line by the caller), unless -v."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__.startswith("alignment.") and not is_verbose():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Within: Prefect's run loggers print the project's own errors without their traceback."""
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    only = _OneLineErrors()
+    for logger in loggers:
+        logger.addFilter(only)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(only)
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Run the pipeline flow with a full config (``align run``)."""
-    return alignment_pipeline(**config.flow_parameters())
+    with one_line_errors():
+        return alignment_pipeline(**config.flow_parameters())

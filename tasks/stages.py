@@ -206,6 +206,8 @@ def launch_stage(command: str, config: OnlineConfig | RewardModelConfig, out: Pa
 
     import yaml
 
+    from alignment.hardware import thread_env
+
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_file = out.parent / f".{out.name}.launch-config.yaml"
     cfg_file.write_text(yaml.safe_dump({config.section: config.model_dump(mode="json", exclude={"section"})}))
@@ -217,7 +219,7 @@ def launch_stage(command: str, config: OnlineConfig | RewardModelConfig, out: Pa
            "-m", "cli", command, "--config", str(cfg_file), "--out", str(out)]
     log.info("launching: %s", " ".join(cmd))
     # the launched processes' stage run is a child of the run open here (the pipeline's), with its tags
-    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env()})
+    proc = subprocess.Popen(cmd, env={**os.environ, **tracking.subprocess_env(), **thread_env(num_processes)})
     metrics = out / "metrics.jsonl"
     steps = getattr(config, "steps", 0)
     while proc.poll() is None:

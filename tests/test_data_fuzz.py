@@ -7,6 +7,10 @@ invalid UTF-8, or binary garbage. Every run must either write a complete output 
 can read, or raise the project's DataError (one line on the CLI) -- never another exception type. A
 folder with a foreign file beside the output (and, sometimes, given as the output) is never touched.
 
+CSV text through the CLI: quoted by a csv writer it reads back exactly; joined by hand it never becomes a pair
+made of a split row (a row holding a comma is a bad row, a stray quote one error line or one bad row); random
+CSV text is a result or an error line, never a traceback.
+
 Bounded to 150 examples per test, about 10 s (ALIGN_FUZZ_EXAMPLES=N for a longer hunt); no example database is
 written (nothing lands in the checkout).
 """
@@ -331,3 +335,103 @@ def test_the_fuzzer_reaches_both_outcomes(arena):
     with pytest.raises(AssertionError, match="wrote into a folder"):
         run_stage({**arena, "victim": arena["root"] / "empty"}, ".jsonl", render("jsonl", rows, "utf-8", False)[1],
                   {}, into_victim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV text: read back exactly, or a bad row naming its line, or one error line; never a split row
+# ---------------------------------------------------------------------------------------------
+# Field text with what CSV must quote (delimiters, quotes, line breaks) and some unicode; no '<' (HelpSteer2's
+# turn markers would turn a prompt into several messages).
+CSV_CHARS = st.sampled_from(list("ab ,\t\"'\n\r;é😀\x00"))
+csv_text = st.text(CSV_CHARS, max_size=12)
+
+
+def _csv_rows(texts: list[list[str]]) -> list[list[str]]:
+    """Rows of three distinct, never-empty fields: ``p<i> <text>``, ``c<i> <text>``, ``r<i> <text>``."""
+    return [[f"{tag}{i} {t}" for tag, t in zip("pcr", row, strict=True)] for i, row in enumerate(texts)]
+
+
+def _cli(arena: dict[str, Any], capsys, name: str, body: bytes, *extra: str) -> tuple[int, str, Path]:
+    """``align data`` on ``body``: (exit code, stderr, output folder), after checking there is no traceback
+    and that a failure is one line."""
+    case = arena["root"] / f"case-{next(_counter)}"
+    case.mkdir()
+    (case / name).write_bytes(body)
+    out = case / "out"
+    from cli.main import main
+
+    code = main(["-q", "data", "--source", str(case / name), "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out and code in (0, 2), (code, captured.err)
+    if code == 2 and "--on-bad-rows" in extra:  # with bad rows skipped, what stops the stage is one line
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("align data: error: "), captured.err
+    return code, captured.err, out
+
+
+def _written(out: Path) -> set[tuple[str, str, str]]:
+    rows = [r for s in ("train", "validation") for r in pq.read_table(out / f"{s}.parquet").to_pylist()]
+    return {(r["prompt"][0]["content"], r["chosen"], r["rejected"]) for r in rows}
+
+
+@FUZZ
+@given(texts=st.lists(st.lists(csv_text, min_size=3, max_size=3), min_size=2, max_size=8),
+       delimiter=st.sampled_from([",", "\t"]),
+       # not "\n" with minimal quoting: Python's writer then leaves a lone "\r" unquoted (a bad row when read)
+       style=st.sampled_from([("\r\n", csv.QUOTE_MINIMAL), ("\n", csv.QUOTE_ALL), ("\r\n", csv.QUOTE_ALL)]))
+def test_csv_written_by_a_csv_writer_reads_back_exactly(arena, capsys, texts, delimiter, style):
+    rows = _csv_rows(texts)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator=style[0], quoting=style[1])
+    writer.writerows([["prompt", "chosen", "rejected"], *rows])
+    suffix = ".csv" if delimiter == "," else ".tsv"
+    code, err, out = _cli(arena, capsys, f"in{suffix}", buf.getvalue().encode())
+    assert code == 0, err
+    assert _written(out) == {tuple(f.strip() for f in r) for r in rows}
+    assert json.loads((out / "manifest.json").read_text())["n_rows_rejected"] == 0
+
+
+@FUZZ
+@given(texts=st.lists(st.lists(csv_text.map(lambda t: t.replace('"', "").replace("\n", "").replace("\r", "")),
+                               min_size=3, max_size=3), min_size=1, max_size=8),
+       quotes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 2)), max_size=2, unique_by=lambda q: q[0]))
+def test_naive_csv_is_never_split_into_rows(arena, capsys, texts, quotes):
+    """Fields joined with commas and no quoting (as a hand-written file would): a row whose text holds a comma
+    is a bad row, never a pair made of its pieces. A stray quote at the start of a field (``quotes``: row,
+    field) either never closes (one line naming its line) or closes at the next stray quote, making the rows
+    between one bad row."""
+    rows = _csv_rows(texts)
+    quoted = sorted({r for r, _ in quotes if r < len(rows)})
+    for r, f in quotes:
+        if r < len(rows):
+            rows[r][f] = '"' + rows[r][f]
+    lines = ["prompt,chosen,rejected", *(",".join(r) for r in rows)]
+    code, err, out = _cli(arena, capsys, "in.csv", ("\n".join(lines) + "\n").encode(), "--on-bad-rows", "skip")
+    if len(quoted) == 1:  # header = line 1, row r = line r + 2
+        assert code == 2 and f"line {quoted[0] + 2}: a quote opens a field there and never closes" in err, err
+        return
+    swallowed = set(range(quoted[0], quoted[1] + 1)) if quoted else set()
+    clean = [r for i, r in enumerate(rows) if i not in swallowed and all("," not in f for f in r)]
+    n_bad = sum(1 for i, r in enumerate(rows) if i not in swallowed and any("," in f for f in r)) + bool(swallowed)
+    if len(clean) < 2:  # not enough left to split into train and validation
+        assert code == 2, err
+        return
+    assert code == 0, err
+    assert _written(out) == {tuple(f.strip() for f in r) for r in clean}
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["n_rows_rejected"], m["n_pairs"]) == (n_bad, len(clean))
+
+
+@FUZZ
+@given(body=st.text(st.sampled_from(list('ab ,"\n\r\t')), max_size=80),
+       header=st.sampled_from(["prompt,chosen,rejected\n", "prompt,chosen,rejected,chosen_rating,rejected_rating\n",
+                               "prompt,chosen,chosen,rejected\n", '"prompt,chosen,rejected\n', ""]),
+       skip=st.booleans())
+def test_random_csv_text_is_a_result_or_an_error_line(arena, capsys, body, header, skip):
+    code, err, out = _cli(arena, capsys, "in.csv", (header + body).encode(), *(["--on-bad-rows", "skip"] if skip else []))
+    if code == 0:
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["n_pairs"] == m["n_train"] + m["n_validation"] > 0
+        assert m["n_rows_read"] >= m["n_rows_rejected"] + m["n_pairs"]
+    else:
+        assert err.startswith("align data: error: "), err

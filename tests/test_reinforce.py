@@ -333,6 +333,7 @@ def test_bf16_rollout_copy_samples_what_the_autocast_policy_samples(tmp_path, ti
     (bf16_rollouts=false). By default the copy is used with LoRA (where it pays) and not without."""
     from alignment.generation import Bf16Rollouts
 
+    monkeypatch.setattr("alignment.algorithms.online.bf16_rollouts_pay", lambda device: True)  # any CPU: as measured fast
     refreshes = []
     original = Bf16Rollouts.refresh
     monkeypatch.setattr(Bf16Rollouts, "refresh", lambda self: (refreshes.append(1), original(self))[1])

@@ -328,14 +328,15 @@ def test_batch_not_divisible_by_the_process_count_is_refused_before_any_model_lo
 def test_temporary_folders_of_a_killed_writer_are_removed_by_the_next(tmp_path):
     """SIGKILL skips atomic_directory's cleanup: the next writer of the folder (holding its lock) removes
     what the dead one left (here the data stage), and only those: a look-alike without the project's marker stays."""
-    from alignment.ownership import write_marker
+    from alignment.ownership import write_marker, write_scratch_marker
 
     out = tmp_path / "data"
     stale = [tmp_path / ".data.tmp-deadbeef", tmp_path / ".data.old-deadbeef"]
     for folder in stale:
         folder.mkdir()
-        write_marker(folder)  # what atomic_directory writes first into every folder it makes
         (folder / "train.parquet").write_bytes(b"half written")
+    write_scratch_marker(stale[0])  # what atomic_directory writes first into every folder it makes
+    write_marker(stale[1], ["train.parquet"])  # a finished output (sealed) renamed aside for its replacement
     look_alike = tmp_path / ".data.tmp-notmine"
     look_alike.mkdir()
     (look_alike / "thesis.txt").write_text("keep me")

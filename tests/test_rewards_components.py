@@ -505,3 +505,83 @@ def test_ensemble_refuses_members_with_another_tokenizer(reward_models, tmp_path
     (other / "manifest.json").unlink()
     with pytest.raises(RewardComponentError, match="cannot tell whether member 1"):
         ens.check()
+
+
+# --------------------------------------------------------------------------------------------
+# python: a file that exits, a function that is always None
+# --------------------------------------------------------------------------------------------
+EXITS_ON_IMPORT = "import sys\nsys.exit(0)\ndef f(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n"
+EXITS_WHEN_CALLED = "import sys\ndef f(prompts, completions, **kwargs):\n    sys.exit(3)\n"
+ALWAYS_NONE = "def f(prompts, completions, **kwargs):\n    return [None] * len(completions)\n"
+NONE_AT_FIRST = ("calls = []\ndef f(prompts, completions, **kwargs):\n    calls.append(1)\n"
+                 "    return [None] * len(completions) if len(calls) % 2 else [0.5] * len(completions)\n")
+INTERRUPTED = "def f(prompts, completions, **kwargs):\n    raise KeyboardInterrupt\n"
+
+
+def _python_file(tmp_path: Path, text: str, name: str = "rewards_file.py") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_python_sys_exit_is_an_error_naming_the_file(tmp_path):
+    """SystemExit from the user's file (on import or in the call) is an error naming the file, not an exit."""
+    on_import = _python_file(tmp_path, EXITS_ON_IMPORT, "exits_on_import.py")
+    with pytest.raises(RewardComponentError, match=r"'mine' \(python\): importing .*exits_on_import.py failed: "
+                       r"SystemExit: sys.exit\(0\) was called"):
+        python_component(on_import, "f").setup()
+    when_called = _python_file(tmp_path, EXITS_WHEN_CALLED, "exits_when_called.py")
+    with pytest.raises(RewardComponentError, match=r"'mine' \(python\): .*exits_when_called.py: f\(\) raised "
+                       r"SystemExit: sys.exit\(3\) was called"):
+        python_component(when_called, "f").score([row(POEM)], ["a"])
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still stops the run
+        python_component(_python_file(tmp_path, INTERRUPTED, "interrupted.py"), "f").score([row(POEM)], ["a"])
+
+
+def test_python_always_none_is_refused_after_its_first_calls(tmp_path, caplog):
+    c = python_component(_python_file(tmp_path, ALWAYS_NONE), "f")
+    rows, texts = [row(POEM), row(POEM)], ["a", "b"]
+    with caplog.at_level("WARNING", logger="alignment.rewards.components"):
+        for _ in range(PythonComponent.ALWAYS_NONE_CALLS - 1):  # counted and warned about (once), not yet refused
+            assert c.score(rows, texts).values == [None, None]
+    assert caplog.text.count("returned None for all 2 completions of a batch") == 1
+    with pytest.raises(RewardComponentError, match=r"'mine' \(python\): .*rewards_file.py: f\(\) returned None "
+                       r"for every completion of its first 3 calls: an always-None reward cannot train"):
+        c.score(rows, texts)
+
+
+def test_python_none_batches_after_a_value_are_counted_not_refused(tmp_path):
+    c = python_component(_python_file(tmp_path, NONE_AT_FIRST), "f")
+    values = [c.score([row(POEM)], ["a"]).values for _ in range(6)]  # None, 0.5, None, 0.5, None, 0.5
+    assert values == [[None], [0.5]] * 3
+    total, metrics = combine([c], [ComponentScores([None, None, 0.5, 1.0])])
+    assert metrics["rewards/mine/none_share"] == 0.5 and metrics["rewards/mine/mean"] == 0.75
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from alignment.data import DataConfig, run_data_stage
+
+    return run_data_stage(DataConfig(), tmp_path_factory.mktemp("data") / "data").out_dir
+
+
+@pytest.mark.parametrize("text, message", [
+    (EXITS_ON_IMPORT, r"importing .*bad_reward.py failed: SystemExit: sys.exit\(0\) was called"),
+    (ALWAYS_NONE, r"bad_reward.py: f\(\) returned None for every completion of its first 3 calls"),
+])
+def test_align_reinforce_stops_with_one_line_on_a_bad_python_reward(tmp_path, tiny_model, demo_data, capsys, text,
+                                                                     message):
+    """Through the command: exit 2 and one line naming the file (it used to exit 0 silently, or train on 0)."""
+    import re
+
+    from cli.main import main
+
+    reward = _python_file(tmp_path, text, "bad_reward.py")
+    argv = ["-q", "reinforce", "--data", str(demo_data), "--policy", str(tiny_model), "--out", str(tmp_path / "run"),
+            f"rewards=[{{kind: python, function: '{reward}:f'}}]", "steps=4", "batch_size=2", "max_new_tokens=4",
+            "eval_prompts=0", "bf16=false"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.search(message, err[0]) and err[0].startswith("align reinforce: error: "), err
+    assert "Traceback" not in captured.err + captured.out

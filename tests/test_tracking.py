@@ -187,3 +187,17 @@ def test_subprocesses_inherit_the_settings_and_the_open_run(store):
     assert inherited["tags"] == {"stage_name": "rm_scalar"}
     assert _client(s).get_run(child.run_id).data.tags["stage_name"] == "rm_scalar"
     assert tracking.current_tags() == {}
+
+
+def test_where_a_run_is_found_sqlite_store_and_server(store):
+    """A SQLite store has no server: the run's line names the command that serves it and the run's page there,
+    never a link that leads nowhere; a tracking server's run is its URL."""
+    runs, s = store
+    with tracking.stage_run("pipeline") as run:
+        pass
+    page = f"#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    assert run.page == page and run.url is None
+    assert run.where == (f"`mlflow ui --backend-store-uri sqlite:///{(runs / 'mlflow.db').resolve()}`, then open "
+                         f"http://127.0.0.1:5000/{page}")
+    on_server = tracking.Run(None, "abc", "7", "http://mlflow.internal:5000/", "pipeline")
+    assert on_server.url == on_server.where == "http://mlflow.internal:5000/#/experiments/7/runs/abc"

@@ -50,7 +50,7 @@ from alignment.evaluation.evaluate import PolicyEval, evaluate_policy
 from alignment.finite import NonFiniteError, check_output, check_tensors
 from alignment.footprint import records_footprint, release_memory
 from alignment.generation import Bf16Rollouts, Rollout, SamplingConfig, batched_logprobs, rollout
-from alignment.hardware import bf16_enabled, resolve_device
+from alignment.hardware import bf16_enabled, bf16_rollouts_pay, resolve_device
 from alignment.inputs import require_model_source, require_stage_output
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, sha256_text, write_json
 from alignment.models import DEFAULT_MODEL, bf16_frozen_linears, load_causal_lm
@@ -147,8 +147,9 @@ class OnlineConfig(StageConfig):
     bf16: bool | None = None
     bf16_rollouts: bool | None = Field(None, description="Under bf16: sample with a bf16 copy of the policy's "
                                        "Linear weights, LoRA merged in, refreshed before every rollout (no adapter "
-                                       "modules while decoding). None: on with LoRA, where it pays; without LoRA "
-                                       "autocast already casts the weights once per rollout.")
+                                       "modules while decoding). None: on with LoRA where bf16 is measured faster "
+                                       "at the decode shape (always on CUDA); without LoRA autocast already casts "
+                                       "the weights once per rollout.")
     fused_optimizer: bool | None = Field(None, description="torch's fused AdamW (one kernel over all parameters; "
                                          "the same update to rounding). None: on where torch has it for the device.")
     gradient_checkpointing: bool = False
@@ -616,10 +617,13 @@ class OnlineRecipe:
                                  "was saved, the last checkpoint stays") from None
 
     def wants_bf16_rollouts(self) -> bool:
-        """Whether the bf16 rollout copy samples (``bf16_rollouts``; by default with LoRA, under bf16 only);
-        an algorithm with its own sampler says no (REINFORCE's int8 rollouts)."""
+        """Whether the bf16 rollout copy samples (``bf16_rollouts``; by default with LoRA where bf16 is
+        measured faster at the decode shape, under bf16 only); an algorithm with its own sampler says no
+        (REINFORCE's int8 rollouts)."""
         cfg = self.config
-        return self.bf16 and (cfg.bf16_rollouts if cfg.bf16_rollouts is not None else cfg.lora)
+        if not self.bf16 or cfg.bf16_rollouts is not None:
+            return self.bf16 and bool(cfg.bf16_rollouts)
+        return cfg.lora and bf16_rollouts_pay(self.device)  # measured at the decode shape on a CPU
 
     def sampling_model(self) -> tuple[Any, bool, bool]:
         """(the model that samples this step's rollout, bf16 autocast for it, whether it is a different

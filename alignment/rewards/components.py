@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import numbers
 import re
@@ -71,6 +72,8 @@ from pydantic import (
 
 from alignment.evaluation.gold import GoldCheckError, check_answer, extract_answer, extract_number
 from alignment.io import read_manifest, sha256_file, sha256_text
+
+log = logging.getLogger(__name__)
 
 
 class RewardComponentError(ValueError):
@@ -490,13 +493,23 @@ class PythonComponent(RewardComponent):
     texts, ``columns`` every other column of the rows as a list (``gold_answer=[...]``, ...), and
     ``completion_ids`` when the caller has the token ids; the function should take ``**kwargs`` for the
     columns it does not use. It returns one value per completion: a finite number (bools count as 0/1)
-    or None. Anything else is an error naming the component."""
+    or None. Anything else is an error naming the component.
+
+    The user's file runs inside the training process, so whatever it raises -- ``SystemExit`` from a
+    ``sys.exit()`` included, anything but Ctrl-C -- is an error naming the file, never a silent exit. A
+    function that returns None for every completion of its first :data:`ALWAYS_NONE_CALLS` calls is refused
+    (an always-None reward trains on nothing); later all-None batches are counted in the
+    ``rewards/<name>/none_share`` metric, the first one with a warning."""
 
     Config = PythonComponentConfig
+    ALWAYS_NONE_CALLS: ClassVar[int] = 3
 
     def __init__(self, config):
         super().__init__(config)
         self.fn: Callable[..., Any] | None = None
+        self.calls = 0  # calls of the function so far
+        self.calls_with_a_value = 0  # of them, those that gave at least one completion a value
+        self._warned = False
 
     @property
     def path(self) -> Path:
@@ -523,9 +536,11 @@ class PythonComponent(RewardComponent):
         sys.modules[module_name] = module  # so dataclasses and pickling inside the file find their module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the user's file must not end the run
             del sys.modules[module_name]
-            raise self.error(f"importing {self.path} failed: {type(exc).__name__}: {exc}") from exc
+            raise self.error(f"importing {self.path} failed: {_raised(exc)}") from exc
         fn = getattr(module, self.function_name, None)
         if fn is None:
             raise self.error(f"{self.path} defines no {self.function_name!r}")
@@ -547,9 +562,30 @@ class PythonComponent(RewardComponent):
             columns.setdefault("completion_ids", [list(t) for t in token_ids])
         try:
             out = self.fn([row["prompt"] for row in rows], list(completions), **columns)
-        except Exception as exc:
-            raise self.error(f"{self.function_name}() raised {type(exc).__name__}: {exc}") from exc
-        return ComponentScores(self._validate(out, len(rows)))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the user's function must not end the run
+            raise self.error(f"{self.path}: {self.function_name}() raised {_raised(exc)}") from exc
+        values = self._validate(out, len(rows))
+        self._count(values)
+        return ComponentScores(values)
+
+    def _count(self, values: list[float | None]) -> None:
+        """Refuse an always-None function (its first ALWAYS_NONE_CALLS calls gave no value); warn on its first
+        all-None batch otherwise."""
+        self.calls += 1
+        if any(v is not None for v in values):
+            self.calls_with_a_value += 1
+            return
+        if self.calls_with_a_value == 0 and self.calls >= self.ALWAYS_NONE_CALLS:
+            raise self.error(f"{self.path}: {self.function_name}() returned None for every completion of its "
+                             f"first {self.calls} calls: an always-None reward cannot train; return a number "
+                             "(None only where it has no opinion)")
+        if not self._warned:
+            self._warned = True
+            log.warning("reward component '%s' (python): %s() returned None for all %d completions of a batch; "
+                        "they count as 0 (see rewards/%s/none_share)", self.name, self.function_name, len(values),
+                        self.name)
 
     def _validate(self, out: Any, n: int) -> list[float | None]:
         if hasattr(out, "tolist") and not isinstance(out, (list, tuple)):  # numpy array, torch tensor
@@ -571,6 +607,13 @@ class PythonComponent(RewardComponent):
             else:
                 values.append(float(v))
         return values
+
+
+def _raised(exc: BaseException) -> str:
+    """``ZeroDivisionError: division by zero``; a ``SystemExit`` says it is a ``sys.exit(code)`` call."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: sys.exit({exc.code!r}) was called"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # --------------------------------------------------------------------------------------------

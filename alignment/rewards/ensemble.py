@@ -35,7 +35,7 @@ import torch
 from alignment.data import PairData
 from alignment.footprint import records_footprint
 from alignment.io import MANIFEST, atomic_directory, read_manifest, sha256_file, write_json
-from alignment.ownership import local_paths, remove_owned, write_marker
+from alignment.ownership import local_paths, remove_owned, write_scratch_marker
 from alignment.stage import StageResult, complete_manifest, exclusive_stage, reuse_or_guard
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,10 @@ def run_reward_ensemble(config, out_dir: str | Path | None = None, *, overwrite:
     staging = members_staging(out)
     staging.mkdir(parents=True, exist_ok=True)
     if not (staging / ".alignment-output.json").exists():
-        write_marker(staging)  # ours: removed once the ensemble is written
+        if any(staging.iterdir()):
+            raise RewardModelError(f"{staging} (the ensemble's staging folder) holds files this project did not "
+                                   "write; move them away")
+        write_scratch_marker(staging)  # ours: removed once the ensemble is written
     members, results = [], []
     for i, member in enumerate(member_configs(config)):
         log.info("ensemble member %d/%d (seed %d%s)", i + 1, config.ensemble, member.seed,
