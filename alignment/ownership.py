@@ -32,7 +32,9 @@ the file's SHA-256 when its content is final (a JSON report) and without one for
 changing (a database). An existing file is written over only when its sidecar says it is ours and, where
 a hash was recorded, it still has that hash (:func:`file_problem`); anything else is refused.
 The tracking store's default, ``<runs>/mlflow.db``, is claimed by its sidecar when it is about to be created
-(:func:`claim_store`, called where ``alignment.tracking`` picks the URI); ``<runs>`` is the runs folder the
+(:func:`claim_store`, called where ``alignment.tracking`` picks the URI); an existing file there without
+a sidecar is used only when it already is an MLflow store (:func:`is_mlflow_store`: a store from before
+these records, or one ``mlflow`` made; runs are added, nothing removed), any other is refused; ``<runs>`` is the runs folder the
 command uses (a single-stage command with an --out outside ``./runs`` and no ``$ALIGNMENT_RUNS_DIR``: the
 folder its --out sits in; see ``cli.main._tracking_root``).
 
@@ -70,10 +72,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary sibling and a rename (this module sits below ``alignment.io``)."""
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) through a temporary sibling and a rename (this module sits below ``alignment.io``)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text, encoding="utf-8")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -338,10 +343,8 @@ def path_problem(path: str | Path, what: str = "--out") -> str | None:
         try:
             os.stat(part)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return f"{what} {text}: {part} is a symbolic link that loops"
-            if os.path.islink(part):
-                return f"{what} {text}: {part} is a broken symbolic link (it points to {os.readlink(part)})"
+            if (link := _link_problem(part, exc)) is not None:
+                return f"{what} {text}: {part} {link}"
             if exc.errno == errno.ENOTDIR:
                 return f"{what} {text}: {part.parent} is a file, not a folder"
             if exc.errno == errno.ENOENT:
@@ -352,10 +355,17 @@ def path_problem(path: str | Path, what: str = "--out") -> str | None:
     try:
         os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{what} {text} is a symbolic link that loops"
-        if os.path.islink(path):
-            return f"{what} {text} is a broken symbolic link (it points to {os.readlink(path)})"
+        if (link := _link_problem(path, exc)) is not None:
+            return f"{what} {text} {link}"
+    return None
+
+
+def _link_problem(path: Path, exc: OSError) -> str | None:
+    """What is wrong with ``path`` when ``os.stat`` failed with ``exc`` because it is a symbolic link."""
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link that loops"
+    if os.path.islink(path):
+        return f"is a broken symbolic link (it points to {os.readlink(path)})"
     return None
 
 
@@ -395,8 +405,8 @@ def record_file(path: str | Path, final: bool = True) -> None:
     _write_atomic(_sidecar(path), json.dumps(record) + "\n")
 
 
-def write_own_file(path: str | Path, text: str, what: str = "the file") -> None:
-    """Write ``text`` to ``path`` (atomically) and record it as ours; :class:`NotOurs` when the path holds
+def write_own_file(path: str | Path, text: str | bytes, what: str = "the file") -> None:
+    """Write ``text`` (or bytes) to ``path`` (atomically) and record it as ours; :class:`NotOurs` when the path holds
     something this project did not write (check :func:`file_problem` early, before the work)."""
     path = Path(path)
     problem = file_problem(path, what)

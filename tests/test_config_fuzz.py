@@ -24,6 +24,7 @@ import alignment.compare
 import alignment.pipeline  # noqa: F401 -- every stage config class is defined once these are imported
 from alignment.config import ConfigError, StageConfig, _numeric_types, build_config, first_nonfinite
 from alignment.pipeline import PipelineConfig
+from tests.test_config_strict import _subclasses
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):  # its caches go to the temp folder, not the checkout
     set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "alignment-hypothesis")
@@ -33,13 +34,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=
 
 
 def _stage_classes() -> list[type[StageConfig]]:
-    found, stack = [], [StageConfig]
-    while stack:
-        for sub in stack.pop().__subclasses__():
-            if sub not in found:
-                found.append(sub)
-                stack.append(sub)
-    return sorted(found, key=lambda c: c.__name__)
+    return sorted(_subclasses(StageConfig), key=lambda c: c.__name__)
 
 
 CLASSES = _stage_classes()

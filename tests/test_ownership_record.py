@@ -249,3 +249,25 @@ def test_an_existing_mlflow_store_is_used_and_any_other_sqlite_file_refused(tmp_
     with pytest.raises(NotOurs, match="did not write it"):
         TrackingConfig().resolved_uri(theirs)
     assert tree_digest(theirs) == before
+
+
+def test_the_rounds_report_writes_only_files_it_recorded(tmp_path):
+    """The rounds report lives outside any stage folder: its files are recorded when written, rewritten on the next
+    tick, and a file of the same name that this project did not write (or that was edited) is refused untouched."""
+    from alignment.rounds.report import write_rounds_report
+
+    folder = tmp_path / "report"
+    write_rounds_report([], folder, notes=["first tick"])
+    assert "first tick" in (folder / "report.md").read_text()
+    write_rounds_report([], folder, notes=["second tick"])  # ours by its record: rewritten
+    assert "second tick" in (folder / "report.md").read_text()
+    (folder / "report.md").write_text("my edits\n")
+    before = tree_digest(folder)
+    with pytest.raises(NotOurs, match="changed since this project wrote it"):
+        write_rounds_report([], folder, notes=["third tick"])
+    assert tree_digest(folder) == before
+    theirs = _victim(tmp_path / "theirs", {"rounds.json": "[1, 2]"})
+    before = tree_digest(theirs)
+    with pytest.raises(NotOurs, match="did not write it"):
+        write_rounds_report([], theirs)
+    assert tree_digest(theirs) == before

@@ -4,13 +4,14 @@ the share of degenerate answers across rounds, as a table, a plot and JSON (no P
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from alignment.io import write_json
+from alignment.ownership import NotOurs, file_problem, write_own_file
 
 _WORD = re.compile(r"\w+")
 
@@ -134,7 +135,7 @@ def rounds_markdown(records: list[dict[str, Any]], notes: list[str] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def plot_rounds(records: list[dict[str, Any]], png: Path) -> None:
+def plot_rounds(records: list[dict[str, Any]], png: Path | io.BytesIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,16 +177,27 @@ def plot_rounds(records: list[dict[str, Any]], png: Path) -> None:
     axes[2].axhline(0.5, color="grey", lw=0.5)
     axes[2].set(title="RM accuracy on fresh on-policy pairs", xlabel="round", ylim=(0, 1))
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
 
 
+REPORT_FILES = ("rounds.json", "rounds.png", "report.md")
+
+
 def write_rounds_report(records: list[dict[str, Any]], folder: Path, notes: list[str] | None = None) -> Path:
-    """``report.md``, ``rounds.png`` and ``rounds.json`` in ``folder`` (rewritten each tick)."""
+    """``report.md``, ``rounds.png`` and ``rounds.json`` in ``folder`` (rewritten each tick). Each is a file outside
+    a stage folder, recorded as ours when written (``alignment.ownership.write_own_file``): one that this project did
+    not write (or that was edited since) is refused (``NotOurs``) before anything is written."""
+    for name in REPORT_FILES:
+        problem = file_problem(folder / name, "the rounds report file")
+        if problem is not None:
+            raise NotOurs(problem)
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "rounds.json", records)
+    write_own_file(folder / "rounds.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     if records:
-        plot_rounds(records, folder / "rounds.png")
+        png = io.BytesIO()
+        plot_rounds(records, png)
+        write_own_file(folder / "rounds.png", png.getvalue())
     text = rounds_markdown(records, notes) + ("\n![rounds](rounds.png)\n" if records else "")
-    (folder / "report.md").write_text(text, encoding="utf-8")
+    write_own_file(folder / "report.md", text)
     return folder / "report.md"
