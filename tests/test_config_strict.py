@@ -143,13 +143,6 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_pipeline_file_mistakes_are_one_line_naming_the_key(case, tmp_path, capsys):
-    text, names = CASES[case]
-    cfg = tmp_path / "x.yaml"
-    cfg.write_text(text)
-    err = _refused(capsys, ["run", "--config", str(cfg), "--print-config"], f"config file {cfg}", *names)
-    assert err.startswith("align run: error: ")
 
 
 def test_the_issue_example_message(tmp_path, capsys):
@@ -170,12 +163,16 @@ STAGE_FILES = {
 }
 
 
-@pytest.mark.parametrize("case", STAGE_FILES)
-def test_a_stage_file_of_fields_or_sections_is_checked_too(case, tmp_path, capsys):
-    text, names = STAGE_FILES[case]
-    cfg = tmp_path / "rm.yaml"
+@pytest.mark.parametrize(("command", "case"), [*(("run", c) for c in CASES), *(("rm", c) for c in STAGE_FILES)])
+def test_config_file_mistakes_are_one_line_naming_the_key(command, case, tmp_path, capsys):
+    """The pipeline's file (sections) and a stage's file (its fields, or a section per stage)."""
+    text, names = (CASES if command == "run" else STAGE_FILES)[case]
+    cfg = tmp_path / "x.yaml"
     cfg.write_text(text)
-    _refused(capsys, ["rm", "--config", str(cfg), "--print-config"], *names)
+    err = _refused(capsys, [command, "--config", str(cfg), "--print-config"], *names)
+    assert err.startswith(f"align {command}: error: ")
+    if command == "run":
+        assert f"config file {cfg}" in err
 
 
 def test_a_stage_reads_its_own_section_of_a_pipeline_file(tmp_path, capsys):
