@@ -6,30 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from alignment.evaluation.degenerate import is_degenerate
 from alignment.ownership import NotOurs, file_problem, write_own_file
-
-_WORD = re.compile(r"\w+")
-
-
-def is_degenerate(text: str) -> bool:
-    """An answer that is no answer: empty, mostly one repeated symbol, or a loop of the same few words (fewer
-    than half of its word bigrams distinct, from 8 words on). The collapse the seed runs ended in."""
-    stripped = text.strip()
-    if not stripped:
-        return True
-    chars = Counter(c for c in stripped if not c.isspace())
-    if chars and chars.most_common(1)[0][1] / sum(chars.values()) > 0.3 and not chars.most_common(1)[0][0].isalnum():
-        return True
-    words = _WORD.findall(stripped.lower())
-    if len(words) >= 8:
-        bigrams = list(zip(words, words[1:], strict=False))
-        return len(set(bigrams)) / len(bigrams) < 0.5
-    return False
 
 
 def degenerate_share(score_dir: str | Path, model: str) -> float | None:
