@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from alignment import __version__
+from alignment import __version__, tasks_gym
 from alignment.config import Seed, StageConfig, cut
 from alignment.evaluation.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.footprint import records_footprint
@@ -112,7 +112,8 @@ class DataConfig(StageConfig):
     source: str = Field(
         "demo",
         description="'demo' (the embedded preference set), 'demo-verifiable' (embedded prompts with checkable "
-        "constraints and answers, for the online stages), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
+        "constraints and answers, for the online stages), 'gym:NAME[:SIZE],...' (reasoning-gym tasks as prompts with "
+        "gold answers, e.g. gym:chain_sum,letter_counting:50; docs/data.md), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
         "dataset id such as esfrankel17/HelpSteer2_binarized or nvidia/HelpSteer2.",
     )
     format: Literal["auto", "raw", "pairs", "hh", "comparisons", "prompts"] = Field(
@@ -147,6 +148,9 @@ class DataConfig(StageConfig):
         ".csv) whose pairs join the train split only, e.g. a preference store's rounds (`align round`): a pair "
         "whose prompt is held out is dropped and counted, so no validation prompt is trained on; their content "
         "hashes join the stage key.")
+    gym_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="A 'gym:' source's generator settings (difficulty) per task, e.g. "
+        "{chain_sum: {min_terms: 2, max_terms: 3}} (the reasoning-gym task's config fields).")
 
     @field_validator("column_map")
     @classmethod
@@ -179,6 +183,8 @@ class DataConfig(StageConfig):
             raise ValueError("rating_max must be greater than rating_min")
         if not math.isfinite(self.rating_max - self.rating_min):
             raise ValueError("rating_max - rating_min must be a finite number (the scale maps to 1..10)")
+        if self.gym_settings and not self.source.startswith(tasks_gym.PREFIX):
+            raise ValueError("gym_settings apply to a 'gym:' source only")
         if self.score == "weighted" and sum(self.score_weights.values()) <= 0:
             raise ValueError("score='weighted' needs score_weights with a positive sum")
         return self
@@ -487,7 +493,7 @@ class SourceData:
     """Records read from a source, with the 1-based row number of each."""
 
     name: str  # how errors refer to the source (a path or hub id)
-    kind: Literal["builtin", "file", "hub"]
+    kind: Literal["builtin", "file", "hub", "gym"]
     records: list[dict[str, Any]]
     rows: list[int]
     sha256: str
@@ -795,8 +801,21 @@ def _read_hub(repo_id: str, split: str | None, subset: str | None = None, hint: 
                       sha256_text(f"{what}:{split}:{ds._fingerprint}"), split=split)
 
 
+def _read_gym(config: DataConfig) -> SourceData:
+    """A ``gym:`` source: reasoning-gym items as prompt records, each naming its split (``alignment.tasks_gym``)."""
+    try:
+        records = tasks_gym.build_items(tasks_gym.parse_spec(config.source, config.gym_settings), config.seed,
+                                        config.validation_fraction)
+    except tasks_gym.GymError as exc:
+        raise DataError(str(exc)) from None
+    sha = sha256_text(json.dumps(records, sort_keys=True, ensure_ascii=False))
+    return SourceData(config.source, "gym", records, list(range(1, len(records) + 1)), sha)
+
+
 def read_source(config: DataConfig, offline_hint: str = OFFLINE_HINT) -> SourceData:
     spec = config.source
+    if spec.startswith(tasks_gym.PREFIX):
+        return _read_gym(config)
     if spec in BUILTIN_SOURCES:
         data = _read_file(_builtin_path(spec))
         data.name, data.kind = f"builtin:{spec}", "builtin"
@@ -1274,6 +1293,15 @@ def split_by_prompt(pairs: list[PreferencePair], validation_fraction: float, see
     return train, val
 
 
+def _given_split(pairs: list[PreferencePair]) -> tuple[list[int], list[int]]:
+    """A gym source's split: its records say which (train and held-out were drawn from disjoint seeds)."""
+    train = [i for i, p in enumerate(pairs) if (p.extra or {}).get("split") == "train"]
+    val = [i for i, p in enumerate(pairs) if (p.extra or {}).get("split") == "validation"]
+    if not train or not val:
+        raise DataError(f"the gym items hold {len(train)} train and {len(val)} held-out prompts; both must be kept")
+    return train, val
+
+
 PAIR_SCHEMA = pa.schema([
     ("pair_id", pa.string()),
     ("prompt_id", pa.string()),
@@ -1552,7 +1580,8 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
         raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
                         f"{len(parsed.issues)}, {_dropped_summary(parsed.stats)})")
     try:
-        train_idx, val_idx = split_by_prompt(pairs, config.validation_fraction, config.seed)
+        train_idx, val_idx = (_given_split(pairs) if source.kind == "gym"
+                              else split_by_prompt(pairs, config.validation_fraction, config.seed))
     except DataError as exc:
         raise DataError(f"{source.name}: {exc}") from None
     splits = {"train": [pairs[i] for i in train_idx], "validation": [pairs[i] for i in val_idx]}

@@ -84,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "  align data --preset helpsteer2               # esfrankel17/HelpSteer2_binarized from the hub\n"
         "  align data --source my.csv column_map.prompt=question --on-bad-rows skip\n"
         "  align data --source openai/summarize_from_feedback --split validation   # TL;DR comparisons\n"
-        "  align data --source demo-verifiable          # prompts with checkable constraints, for reinforce/grpo",
+        "  align data --source demo-verifiable          # prompts with checkable constraints, for reinforce/grpo\n"
+        "  align data --source gym:chain_sum:200,letter_counting   # reasoning-gym tasks (gym_settings.TASK.KEY=..)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data.add_argument("--source", help="'demo', 'demo-verifiable', a .jsonl/.json/.parquet/.csv file, or a hub "
-                      "dataset id")
+    data.add_argument("--source", help="'demo', 'demo-verifiable', 'gym:TASK[:SIZE],...' (reasoning-gym), a "
+                      ".jsonl/.json/.parquet/.csv file, or a hub dataset id")
     data.add_argument("--format", choices=["auto", "raw", "pairs", "hh", "comparisons", "prompts"],
                       help="input shape (default: detect)")
     data.add_argument("--split", help="hub split (default: the dataset's usual one)")

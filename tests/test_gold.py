@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alignment.evaluation.gold import (
@@ -12,11 +14,14 @@ from alignment.evaluation.gold import (
     extract_number,
     normalise,
 )
+from alignment.tasks_gym import library_version
 
 ADD = "What is 13 + 13?"
 SUB = "What is 99 - 28?"
 REVERSE = "Reverse the word 'hello'."
 CAPITAL = "What is the capital of France?"
+GYM_REF = json.dumps({"task": "chain_sum", "settings": {}, "seed": 0, "size": 4, "index": 0,
+                      "version": library_version()})
 
 # (completion, reference, checker, prompt, expected)
 CASES = [
@@ -98,6 +103,9 @@ CASES = [
     # constraints: a JSON spec, every constraint must hold (each kind in tests/test_constraints.py)
     ("the ocean is deep and blue.", '{"max_words": 15, "lowercase": true}', "constraints", None, True),
     ("The ocean is deep and blue.", '{"max_words": 15, "lowercase": true}', "constraints", None, False),
+    # reasoning_gym: chain_sum item 0 of seed 0 is 1663 - 5242 - 9376 - 8961 + 7634 = -14282 (tests/test_gym_source.py)
+    ("Adding up: <answer>-14282</answer>", GYM_REF, "reasoning_gym", None, True),
+    ("Adding up: <answer>-14283</answer>", GYM_REF, "reasoning_gym", None, False),
 ]
 
 

@@ -18,6 +18,10 @@ A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS
     Tulu 3's RLVR rewards), e.g. ``{"max_words": 20, "lowercase": true, "must_include": ["blue"]}``; the
     completion is right when every constraint holds (:func:`check_constraints` gives the breakdown,
     :data:`CONSTRAINTS` lists the kinds and what each means).
+``reasoning_gym``
+    The reference is a JSON reference to a reasoning-gym item (``alignment.tasks_gym``); the completion
+    is right when the dataset's own ``score_answer`` gives it full credit (1.0) on its ``<answer>`` tag
+    or final line (:func:`alignment.tasks_gym.score`; partial credit is not a right answer).
 
 With ``prompt`` given, text in the completion that restates the question is ignored: a verbatim copy
 of the prompt, and copies of its arithmetic expressions or assignments (``13 + 13``, ``x = 5``).
@@ -34,7 +38,9 @@ import math
 import re
 import unicodedata
 
-CHECKERS = ("number", "exact", "contains", "constraints")
+from alignment import tasks_gym
+
+CHECKERS = ("number", "exact", "contains", "constraints", tasks_gym.CHECKER)
 
 
 class GoldCheckError(ValueError):
@@ -237,7 +243,8 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     ``number``: :func:`extract_number` within ``math.isclose(got, ref, rel_tol=1e-9, abs_tol=tolerance)``;
     ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
     reference appears as whole words and its last occurrence is not negated; ``constraints``: every
-    constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused). Raises :class:`GoldCheckError`
+    constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused);
+    ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`). Raises :class:`GoldCheckError`
     for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec, or a
     reference that normalises to nothing.
     """
@@ -246,6 +253,8 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     reference = str(reference)
     if checker == "constraints":
         return all(check_constraints(completion, reference).values())
+    if checker == tasks_gym.CHECKER:
+        return _gym_call(tasks_gym.score, completion, reference) >= 1.0
     if checker == "number":
         expected = _parse_reference(reference)
         got = extract_number(completion, prompt)
@@ -267,8 +276,18 @@ def validate_reference(reference: str, checker: str) -> None:
         _parse_reference(str(reference))
     elif checker == "constraints":
         parse_constraints(reference)
+    elif checker == tasks_gym.CHECKER:
+        _gym_call(tasks_gym.parse_reference, reference)
     elif not normalise(str(reference)):
         raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
+
+
+def _gym_call(fn, *args):
+    """``fn(*args)`` of :mod:`alignment.tasks_gym`, its refusals raised as :class:`GoldCheckError`."""
+    try:
+        return fn(*args)
+    except tasks_gym.GymError as exc:
+        raise GoldCheckError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

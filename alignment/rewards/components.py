@@ -70,6 +70,7 @@ from pydantic import (
     model_validator,
 )
 
+from alignment import tasks_gym
 from alignment.evaluation.gold import GoldCheckError, check_answer, extract_answer, extract_number
 from alignment.io import read_manifest, sha256_file, sha256_text
 
@@ -403,8 +404,11 @@ def states_final_answer(completion: str, checker: str, prompt: str | None = None
     "final answer: X", "answer = X", "result is X", "X is the answer", a line "#### X"; "the answer is
     not ..." does not count) and, for the ``number`` checker, a number
     :func:`alignment.evaluation.gold.extract_number` reads, for ``exact`` an answer
-    :func:`alignment.evaluation.gold.extract_answer` reads.
+    :func:`alignment.evaluation.gold.extract_answer` reads; for ``reasoning_gym`` one well-formed
+    ``<answer>X</answer>`` (:func:`alignment.tasks_gym.format_reward`).
     """
+    if checker == tasks_gym.CHECKER:  # reasoning-gym asks for the answer inside <answer></answer>
+        return tasks_gym.format_reward(completion) > 0
     if checker == "constraints" or not _FINAL_ANSWER.search(completion or ""):  # constraints: no final answer
         return False
     if checker == "number":
