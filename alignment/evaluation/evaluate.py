@@ -32,8 +32,9 @@ from pydantic import Field, field_validator
 from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
+from alignment.evaluation.degenerate import degenerate_share
 from alignment.evaluation.gold import check_answer
-from alignment.evaluation.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
+from alignment.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_proportion_diff, wilson_interval
 from alignment.evaluation.verdict import trained_against
 from alignment.footprint import records_footprint
 from alignment.generation import (
@@ -55,7 +56,7 @@ from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_gu
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: gold checks, proxy/independent roles
+SCHEMA_VERSION = 3  # 2: gold checks, proxy/independent roles; 3: McNemar, gold per task, degenerate share
 GENERATIONS = "generations"
 
 
@@ -169,18 +170,33 @@ def gold_results(items: Sequence[PromptItem], completions: Sequence[str]) -> lis
             for item, text in zip(items, completions, strict=True)]
 
 
-def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None] | None = None) -> dict[str, Any] | None:
-    """Accuracy on the prompts with a gold answer (Wilson 95% CI) and, given the reference model's
-    results on the same prompts, the paired difference with its 95% CI; None without gold prompts."""
+def item_task(item: PromptItem) -> str:
+    """The task a prompt belongs to (its source's ``task`` column), or 'all' when it names none."""
+    task = item.extra.get("task") if isinstance(item.extra, dict) else None
+    return str(task) if task not in (None, "") else "all"
+
+
+def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None] | None = None,
+                 tasks: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Accuracy on the prompts with a gold answer (Wilson 95% CI), per task when ``tasks`` (one per prompt)
+    is given, and, given the reference model's results on the same prompts, the paired difference with its
+    95% CI and the exact McNemar test ({n, gained, lost, p_value}); None without gold prompts."""
     graded = [i for i, c in enumerate(correct) if c is not None]
     if not graded:
         return None
     hits = [bool(correct[i]) for i in graded]
     out: dict[str, Any] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits),
                            "ci95": wilson_interval(sum(hits), len(hits))}
+    if tasks is not None:
+        per_task: dict[str, list[bool]] = {}
+        for i in graded:
+            per_task.setdefault(tasks[i], []).append(bool(correct[i]))
+        out["by_task"] = {t: {"n": len(h), "correct": sum(h), "accuracy": sum(h) / len(h),
+                              "ci95": wilson_interval(sum(h), len(h))} for t, h in sorted(per_task.items())}
     if reference is not None:
-        diff, ci = paired_proportion_diff(hits, [bool(reference[i]) for i in graded])
-        out.update(paired_diff=diff, paired_diff_ci95=ci)
+        before = [bool(reference[i]) for i in graded]
+        diff, ci = paired_proportion_diff(hits, before)
+        out.update(paired_diff=diff, paired_diff_ci95=ci, mcnemar=mcnemar_exact(hits, before))
     return out
 
 
@@ -403,6 +419,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
 
     # 5. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
     gold = {name: gold_results(items, gens[name].texts) for name in names}
+    tasks = [item_task(item) for item in items]
     rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
                                "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
@@ -419,7 +436,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "eos_rate": float(np.mean(g.eos)), "distinct2": health["distinct2"], "repetition": health["repetition"],
             "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
             "generation_seconds": round(g.seconds, 1), "rewards": {},
-            "gold": gold_summary(gold[name], gold[reference] if name != reference else None),
+            "gold": gold_summary(gold[name], gold[reference] if name != reference else None, tasks),
+            "degenerate": degenerate_share(g.texts, [p[-1]["content"] for p in prompts]),
             "trained_against": trained_against(config.models[name]),  # e.g. gold: then not an independent check
         }
         for rm_name, (mean, var) in rewards[name].items():
@@ -511,12 +529,15 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
             lines.append(f"| {name} | {rm}{role} | {r['mean']:.3f} {_fmt_ci(r['ci95'])} | {diff} | {m['mean_length']:.1f} "
                          f"| {m['eos_rate']:.2f} | {m['distinct2']:.3f} | {m['repetition']:.3f} | {kl} |")
     if summary.get("n_gold_prompts"):
-        lines += ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
-                  "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) |", "|---|---|---|---|"]
+        lines += gold_markdown(summary)
+    if any("degenerate" in m for m in summary["models"].values()):
+        lines += ["", "Degenerate answers (no answer at all: empty, a repetition loop, the prompt handed back):", "",
+                  "| model | empty | repetition | echo | share |", "|---|---|---|---|---|"]
         for name, m in summary["models"].items():
-            g = m["gold"]
-            diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
-            lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} |")
+            d = m.get("degenerate")
+            if d:
+                share = "—" if d["share"] is None else f"{d['share']:.3f}"
+                lines.append(f"| {name} | {d['empty']} | {d['repetition']} | {d['echo']} | {share} |")
     if any("rouge" in m for m in summary["models"].values()):
         n = next(m["rouge"]["rougeL"]["n"] for m in summary["models"].values() if "rouge" in m)
         lines += ["", f"ROUGE (F) against the reference summaries of the {n} scored posts that have one:", "",
@@ -529,6 +550,28 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{r[t]['mean']:.4f} {_fmt_ci(r[t]['ci95'])}" for t in ROUGE_TYPES)
                          + f" | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def gold_markdown(summary: dict[str, Any]) -> list[str]:
+    """The gold lines of :func:`scores_markdown`: accuracy, the paired difference and McNemar's exact test against
+    the reference per model, then accuracy per task when the prompts name more than one task."""
+    lines = ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
+             "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) | gained / lost "
+             "| McNemar exact p |", "|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        g = m["gold"]
+        diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
+        mc = g.get("mcnemar")
+        test = f"{mc['gained']} / {mc['lost']} | {mc['p_value']:.3g}" if mc else "— | —"
+        lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} | {test} |")
+    tasks = sorted({t for m in summary["models"].values() for t in (m["gold"] or {}).get("by_task", {})})
+    if len(tasks) > 1:
+        lines += ["", "Gold accuracy per task (95% Wilson CI):", "", "| model | task | accuracy (95% CI) | correct |",
+                  "|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            for task, t in m["gold"].get("by_task", {}).items():
+                lines.append(f"| {name} | {task} | {t['accuracy']:.3f} {_fmt_ci(t['ci95'])} | {t['correct']}/{t['n']} |")
+    return lines
 
 
 def plot_rewards(rewards: dict[str, dict[str, tuple[list[float], list[float]]]], png: Path) -> None:
