@@ -12,6 +12,7 @@ from alignment.evaluation.evaluate import (
     EvaluationError,
     ScoreConfig,
     gold_summary,
+    pass_at_k_summary,
     run_score_stage,
     scores_markdown,
     select_prompts,
@@ -74,6 +75,33 @@ def test_scores_markdown_shows_mcnemar_tasks_and_degenerate_answers():
     assert f"| tuned | b | 0.333 [{lo:.3f}, {hi:.3f}] | 1/3 |" in md and "| base | a | 0.500" in md
     assert "| base | 1 | 0 | 0 | 0.500 |" in md and "| tuned | 0 | 0 | 0 | 0.000 |" in md
     assert "3 gained, 0 lost, McNemar exact p = 0.25 (not significant)" in md  # the verdict reads the test
+
+
+def test_pass_at_k_summary_hand_values():
+    # 3 gold prompts, 3 samples each, 0, 1 and 3 right (None: no gold answer): pass@1 = (0 + 1/3 + 1) / 3 = 4/9;
+    # pass@3 = (0 + 1 + 1) / 3 (one right of three is a hit when all three are drawn).
+    assert pass_at_k_summary([0, None, 1, 3], 3) == pytest.approx({"k": 3, "n": 3, "pass_at_1": 4 / 9,
+                                                                    "pass_at_k": 2 / 3})
+    # k = 4, c = 1 of n = 4: pass@1 = 1/4; c = 2: pass@1 = 1/2; pass@4 = 1 for both.
+    assert pass_at_k_summary([1, 2], 4) == pytest.approx({"k": 4, "n": 2, "pass_at_1": 0.375, "pass_at_k": 1.0})
+    assert pass_at_k_summary([None, None], 8) is None
+
+
+def test_score_stage_samples_for_pass_at_k(eval_stack, tmp_path):
+    config = ScoreConfig(models={"base": str(eval_stack["base"]), "tuned": str(eval_stack["tuned"])},
+                         reward_models={"scalar": str(eval_stack["rm"])}, data=str(eval_stack["data"]), n_prompts=6,
+                         max_new_tokens=4, kl=False, bootstrap=100, bf16=False, samples_per_prompt=3)
+    summary = run_score_stage(config, tmp_path / "s").summary
+    rows = [json.loads(line) for line in (tmp_path / "s" / "generations" / "tuned.jsonl").read_text().splitlines()]
+    counts = [row["samples_correct"] for row in rows]
+    assert [c is None for c in counts] == [row["gold_answer"] is None for row in rows]
+    assert summary["n_gold_prompts"] > 0 and all(0 <= c <= 3 for c in counts if c is not None)
+    assert summary["models"]["tuned"]["pass_at_k"] == pass_at_k_summary(counts, 3)
+    assert "| tuned | " in (tmp_path / "s" / "scores.md").read_text().split("pass@3 | prompts |")[1]
+    # The default (one answer per prompt) samples nothing more.
+    scores = json.loads((eval_stack["scores"] / "scores.json").read_text())
+    assert "pass_at_k" not in scores["models"]["tuned"]
+    assert "samples_correct" not in (eval_stack["scores"] / "generations" / "tuned.jsonl").read_text()
 
 
 def test_prompts_are_a_fixed_seeded_subset(eval_stack):

@@ -34,7 +34,13 @@ from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
 from alignment.evaluation.degenerate import degenerate_share
 from alignment.evaluation.gold import check_answer
-from alignment.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_proportion_diff, wilson_interval
+from alignment.evaluation.stats import (
+    bootstrap_ci,
+    mcnemar_exact,
+    mean_pass_at_k,
+    paired_proportion_diff,
+    wilson_interval,
+)
 from alignment.evaluation.verdict import trained_against
 from alignment.footprint import records_footprint
 from alignment.generation import (
@@ -114,6 +120,9 @@ class ScoreConfig(StageConfig):
     top_k: int = Field(0, ge=0)
     seed: Seed = 0
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    samples_per_prompt: int = Field(1, ge=1, description="k > 1: each prompt with a gold answer is also answered k "
+                                    "times, sampled at temperature/top_p/top_k, for pass@1 and the unbiased pass@k "
+                                    "(k times the generation cost of those prompts).")
     kl: bool = Field(True, description="Also compute the k1 KL of each model's answers to the first model.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% CIs.")
     proxy_reward_model: str | None = Field(None, description="Name (in reward_models) of the reward model the "
@@ -200,6 +209,15 @@ def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None
     return out
 
 
+def pass_at_k_summary(counts: Sequence[int | None], k: int) -> dict[str, Any] | None:
+    """pass@1 (the mean per-sample accuracy) and the unbiased pass@k over the prompts with a gold answer, from
+    each prompt's number of correct answers out of ``k`` samples (None: no gold answer); None without any."""
+    pairs = [(k, c) for c in counts if c is not None]
+    if not pairs:
+        return None
+    return {"k": k, "n": len(pairs), "pass_at_1": mean_pass_at_k(pairs, 1), "pass_at_k": mean_pass_at_k(pairs, k)}
+
+
 def model_fingerprint(spec: str) -> str:
     """What identifies a model's weights: a stage's key, the weight files' hashes, or the hub id."""
     path = Path(spec)
@@ -256,6 +274,21 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], con
             eos += ro.has_eos.tolist()
             progress.update(min(s + config.batch_size, len(prompts)))
     return Generations(tokens, texts, eos, time.perf_counter() - start)
+
+
+def gold_sample_counts(model, tokenizer, items: Sequence[PromptItem], config: ScoreConfig, bf16: bool
+                       ) -> list[int | None]:
+    """Per prompt: how many of ``config.samples_per_prompt`` answers, sampled at the config's temperature, state
+    its gold answer (None for a prompt without one). Sampled even when the scored answers are greedy: pass@k needs
+    k independent tries, and greedy decoding gives one answer k times."""
+    k = config.samples_per_prompt
+    graded = [item for item in items if item.gold_answer is not None]
+    repeated = [item for item in graded for _ in range(k)]
+    texts = generate_answers(model, tokenizer, [item.messages for item in repeated],
+                             config.model_copy(update={"greedy": False}), bf16).texts
+    hits = gold_results(repeated, texts)
+    counts = iter([sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(graded))])
+    return [None if item.gold_answer is None else next(counts) for item in items]
 
 
 def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], tokens: Sequence[Sequence[int]],
@@ -382,6 +415,10 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     # 3. Each model answers (one model in memory at a time, plus the reference for KL).
     gens: dict[str, Generations] = {}
     kl: dict[str, list[float]] = {}
+    sampled: dict[str, list[int | None]] = {}  # per prompt: correct answers of samples_per_prompt samples
+    if config.samples_per_prompt > 1 and all(item.gold_answer is None for item in items):
+        log.warning("score: samples_per_prompt=%d but no scored prompt has a gold answer: no pass@k",
+                    config.samples_per_prompt)
     ref_model = None
     for name in names:
         try:
@@ -393,6 +430,9 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             bf16_frozen_linears(model)
         log.info("model %s: answering %d prompts", name, len(prompts))
         gens[name] = generate_answers(model, tokenizer, prompts, config, bf16)
+        if config.samples_per_prompt > 1 and any(item.gold_answer is not None for item in items):
+            log.info("model %s: %d samples per gold prompt for pass@k", name, config.samples_per_prompt)
+            sampled[name] = gold_sample_counts(model, tokenizer, items, config, bf16)
         if config.kl:
             if name == reference:
                 ref_model, ref_tok = model, tokenizer
@@ -451,6 +491,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 r["paired_diff_ci95"] = bootstrap_ci(diff, config.bootstrap, config.seed)
                 r["win_rate_vs_reference"] = float((diff > 0).mean())
             r["role"] = "proxy" if rm_name == config.proxy_reward_model else "independent"
+        if name in sampled:
+            entry["pass_at_k"] = pass_at_k_summary(sampled[name], config.samples_per_prompt)
         if rouge is not None:
             entry["rouge"] = rouge_summary(rouge[name], config.seed)
             if name != reference:
@@ -469,6 +511,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                            "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
                            "gold_answer": items[i].gold_answer, "gold_correct": gold[name][i],
                            "gold_checker": items[i].gold_checker if items[i].gold_answer is not None else None,
+                           **({"samples_correct": sampled[name][i]} if name in sampled else {}),
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
                                        for rm in config.reward_models}}
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -564,6 +607,14 @@ def gold_markdown(summary: dict[str, Any]) -> list[str]:
         mc = g.get("mcnemar")
         test = f"{mc['gained']} / {mc['lost']} | {mc['p_value']:.3g}" if mc else "— | —"
         lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} | {test} |")
+    if any(m.get("pass_at_k") for m in summary["models"].values()):
+        k = next(m["pass_at_k"]["k"] for m in summary["models"].values() if m.get("pass_at_k"))
+        lines += ["", f"Sampled: {k} answers per gold prompt (unbiased pass@k, Chen et al. 2021):", "",
+                  f"| model | pass@1 | pass@{k} | prompts |", "|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            if m.get("pass_at_k"):
+                pk = m["pass_at_k"]
+                lines.append(f"| {name} | {pk['pass_at_1']:.3f} | {pk['pass_at_k']:.3f} | {pk['n']} |")
     tasks = sorted({t for m in summary["models"].values() for t in (m["gold"] or {}).get("by_task", {})})
     if len(tasks) > 1:
         lines += ["", "Gold accuracy per task (95% Wilson CI):", "", "| model | task | accuracy (95% CI) | correct |",
