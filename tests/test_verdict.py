@@ -93,6 +93,22 @@ def test_verdict_from_a_scores_summary_and_a_judge():
     assert v["reading"].startswith("proxy reward rose while gold accuracy fell")
 
 
+def test_the_verdict_gives_mcnemar_for_the_gold_change():
+    """The gold row and the reading carry gained/lost and the exact p; p >= 0.05 reads as not significant."""
+    scores = _scores([0.3, 0.9], [-0.1, 0.2], [0.02, 0.3])
+    gold = scores["models"]["tuned"]["gold"]
+    gold["mcnemar"] = {"n": 20, "gained": 3, "lost": 0, "p_value": 0.25}  # 2 * 0.5^3, by hand
+    v = verdict(scores)
+    assert next(c for c in v["checks"] if c["kind"] == "gold")["mcnemar"]["p_value"] == 0.25
+    assert v["reading"].endswith("(gold accuracy: 3 gained, 0 lost, McNemar exact p = 0.25 (not significant))")
+    assert ("| gold accuracy | +0.000 [0.020, 0.300] | accuracy, 20 prompts | ↑ rose; 3 gained, 0 lost, McNemar "
+            "exact p = 0.25 (not significant) |") in verdict_markdown(v)
+    gold["mcnemar"] = {"n": 20, "gained": 6, "lost": 0, "p_value": 2 / 64}
+    assert "6 gained, 0 lost, McNemar exact p = 0.0312 (significant)" in verdict_markdown(verdict(scores))
+    del gold["mcnemar"]  # an older summary without the test: the verdict as before
+    assert "McNemar" not in verdict_markdown(verdict(scores))
+
+
 def test_gold_trained_against_is_not_an_independent_check(tmp_path):
     """A policy trained with a gold reward: its held-out gold gain is reported as trained against, and the
     reading rests on the reward models it never trained against."""

@@ -32,8 +32,15 @@ from pydantic import Field, field_validator
 from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
+from alignment.evaluation.degenerate import degenerate_share
 from alignment.evaluation.gold import check_answer
-from alignment.evaluation.stats import bootstrap_ci, paired_proportion_diff, wilson_interval
+from alignment.evaluation.stats import (
+    bootstrap_ci,
+    mcnemar_exact,
+    mean_pass_at_k,
+    paired_proportion_diff,
+    wilson_interval,
+)
 from alignment.evaluation.verdict import trained_against
 from alignment.footprint import records_footprint
 from alignment.generation import (
@@ -55,7 +62,7 @@ from alignment.stage import StagePlan, StageResult, exclusive_stage, reuse_or_gu
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: gold checks, proxy/independent roles
+SCHEMA_VERSION = 3  # 2: gold checks, proxy/independent roles; 3: McNemar, gold per task, degenerate share
 GENERATIONS = "generations"
 
 
@@ -113,6 +120,9 @@ class ScoreConfig(StageConfig):
     top_k: int = Field(0, ge=0)
     seed: Seed = 0
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    samples_per_prompt: int = Field(1, ge=1, description="k > 1: each prompt with a gold answer is also answered k "
+                                    "times, sampled at temperature/top_p/top_k, for pass@1 and the unbiased pass@k "
+                                    "(k times the generation cost of those prompts).")
     kl: bool = Field(True, description="Also compute the k1 KL of each model's answers to the first model.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% CIs.")
     proxy_reward_model: str | None = Field(None, description="Name (in reward_models) of the reward model the "
@@ -169,19 +179,43 @@ def gold_results(items: Sequence[PromptItem], completions: Sequence[str]) -> lis
             for item, text in zip(items, completions, strict=True)]
 
 
-def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None] | None = None) -> dict[str, Any] | None:
-    """Accuracy on the prompts with a gold answer (Wilson 95% CI) and, given the reference model's
-    results on the same prompts, the paired difference with its 95% CI; None without gold prompts."""
+def item_task(item: PromptItem) -> str:
+    """The task a prompt belongs to (its source's ``task`` column), or 'all' when it names none."""
+    task = item.extra.get("task") if isinstance(item.extra, dict) else None
+    return str(task) if task not in (None, "") else "all"
+
+
+def gold_summary(correct: Sequence[bool | None], reference: Sequence[bool | None] | None = None,
+                 tasks: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Accuracy on the prompts with a gold answer (Wilson 95% CI), per task when ``tasks`` (one per prompt)
+    is given, and, given the reference model's results on the same prompts, the paired difference with its
+    95% CI and the exact McNemar test ({n, gained, lost, p_value}); None without gold prompts."""
     graded = [i for i, c in enumerate(correct) if c is not None]
     if not graded:
         return None
     hits = [bool(correct[i]) for i in graded]
     out: dict[str, Any] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits),
                            "ci95": wilson_interval(sum(hits), len(hits))}
+    if tasks is not None:
+        per_task: dict[str, list[bool]] = {}
+        for i in graded:
+            per_task.setdefault(tasks[i], []).append(bool(correct[i]))
+        out["by_task"] = {t: {"n": len(h), "correct": sum(h), "accuracy": sum(h) / len(h),
+                              "ci95": wilson_interval(sum(h), len(h))} for t, h in sorted(per_task.items())}
     if reference is not None:
-        diff, ci = paired_proportion_diff(hits, [bool(reference[i]) for i in graded])
-        out.update(paired_diff=diff, paired_diff_ci95=ci)
+        before = [bool(reference[i]) for i in graded]
+        diff, ci = paired_proportion_diff(hits, before)
+        out.update(paired_diff=diff, paired_diff_ci95=ci, mcnemar=mcnemar_exact(hits, before))
     return out
+
+
+def pass_at_k_summary(counts: Sequence[int | None], k: int) -> dict[str, Any] | None:
+    """pass@1 (the mean per-sample accuracy) and the unbiased pass@k over the prompts with a gold answer, from
+    each prompt's number of correct answers out of ``k`` samples (None: no gold answer); None without any."""
+    pairs = [(k, c) for c in counts if c is not None]
+    if not pairs:
+        return None
+    return {"k": k, "n": len(pairs), "pass_at_1": mean_pass_at_k(pairs, 1), "pass_at_k": mean_pass_at_k(pairs, k)}
 
 
 def model_fingerprint(spec: str) -> str:
@@ -240,6 +274,21 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], con
             eos += ro.has_eos.tolist()
             progress.update(min(s + config.batch_size, len(prompts)))
     return Generations(tokens, texts, eos, time.perf_counter() - start)
+
+
+def gold_sample_counts(model, tokenizer, items: Sequence[PromptItem], config: ScoreConfig, bf16: bool
+                       ) -> list[int | None]:
+    """Per prompt: how many of ``config.samples_per_prompt`` answers, sampled at the config's temperature, state
+    its gold answer (None for a prompt without one). Sampled even when the scored answers are greedy: pass@k needs
+    k independent tries, and greedy decoding gives one answer k times."""
+    k = config.samples_per_prompt
+    graded = [item for item in items if item.gold_answer is not None]
+    repeated = [item for item in graded for _ in range(k)]
+    texts = generate_answers(model, tokenizer, [item.messages for item in repeated],
+                             config.model_copy(update={"greedy": False}), bf16).texts
+    hits = gold_results(repeated, texts)
+    counts = iter([sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(graded))])
+    return [None if item.gold_answer is None else next(counts) for item in items]
 
 
 def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], tokens: Sequence[Sequence[int]],
@@ -366,6 +415,10 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     # 3. Each model answers (one model in memory at a time, plus the reference for KL).
     gens: dict[str, Generations] = {}
     kl: dict[str, list[float]] = {}
+    sampled: dict[str, list[int | None]] = {}  # per prompt: correct answers of samples_per_prompt samples
+    if config.samples_per_prompt > 1 and all(item.gold_answer is None for item in items):
+        log.warning("score: samples_per_prompt=%d but no scored prompt has a gold answer: no pass@k",
+                    config.samples_per_prompt)
     ref_model = None
     for name in names:
         try:
@@ -377,6 +430,9 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             bf16_frozen_linears(model)
         log.info("model %s: answering %d prompts", name, len(prompts))
         gens[name] = generate_answers(model, tokenizer, prompts, config, bf16)
+        if config.samples_per_prompt > 1 and any(item.gold_answer is not None for item in items):
+            log.info("model %s: %d samples per gold prompt for pass@k", name, config.samples_per_prompt)
+            sampled[name] = gold_sample_counts(model, tokenizer, items, config, bf16)
         if config.kl:
             if name == reference:
                 ref_model, ref_tok = model, tokenizer
@@ -403,6 +459,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
 
     # 5. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
     gold = {name: gold_results(items, gens[name].texts) for name in names}
+    tasks = [item_task(item) for item in items]
     rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
                                "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
@@ -419,7 +476,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "eos_rate": float(np.mean(g.eos)), "distinct2": health["distinct2"], "repetition": health["repetition"],
             "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
             "generation_seconds": round(g.seconds, 1), "rewards": {},
-            "gold": gold_summary(gold[name], gold[reference] if name != reference else None),
+            "gold": gold_summary(gold[name], gold[reference] if name != reference else None, tasks),
+            "degenerate": degenerate_share(g.texts, [p[-1]["content"] for p in prompts]),
             "trained_against": trained_against(config.models[name]),  # e.g. gold: then not an independent check
         }
         for rm_name, (mean, var) in rewards[name].items():
@@ -433,6 +491,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                 r["paired_diff_ci95"] = bootstrap_ci(diff, config.bootstrap, config.seed)
                 r["win_rate_vs_reference"] = float((diff > 0).mean())
             r["role"] = "proxy" if rm_name == config.proxy_reward_model else "independent"
+        if name in sampled:
+            entry["pass_at_k"] = pass_at_k_summary(sampled[name], config.samples_per_prompt)
         if rouge is not None:
             entry["rouge"] = rouge_summary(rouge[name], config.seed)
             if name != reference:
@@ -451,6 +511,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                            "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
                            "gold_answer": items[i].gold_answer, "gold_correct": gold[name][i],
                            "gold_checker": items[i].gold_checker if items[i].gold_answer is not None else None,
+                           **({"samples_correct": sampled[name][i]} if name in sampled else {}),
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
                                        for rm in config.reward_models}}
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -511,12 +572,15 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
             lines.append(f"| {name} | {rm}{role} | {r['mean']:.3f} {_fmt_ci(r['ci95'])} | {diff} | {m['mean_length']:.1f} "
                          f"| {m['eos_rate']:.2f} | {m['distinct2']:.3f} | {m['repetition']:.3f} | {kl} |")
     if summary.get("n_gold_prompts"):
-        lines += ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
-                  "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) |", "|---|---|---|---|"]
+        lines += gold_markdown(summary)
+    if any("degenerate" in m for m in summary["models"].values()):
+        lines += ["", "Degenerate answers (no answer at all: empty, a repetition loop, the prompt handed back):", "",
+                  "| model | empty | repetition | echo | share |", "|---|---|---|---|---|"]
         for name, m in summary["models"].items():
-            g = m["gold"]
-            diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
-            lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} |")
+            d = m.get("degenerate")
+            if d:
+                share = "—" if d["share"] is None else f"{d['share']:.3f}"
+                lines.append(f"| {name} | {d['empty']} | {d['repetition']} | {d['echo']} | {share} |")
     if any("rouge" in m for m in summary["models"].values()):
         n = next(m["rouge"]["rougeL"]["n"] for m in summary["models"].values() if "rouge" in m)
         lines += ["", f"ROUGE (F) against the reference summaries of the {n} scored posts that have one:", "",
@@ -529,6 +593,36 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{r[t]['mean']:.4f} {_fmt_ci(r[t]['ci95'])}" for t in ROUGE_TYPES)
                          + f" | {diff} |")
     return "\n".join(lines) + "\n"
+
+
+def gold_markdown(summary: dict[str, Any]) -> list[str]:
+    """The gold lines of :func:`scores_markdown`: accuracy, the paired difference and McNemar's exact test against
+    the reference per model, then accuracy per task when the prompts name more than one task."""
+    lines = ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
+             "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) | gained / lost "
+             "| McNemar exact p |", "|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        g = m["gold"]
+        diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
+        mc = g.get("mcnemar")
+        test = f"{mc['gained']} / {mc['lost']} | {mc['p_value']:.3g}" if mc else "— | —"
+        lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} | {test} |")
+    if any(m.get("pass_at_k") for m in summary["models"].values()):
+        k = next(m["pass_at_k"]["k"] for m in summary["models"].values() if m.get("pass_at_k"))
+        lines += ["", f"Sampled: {k} answers per gold prompt (unbiased pass@k, Chen et al. 2021):", "",
+                  f"| model | pass@1 | pass@{k} | prompts |", "|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            if m.get("pass_at_k"):
+                pk = m["pass_at_k"]
+                lines.append(f"| {name} | {pk['pass_at_1']:.3f} | {pk['pass_at_k']:.3f} | {pk['n']} |")
+    tasks = sorted({t for m in summary["models"].values() for t in (m["gold"] or {}).get("by_task", {})})
+    if len(tasks) > 1:
+        lines += ["", "Gold accuracy per task (95% Wilson CI):", "", "| model | task | accuracy (95% CI) | correct |",
+                  "|---|---|---|---|"]
+        for name, m in summary["models"].items():
+            for task, t in m["gold"].get("by_task", {}).items():
+                lines.append(f"| {name} | {task} | {t['accuracy']:.3f} {_fmt_ci(t['ci95'])} | {t['correct']}/{t['n']} |")
+    return lines
 
 
 def plot_rewards(rewards: dict[str, dict[str, tuple[list[float], list[float]]]], png: Path) -> None:

@@ -120,7 +120,7 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
                        "name": "gold accuracy (trained against, held-out prompts)" if gold_trained else "gold accuracy",
                        "value": gold["paired_diff"], "ci95": list(gold["paired_diff_ci95"]),
                        "direction": direction(gold["paired_diff_ci95"]), "unit": f"accuracy, {gold['n']} prompts",
-                       "accuracy": gold["accuracy"]})
+                       "accuracy": gold["accuracy"], **({"mcnemar": gold["mcnemar"]} if "mcnemar" in gold else {})})
     rouge = m.get("rouge_gain", {}).get("rougeL")
     if rouge:  # the truth of a summarisation task: overlap with the human summaries, paired over posts
         checks.append({"kind": "reference", "name": "ROUGE-L vs references", "value": rouge["mean"],
@@ -130,16 +130,28 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
         ci = judge["win_rate_ci95_wilson"]
         checks.append({"kind": "judge", "name": f"{judge['backend']} judge", "value": judge["win_rate"],
                        "ci95": list(ci), "direction": direction(ci, 0.5), "unit": f"win rate, {judge['n']} pairs"})
-    return {"model": tuned, "reference": reference, "checks": checks, "reading": reading(checks)}
+    text = reading(checks)
+    test = next((c["mcnemar"] for c in checks if "mcnemar" in c), None)
+    if test is not None:  # the gold change in counts, and whether it is more than noise
+        text += f" (gold accuracy: {mcnemar_note(test)})"
+    return {"model": tuned, "reference": reference, "checks": checks, "reading": text}
+
+
+def mcnemar_note(test: dict[str, Any], alpha: float = 0.05) -> str:
+    """McNemar's exact test in words: gained and lost items and the p-value, 'not significant' at p >= ``alpha``
+    (the gold change the interval shows may then be noise)."""
+    sig = "significant" if test["p_value"] < alpha else "not significant"
+    return f"{test['gained']} gained, {test['lost']} lost, McNemar exact p = {test['p_value']:.3g} ({sig})"
 
 
 def verdict_markdown(v: dict[str, Any]) -> str:
-    """The verdict block: one row per check, then the reading."""
+    """The verdict block: one row per check (a gold check with its McNemar test), then the reading."""
     lines = [f"## Verdict: `{v['model']}` against `{v['reference']}`", "",
              "| check | change (95% CI) | measured as | reading |", "|---|---|---|---|"]
     for c in v["checks"]:
         value = f"{c['value']:.3f}" if c["kind"] == "judge" else f"{c['value']:+.3f}"
+        note = f"; {mcnemar_note(c['mcnemar'])}" if "mcnemar" in c else ""
         lines.append(f"| {c['name']} | {value} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['unit']} "
-                     f"| {ARROWS[c['direction']]} |")
+                     f"| {ARROWS[c['direction']]}{note} |")
     lines += ["", f"**Reading:** {v['reading']}."]
     return "\n".join(lines) + "\n"
