@@ -141,8 +141,9 @@ def test_request_shape_and_both_orders(eval_stack, gemini_env, tmp_path):
     assert report.index("## Verdict: `tuned` against `base`") < report.index("Mean reward")  # the verdict opens it
     assert "| gemini judge |" in report and "| gold accuracy |" in report and "**Reading:**" in report
     assert s["verdict"]["checks"][-1]["kind"] == "judge"
-    # verdict, rewards, gold accuracy, judge
-    assert (tmp_path / "j" / "report.html").read_text().count("<table>") == 4
+    # verdict, rewards, gold accuracy, degenerate answers, judge
+    html = (tmp_path / "j" / "report.html").read_text()
+    assert html.count("<table>") == 5 and "Degenerate answers" in html
     assert (tmp_path / "j" / "judge.png").stat().st_size > 1000
 
 
