@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from alignment.ownership import write_atomic
+
 MANIFEST = "manifest.json"
 
 
@@ -36,22 +38,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text atomically (temporary file + rename): a crash leaves the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (:func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    """Write JSON atomically (:func:`alignment.ownership.write_atomic`)."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:

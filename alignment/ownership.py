@@ -44,6 +44,7 @@ entries), so the CLI exits 2 and nothing is touched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -72,14 +73,21 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` (or bytes) through a temporary sibling and a rename (this module sits below ``alignment.io``)."""
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` (UTF-8) or bytes through a temporary sibling and a rename: a crash leaves the old file or
+    the new one, and a failed write removes the temporary it made (the one writer: ``alignment.io`` sits above)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # the temporary this call created (its name is fresh), nothing else
+        raise
 
 
 def _sha256(path: Path) -> str:
@@ -89,7 +97,7 @@ def _sha256(path: Path) -> str:
 
 def _write_marker(folder: Path, record: dict[str, Any]) -> None:
     """Write the marker atomically (a kill leaves the old one or the new one, never half of one)."""
-    _write_atomic(folder / MARKER, json.dumps({"created_by": CREATOR, **record}) + "\n")
+    write_atomic(folder / MARKER, json.dumps({"created_by": CREATOR, **record}) + "\n")
 
 
 def write_marker(folder: Path, entries: Iterable[str] = ()) -> None:
@@ -402,7 +410,7 @@ def record_file(path: str | Path, final: bool = True) -> None:
     record: dict[str, Any] = {"created_by": CREATOR, "file": path.name}
     if final:
         record["sha256"] = _sha256(path)
-    _write_atomic(_sidecar(path), json.dumps(record) + "\n")
+    write_atomic(_sidecar(path), json.dumps(record) + "\n")
 
 
 def write_own_file(path: str | Path, text: str | bytes, what: str = "the file") -> None:
@@ -413,7 +421,7 @@ def write_own_file(path: str | Path, text: str | bytes, what: str = "the file") 
     if problem is not None:
         raise NotOurs(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, text)
+    write_atomic(path, text)
     record_file(path)
 
 
