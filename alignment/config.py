@@ -16,10 +16,11 @@ import difflib
 import hashlib
 import json
 import math
+import numbers
 import reprlib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -57,19 +58,29 @@ def _numeric_types(annotation: Any) -> tuple[set[type], bool]:
     return {a for a in args if a in (int, float)}, bool in args
 
 
-def first_nonfinite(value: Any) -> float | None:
-    """The first NaN or infinite float in ``value`` (a number, or a list/tuple/dict of them at any depth; nested
-    config models are skipped: they check their own fields), else None."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return item
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+def first_nonfinite_metric(value: Any, path: str = "") -> tuple[str, float] | None:
+    """(the dotted path -- ``eval_after.mean_reward``, ``heldout[2].kl`` -- of the first NaN or infinite number in
+    ``value``, that number) or None (dicts and lists at any depth; None, strings, booleans and nested config models
+    are not numbers: a model checks its own fields). Shared by config validation and ``alignment.finite``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool | numbers.Integral):
+        return None if math.isfinite(float(value)) else (path or "(value)", float(value))
+    if isinstance(value, Mapping):
+        items: Iterable[tuple[str, Any]] = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub_path, item in items:
+        bad = first_nonfinite_metric(item, sub_path)
+        if bad is not None:
+            return bad
     return None
+
+
+def first_nonfinite(value: Any) -> float | None:
+    """The first NaN or infinite number in ``value`` (:func:`first_nonfinite_metric` without its path), else None."""
+    bad = first_nonfinite_metric(value)
+    return None if bad is None else bad[1]
 
 
 class ConfigModel(BaseModel):

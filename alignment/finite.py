@@ -10,13 +10,13 @@ manifest is never written (the atomic output folder is dropped; earlier outputs 
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from alignment.config import first_nonfinite_metric
 
 DIVERGED = "training diverged (learning rate too high?)"
 NOT_COMPLETE = "the output was not marked complete"
@@ -31,24 +31,6 @@ def first_nonfinite_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str |
     for name, tensor in tensors:
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             return name
-    return None
-
-
-def first_nonfinite_metric(value: Any, path: str = "") -> tuple[str, float] | None:
-    """(the dotted path -- ``eval_after.mean_reward``, ``heldout[2].kl`` -- of the first NaN or infinite number in a
-    metrics value, that number) or None (dicts and lists at any depth; None, strings and booleans are not numbers)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool | numbers.Integral):
-        return None if math.isfinite(float(value)) else (path or "(value)", float(value))
-    if isinstance(value, Mapping):
-        items: Iterable[tuple[str, Any]] = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
-    elif isinstance(value, list | tuple):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    else:
-        return None
-    for sub_path, item in items:
-        bad = first_nonfinite_metric(item, sub_path)
-        if bad is not None:
-            return bad
     return None
 
 
