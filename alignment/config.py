@@ -39,6 +39,9 @@ MAX_SHOWN_CHARS = 200  # an invalid value is shown in an error message cut to th
 
 # A seed every generator takes: numpy's seeding (transformers.set_seed) refuses anything outside [0, 2**32).
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Passes over a training set (the Trainer stages: reward model, SFT, DPO).
+Epochs = Annotated[float, Field(gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
+                                "more than 1000 is a typo, and the step count it implies would not fit).")]
 
 
 class ConfigError(ValueError):

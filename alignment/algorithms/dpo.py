@@ -28,7 +28,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import Seed, StageConfig
+from alignment.config import Epochs, Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import PairData
 from alignment.finite import check_output
@@ -58,8 +58,7 @@ class DPOStageConfig(StageConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field("sigmoid", description="sigmoid = DPO.")
     max_length: int = Field(512, ge=32, description="Tokens per prompt + answer.")
     max_train_pairs: int | None = Field(None, ge=1, description="Train on a seeded subset of this many pairs.")
-    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
-                          "more than 1000 is a typo, and the step count it implies would not fit).")
+    epochs: Epochs = 1.0
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-6, gt=0.0)

@@ -39,7 +39,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import Seed, StageConfig
+from alignment.config import Epochs, Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import SummaryData, read_summaries
 from alignment.evaluation.evaluate import paired_rouge_gain, rouge_scores, rouge_summary
@@ -85,8 +85,7 @@ class SFTConfig(StageConfig):
     max_prompt_length: int = Field(512, ge=16, description="Prompt tokens; longer posts are cut from the left.")
     max_completion_length: int = Field(64, ge=4, description="Reference tokens trained on (longer ones are cut).")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per summary in the evaluation (greedy).")
-    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
-                          "more than 1000 is a typo, and the step count it implies would not fit).")
+    epochs: Epochs = 1.0
     batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-5, gt=0.0)

@@ -35,7 +35,7 @@ from alignment.checkpoints import (
     trainer_callbacks,
     trainer_checkpoint_args,
 )
-from alignment.config import Seed, StageConfig
+from alignment.config import Epochs, Seed, StageConfig
 from alignment.console import quiet_trainer
 from alignment.data import N_BINS, DataConfig, Message, PairData, run_data_stage
 from alignment.evaluation.length import length_split
@@ -147,8 +147,7 @@ class RewardModelConfig(StageConfig):
     max_length: int = Field(512, ge=32, description="Tokens per sequence; prompts are cut from the left.")
     max_train_pairs: int | None = Field(None, ge=1, description="Train on a seeded subset of this many pairs.")
     max_eval_pairs: int | None = Field(None, ge=1, description="Evaluate on the first N validation pairs.")
-    epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Passes over the training set (fractions allowed; "
-                          "more than 1000 is a typo, and the step count it implies would not fit).")
+    epochs: Epochs = 1.0
     batch_size: int = Field(8, ge=1, description="Pairs per device step.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(3e-5, gt=0.0)
