@@ -64,6 +64,26 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "judge": {"backend": "local", "max_pairs": 8},
         "options": {"algorithm": "grpo"},
     },
+    # RLVR on reasoning-gym tasks (`align seeds` runs it on seeds 0, 1, 2): GRPO with the gold check (lenient:
+    # a number stated in words counts) and a small format term (one <answer> tag) on tasks where the base
+    # model's samples disagree (docs/rewards-and-evaluation.md, where the signal is); ~360 held-out items drawn
+    # from seeds disjoint from the training items. The distributional RM, trained on the demo pairs and never
+    # trained against, is the independent check. The scalar RM is not trained (nothing uses it).
+    "demo-rlvr": {
+        "data": {"source": "demo"},
+        "prompts": {"source": "gym:chain_sum:720,letter_counting:720", "validation_fraction": 0.25,
+                    "gym_settings": {"chain_sum": {"min_terms": 2, "max_terms": 2, "max_digits": 2},
+                                     "letter_counting": {"min_words": 3, "max_words": 6}}},
+        "rm_distributional": {"kind": "distributional", **_DEMO_RM},
+        "grpo": {"steps": 60, "batch_size": 4, "samples_per_prompt": 8, "max_new_tokens": 48, "max_prompt_length": 256,
+                 "lora": True, "lora_r": 16, "learning_rate": 2e-4, "kl_beta": 0.0, "guard_min_distinct2": 0.0,
+                 "checkpoint_every": 20, "eval_prompts": 32, "eval_every": 20,
+                 "rewards": [{"kind": "gold", "lenient": True, "weight": 1.0},
+                             {"kind": "format", "weight": 0.2}]},
+        "score": {"n_prompts": 360, "max_new_tokens": 48, "batch_size": 32},
+        "judge": {"backend": "local", "max_pairs": 8},
+        "options": {"algorithm": "grpo", "train_scalar": False},
+    },
     # Rounds (`align rounds --preset demo-rounds --n 3`): REINFORCE against the scalar RM alone on the verifiable
     # prompts; each round samples 4 answers to 64 train prompts, the gold check labels the pairs it separates,
     # and the scalar RM is retrained on the demo pairs + every round's. The distributional RM (round 0's, never

@@ -208,13 +208,42 @@ def format_reward(text: str) -> float:
     return 1.0 if match and match.group(1).strip() else 0.0
 
 
-def score(completion: str, reference: str | dict) -> float:
+def lenient_match(answer: str | None, gold: str) -> bool:
+    """Whether ``answer`` states the number ``gold`` by math-verify (``"The sum is 1,000."`` states 1000; its
+    last number, or the right side of a final ``a + b = c``, is what math-verify reads). False when
+    ``gold`` is not a number math-verify parses (words, lists): those tasks are scored strictly only."""
+    if not answer:
+        return False
+    from math_verify import parse, verify
+
+    try:
+        expected = parse(gold)
+        return bool(expected) and _is_number(expected[0]) and verify(expected, parse(answer))
+    except Exception:  # math-verify raises on odd input, and times out on huge expressions
+        return False
+
+
+def _is_number(value) -> bool:
+    import sympy
+
+    return isinstance(value, (int, float)) or (isinstance(value, sympy.Basic) and value.is_number)
+
+
+def score(completion: str, reference: str | dict, *, lenient: bool = False) -> float:
     """The dataset's own ``score_answer`` of the completion's answer, in [0, 1]. A scorer that raises, or
-    returns something other than a number in [0, 1], scores 0 and is counted in :data:`scorer_errors`."""
+    returns something other than a number in [0, 1], scores 0 and is counted in :data:`scorer_errors`.
+
+    ``lenient``: also 1.0 when the gold answer is a number and the answer (the ``<answer>`` tag, else the
+    last non-empty line) states it in words around it (:func:`lenient_match`): "The sum is 17." is right
+    leniently and wrong strictly (reasoning-gym's own check wants the bare answer)."""
     ref = parse_reference(reference)
     dataset = _dataset(ref["task"], tuple(sorted(ref["settings"].items())), ref["seed"], ref["size"])
+    entry = dataset[ref["index"]]
+    answer = extract_answer(completion)
+    if lenient and lenient_match(answer, str(entry["answer"])):
+        return 1.0
     try:
-        value = float(dataset.score_answer(extract_answer(completion), dataset[ref["index"]]))
+        value = float(dataset.score_answer(answer, entry))
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"score {value} is outside [0, 1]")
     except Exception as exc:  # the library's scorers raise many types on odd answers

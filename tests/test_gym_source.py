@@ -134,6 +134,23 @@ def test_chain_sum_gold_scores_one_and_a_wrong_answer_zero():
     assert check_answer(f"<answer>{int(gold) + 1}</answer>", ref, "reasoning_gym") is False
 
 
+def test_lenient_scoring_reads_a_number_stated_in_words_by_math_verify():
+    entry = reasoning_gym.create_dataset("chain_sum", size=4, seed=0)[2]
+    ref, gold = _ref("chain_sum", index=2), entry["answer"]
+    worded = f"The sum is {gold}."
+    assert tasks_gym.score(worded, ref) < 1.0  # strict: reasoning-gym's own check wants the bare answer
+    assert tasks_gym.score(worded, ref, lenient=True) == 1.0
+    assert tasks_gym.score(f"<answer>{gold}</answer>", ref, lenient=True) == 1.0
+    assert tasks_gym.score(f"The sum is {int(gold) + 1}.", ref, lenient=True) == 0.0
+    assert tasks_gym.score(f"{gold} was my guess\nthen I stopped", ref, lenient=True) == 0.0  # the last line only
+    assert check_answer(worded, ref, "reasoning_gym") is False
+    assert check_answer(worded, ref, "reasoning_gym", lenient=True) is True
+    # math-verify's equivalences: thousands separators; words are not numbers, so no lenient match
+    assert tasks_gym.lenient_match("It is 1,000.", "1000") and not tasks_gym.lenient_match("It is 1,001.", "1000")
+    assert not tasks_gym.lenient_match("the word is ainomma", "ainomma")
+    assert not tasks_gym.lenient_match(None, "3") and not tasks_gym.lenient_match("", "3")
+
+
 def test_a_scorer_that_raises_scores_zero_and_is_counted():
     ds = reasoning_gym.create_dataset("prime_factorization", size=2, seed=0)
     with pytest.raises(ValueError):  # the library's own scorer, called directly, raises

@@ -367,8 +367,17 @@ def test_score_components_runs_every_component(reward_file):
 # --------------------------------------------------------------------------------------------
 # configs, registry, shorthand and keys
 # --------------------------------------------------------------------------------------------
+def test_format_component_rewards_the_answer_format_right_or_wrong():
+    from alignment.rewards.components import FormatComponent
+
+    rows = [{"prompt": "q", "gold_answer": '{"task": "chain_sum"}', "gold_checker": "reasoning_gym"}] * 4 + \
+        [{"prompt": "q", "gold_answer": None, "gold_checker": None}]
+    texts = ["<answer>7</answer>", "So <answer>8</answer>", "7", "<answer></answer>", "<answer>7</answer>"]
+    assert FormatComponent({"kind": "format"}).score(rows, texts).values == [1.0, 1.0, 0.0, 0.0, None]
+
+
 def test_registry_and_config_union():
-    assert set(REWARD_KINDS) == {"reward_model", "gold", "length", "python", "ensemble"}
+    assert set(REWARD_KINDS) == {"reward_model", "gold", "length", "python", "ensemble", "format"}
     configs = parse_reward_configs([{"kind": "gold", "weight": 0.5}, {"name": "len", "kind": "length", "max_tokens": 9}])
     assert [(c.name, c.kind, c.weight) for c in configs] == [("gold", "gold", 0.5), ("len", "length", 1.0)]
     with pytest.raises(RewardComponentError, match="rewards\\[0\\].*does not match any of the expected tags"):

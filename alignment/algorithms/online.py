@@ -487,7 +487,8 @@ class OnlineRecipe:
         result = asdict(self.evaluate())
         entry = {"step": step, "proxy": result["mean_reward"], "proxy_std": result["reward_std"],
                  "independent": result["independent"], "independent_std": result["independent_std"],
-                 "gold": result["gold_accuracy"], "gold_n": result["gold_n"], "kl": result["kl"],
+                 "gold": result["gold_accuracy"], "gold_n": result["gold_n"], "gold_lenient": result["gold_lenient"],
+                 "kl": result["kl"],
                  **{k: result[k] for k in ("eos_rate", "mean_length", "distinct2", "repetition")}}
         self.heldout.append(entry)
         append_metrics(self.out / HELDOUT, entry)
@@ -497,7 +498,9 @@ class OnlineRecipe:
             self.save_best(step, score)
         log.info("held-out at step %d: proxy %.3f%s%s kl %s", step, entry["proxy"],
                  "".join(f", {k} {v:.3f}" for k, v in entry["independent"].items()),
-                 "" if entry["gold"] is None else f", gold {entry['gold']:.3f} (n={entry['gold_n']})",
+                 "" if entry["gold"] is None else f", gold {entry['gold']:.3f}" + (
+                     "" if entry["gold_lenient"] is None else f" (lenient {entry['gold_lenient']:.3f})")
+                 + f" (n={entry['gold_n']})",
                  "-" if entry["kl"] is None else f"{entry['kl']:.3f}")
         cfg = self.config
         message = overoptimisation_alarm(self.heldout, cfg.alarm_window, cfg.alarm_gold_margin, cfg.alarm_rm_margin_sd,

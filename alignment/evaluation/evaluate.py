@@ -42,6 +42,7 @@ from alignment.evaluation.stats import (
     wilson_interval,
 )
 from alignment.evaluation.verdict import trained_against
+from alignment import tasks_gym
 from alignment.footprint import records_footprint
 from alignment.generation import (
     Rollout,
@@ -172,10 +173,13 @@ def select_prompts(data_dir: str | Path, n: int, seed: int) -> list[list[Message
     return [item.messages for item in select_prompt_items(data_dir, n, seed)]
 
 
-def gold_results(items: Sequence[PromptItem], completions: Sequence[str]) -> list[bool | None]:
-    """Per prompt: whether the completion states its gold answer (None for a prompt without one)."""
+def gold_results(items: Sequence[PromptItem], completions: Sequence[str], lenient: bool = False
+                 ) -> list[bool | None]:
+    """Per prompt: whether the completion states its gold answer (None for a prompt without one); ``lenient``:
+    reasoning-gym numbers stated in words around them count (:func:`alignment.evaluation.gold.check_answer`)."""
     return [None if item.gold_answer is None else
-            check_answer(text, item.gold_answer, item.gold_checker, prompt=item.messages[-1]["content"])
+            check_answer(text, item.gold_answer, item.gold_checker, prompt=item.messages[-1]["content"],
+                         lenient=lenient)
             for item, text in zip(items, completions, strict=True)]
 
 
@@ -327,6 +331,7 @@ class PolicyEval:
     gold_accuracy: float | None = None
     gold_n: int = 0
     kl: float | None = None  # mean k1 sum_t (log pi - log pi_ref) of the answers
+    gold_lenient: float | None = None  # reasoning-gym items: the lenient gold check's accuracy (None without any)
 
 
 def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[Sequence[Message] | PromptItem],
@@ -357,12 +362,14 @@ def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[S
         texts += ro.texts
     health = text_health(token_lists)
     gold = gold_summary(gold_results(items, texts))
+    lenient = gold_summary(gold_results(items, texts, lenient=True)) if any(
+        item.gold_answer is not None and item.gold_checker == tasks_gym.CHECKER for item in items) else None
     samples = [{"prompt": item.messages[-1]["content"], "completion": t} for item, t in zip(items, texts, strict=True)]
     return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
                       health["distinct2"], health["repetition"], len(rewards), samples[:8],
                       {k: float(np.mean(v)) for k, v in others.items()}, {k: float(np.std(v)) for k, v in others.items()},
                       gold["accuracy"] if gold else None, gold["n"] if gold else 0,
-                      float(np.mean(kls)) if kls else None)
+                      float(np.mean(kls)) if kls else None, lenient["accuracy"] if lenient else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +466,10 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
 
     # 5. Summaries: per model, per reward model, gold and ROUGE; paired differences against the reference.
     gold = {name: gold_results(items, gens[name].texts) for name in names}
+    # reasoning-gym items: also the lenient check (the number stated in words around it), so a gain in the
+    # strict check can be told apart from a gain in the answer format alone.
+    has_gym = any(item.gold_answer is not None and item.gold_checker == tasks_gym.CHECKER for item in items)
+    lenient = {name: gold_results(items, gens[name].texts, lenient=True) for name in names} if has_gym else {}
     tasks = [item_task(item) for item in items]
     rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,
@@ -477,6 +488,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             "kl_to_reference": float(np.mean(kl[name])) if config.kl else None,
             "generation_seconds": round(g.seconds, 1), "rewards": {},
             "gold": gold_summary(gold[name], gold[reference] if name != reference else None, tasks),
+            "gold_lenient": (gold_summary(lenient[name], lenient[reference] if name != reference else None, tasks)
+                             if lenient else None),
             "degenerate": degenerate_share(g.texts, [p[-1]["content"] for p in prompts]),
             "trained_against": trained_against(config.models[name]),  # e.g. gold: then not an independent check
         }
@@ -510,6 +523,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                     row = {"id": i, "prompt": p, "completion": g.texts[i], "n_tokens": len(g.tokens[i]),
                            "eos": bool(g.eos[i]), "kl": kl[name][i] if config.kl else None,
                            "gold_answer": items[i].gold_answer, "gold_correct": gold[name][i],
+                           **({"gold_lenient": lenient[name][i]} if lenient else {}),
                            "gold_checker": items[i].gold_checker if items[i].gold_answer is not None else None,
                            **({"samples_correct": sampled[name][i]} if name in sampled else {}),
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
@@ -598,15 +612,13 @@ def scores_markdown(summary: dict[str, Any], with_verdict: bool = True) -> str:
 def gold_markdown(summary: dict[str, Any]) -> list[str]:
     """The gold lines of :func:`scores_markdown`: accuracy, the paired difference and McNemar's exact test against
     the reference per model, then accuracy per task when the prompts name more than one task."""
-    lines = ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", "",
-             "| model | gold accuracy (95% CI) | correct | paired diff vs reference (95% CI) | gained / lost "
-             "| McNemar exact p |", "|---|---|---|---|---|---|"]
-    for name, m in summary["models"].items():
-        g = m["gold"]
-        diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
-        mc = g.get("mcnemar")
-        test = f"{mc['gained']} / {mc['lost']} | {mc['p_value']:.3g}" if mc else "— | —"
-        lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} | {test} |")
+    lines = ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", ""]
+    lines += _gold_table(summary, "gold", "gold accuracy")
+    if any(m.get("gold_lenient") for m in summary["models"].values()):
+        lines += ["", "Lenient check (reasoning-gym numbers also right when stated in words around them, by "
+                  "math-verify; the strict check above is reasoning-gym's own): a strict gain without a lenient "
+                  "one is a gain in the answer format alone.", ""]
+        lines += _gold_table(summary, "gold_lenient", "lenient accuracy")
     if any(m.get("pass_at_k") for m in summary["models"].values()):
         k = next(m["pass_at_k"]["k"] for m in summary["models"].values() if m.get("pass_at_k"))
         lines += ["", f"Sampled: {k} answers per gold prompt (unbiased pass@k, Chen et al. 2021):", "",
@@ -622,6 +634,21 @@ def gold_markdown(summary: dict[str, Any]) -> list[str]:
         for name, m in summary["models"].items():
             for task, t in m["gold"].get("by_task", {}).items():
                 lines.append(f"| {name} | {task} | {t['accuracy']:.3f} {_fmt_ci(t['ci95'])} | {t['correct']}/{t['n']} |")
+    return lines
+
+
+def _gold_table(summary: dict[str, Any], key: str, label: str) -> list[str]:
+    """Per model: ``key``'s accuracy, its paired difference and McNemar's test against the reference."""
+    lines = [f"| model | {label} (95% CI) | correct | paired diff vs reference (95% CI) | gained / lost "
+             "| McNemar exact p |", "|---|---|---|---|---|---|"]
+    for name, m in summary["models"].items():
+        g = m.get(key)
+        if not g:
+            continue
+        diff = f"{g['paired_diff']:+.3f} {_fmt_ci(g['paired_diff_ci95'])}" if "paired_diff" in g else "—"
+        mc = g.get("mcnemar")
+        test = f"{mc['gained']} / {mc['lost']} | {mc['p_value']:.3g}" if mc else "— | —"
+        lines.append(f"| {name} | {g['accuracy']:.3f} {_fmt_ci(g['ci95'])} | {g['correct']}/{g['n']} | {diff} | {test} |")
     return lines
 
 

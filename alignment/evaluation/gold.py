@@ -33,6 +33,7 @@ completions, thousands separated by spaces.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -237,14 +238,15 @@ def _parse_reference(reference: str) -> float:
 
 
 def check_answer(completion: str, reference: str, checker: str, *, prompt: str | None = None,
-                 tolerance: float = 1e-6) -> bool:
+                 tolerance: float = 1e-6, lenient: bool = False) -> bool:
     """True when the completion's final answer matches the reference under the checker kind.
 
     ``number``: :func:`extract_number` within ``math.isclose(got, ref, rel_tol=1e-9, abs_tol=tolerance)``;
     ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
     reference appears as whole words and its last occurrence is not negated; ``constraints``: every
     constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused);
-    ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`). Raises :class:`GoldCheckError`
+    ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`; ``lenient``:
+    or a numeric gold answer is stated in words around it, by math-verify). Raises :class:`GoldCheckError`
     for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec, or a
     reference that normalises to nothing.
     """
@@ -254,7 +256,7 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     if checker == "constraints":
         return all(check_constraints(completion, reference).values())
     if checker == tasks_gym.CHECKER:
-        return _gym_call(tasks_gym.score, completion, reference) >= 1.0
+        return _gym_call(functools.partial(tasks_gym.score, lenient=lenient), completion, reference) >= 1.0
     if checker == "number":
         expected = _parse_reference(reference)
         got = extract_number(completion, prompt)

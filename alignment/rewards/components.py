@@ -133,6 +133,13 @@ class GoldComponentConfig(ComponentConfig):
     format_credit: float = Field(0.0, ge=0.0, lt=1.0, description="Value of a wrong answer that clearly states a "
                                  "final answer (\\boxed{..}, 'the answer is ..'); 0: none.")
     tolerance: float = Field(1e-6, ge=0.0, description="Absolute tolerance of the 'number' checker.")
+    lenient: bool = Field(False, description="reasoning_gym items with a numeric answer: also right when the "
+                          "answer states the number in words around it ('The sum is 17.'; math-verify), where "
+                          "reasoning-gym's own check wants the bare answer.")
+
+
+class FormatComponentConfig(ComponentConfig):
+    kind: Literal["format"] = "format"
 
 
 class LengthComponentConfig(ComponentConfig):
@@ -436,7 +443,8 @@ class GoldComponent(RewardComponent):
                 continue
             checker, prompt = row.get("gold_checker"), prompt_text(row["prompt"])
             try:
-                right = check_answer(text, str(answer), checker, prompt=prompt, tolerance=self.config.tolerance)
+                right = check_answer(text, str(answer), checker, prompt=prompt, tolerance=self.config.tolerance,
+                                     lenient=self.config.lenient)
             except GoldCheckError as exc:
                 raise self.error(f"row {i}: {exc}") from None
             if right:
@@ -467,6 +475,21 @@ def overlong_penalty(length: int, max_tokens: int, buffer: int = 0, min_tokens: 
             return -1.0
         return (length - min_tokens) / min_buffer
     return 0.0
+
+
+@register_reward_kind("format")
+class FormatComponent(RewardComponent):
+    """1.0 when a completion states a final answer in its prompt's answer format, right or wrong
+    (:func:`states_final_answer`: for reasoning-gym items one well-formed ``<answer>X</answer>``), else 0.0;
+    None on prompts without a gold answer. The small format term of RLVR recipes (DeepSeek-R1-Zero)."""
+
+    Config = FormatComponentConfig
+
+    def score(self, items, completions, *, token_ids=None, lengths=None) -> ComponentScores:
+        rows = _batch(self, items, completions)
+        return ComponentScores([None if _missing(row.get("gold_answer")) else
+                                float(states_final_answer(text, row.get("gold_checker"), prompt_text(row["prompt"])))
+                                for row, text in zip(rows, completions, strict=True)])
 
 
 @register_reward_kind("length")

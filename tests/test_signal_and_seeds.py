@@ -1,0 +1,92 @@
+"""Where GRPO has a gradient (alignment/evaluation/signal.py) and one recipe on several seeds
+(alignment/seeds.py, `align seeds`): figures against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignment.evaluation.signal import signal_by_task, signal_table, task_signal
+from alignment.seeds import seed_overrides, seed_row, seeds_markdown, seeds_summary
+from cli.main import main
+
+
+def test_task_signal_by_hand():
+    # 4 prompts, k = 4 samples: counts 0, 1, 2, 4. pass@1 = mean(c/k) = (0 + .25 + .5 + 1) / 4 = 0.4375;
+    # pass@4 = share of prompts with any right = 3/4; mixed = 0 < c < 4: two of four.
+    s = task_signal("t", [0, 1, 2, 4], 4, greedy=[False, False, True, True], formatted=[0, 1, 4, 3])
+    assert (s.n, s.k, s.greedy, s.mixed) == (4, 4, 0.5, 0.5)
+    assert s.pass_at_1 == pytest.approx(0.4375) and s.pass_at_k == pytest.approx(0.75)
+    assert s.format == pytest.approx(8 / 16)
+    # pass@2 of one prompt with c = 1 of n = 4: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5 (through the per-task mean)
+    assert task_signal("u", [1], 4).pass_at_k == 1.0  # pass@k with k = n: any right
+    with pytest.raises(ValueError, match="outside"):
+        task_signal("t", [5], 4)
+    with pytest.raises(ValueError, match="no prompts"):
+        task_signal("t", [], 4)
+
+
+def test_signal_by_task_groups_in_first_seen_order_and_tabulates():
+    rows = signal_by_task(["b", "a", "b"], [8, 0, 0], 8)
+    assert [(r.task, r.n, r.pass_at_1, r.mixed) for r in rows] == [("b", 2, 0.5, 0.0), ("a", 1, 0.0, 0.0)]
+    table = signal_table(rows)
+    assert "| task | prompts | greedy | pass@1 | pass@8 | mixed groups | format |" in table
+    assert "| b | 2 | - | 0.500 | 0.500 | 0.000 | - |" in table
+
+
+def _scores(gold_after, gold_before, p, rm_diff, lenient=None):
+    def gold(acc, diff=None, p=None):
+        out = {"n": 300, "accuracy": acc, "correct": int(acc * 300), "ci95": [acc - .05, acc + .05]}
+        if diff is not None:
+            out.update(paired_diff=diff, paired_diff_ci95=[diff - .04, diff + .04],
+                       mcnemar={"n": 300, "gained": 40, "lost": 10, "p_value": p})
+        return out
+    return {"reference": "base", "n_prompts": 300, "models": {
+        "base": {"gold": gold(gold_before), "gold_lenient": lenient and gold(lenient[0]), "eos_rate": 0.9,
+                 "mean_length": 30.0, "degenerate": {"share": 0.01}, "rewards": {}},
+        "tuned": {"gold": gold(gold_after, gold_after - gold_before, p), "eos_rate": 1.0, "mean_length": 12.0,
+                  "gold_lenient": lenient and gold(lenient[1], lenient[1] - lenient[0], p / 10),
+                  "degenerate": {"share": 0.0},
+                  "rewards": {"dist": {"role": "independent", "paired_diff": rm_diff,
+                                       "paired_diff_ci95": [rm_diff - 0.1, rm_diff + 0.1]},
+                              "proxy": {"role": "proxy", "paired_diff": 9.0, "paired_diff_ci95": [8, 10]}}}}}
+
+
+def test_seed_rows_and_the_spread_across_seeds():
+    rows = [seed_row(0, _scores(0.30, 0.10, 1e-6, 0.1, lenient=(0.2, 0.4))),
+            seed_row(1, _scores(0.20, 0.10, 0.03, -0.1)),
+            seed_row(2, _scores(0.40, 0.10, 1e-9, 0.3))]
+    assert rows[0]["gold"]["paired_diff"] == pytest.approx(0.2) and rows[0]["gold"]["p_value"] == 1e-6
+    assert rows[0]["independent"] == {"dist": {"paired_diff": 0.1, "ci95": [0.0, pytest.approx(0.2)]}}  # not the proxy
+    assert rows[1]["gold_lenient"] is None and rows[0]["eos"] == (0.9, 1.0)
+    summary = seeds_summary(rows)
+    # diffs 0.2, 0.1, 0.3: mean 0.2, sample sd 0.1; seed 1's p = 0.03 is not below 0.01
+    assert summary["gold"]["mean"] == pytest.approx(0.2) and summary["gold"]["sd"] == pytest.approx(0.1)
+    assert (summary["gold"]["min"], summary["gold"]["max"]) == (pytest.approx(0.1), pytest.approx(0.3))
+    assert summary["independent"]["dist"]["mean"] == pytest.approx(0.1)
+    assert summary["significant_gain_seeds"] == [0, 2]
+    assert summary["gold_lenient"]["n"] == 1
+    md = seeds_markdown(summary)
+    assert "| 0 | 300 | 0.100 -> 0.300 | +0.200 [+0.160, +0.240] | 40/10, p=1e-06 |" in md
+    assert "- seeds with a gold gain at McNemar p < 0.01: 2 of 3 (0, 2)" in md
+    assert "- gold (strict): +0.200 ± 0.100 (range +0.100 to +0.300, 3 seeds)" in md
+    with pytest.raises(ValueError, match="no model 'tuned'"):
+        seed_row(0, {**_scores(.3, .1, .01, 0), "models": {"base": {}}})
+
+
+def test_seed_overrides_name_the_rl_stage_by_its_algorithm():
+    assert seed_overrides(3, "grpo") == {"prompts": {"seed": 3}, "grpo": {"seed": 3}, "score": {"seed": 3}}
+
+
+def test_seeds_command_sets_each_seed_and_refuses_bad_seed_lists(capsys):
+    assert main(["seeds", "--seeds", "4,5", "--print-config"]) == 0
+    configs = json.loads(capsys.readouterr().out)
+    assert list(configs) == ["4", "5"]
+    for seed, c in configs.items():
+        assert c["prompts"]["seed"] == c["grpo"]["seed"] == c["score"]["seed"] == int(seed)
+        assert c["data"]["seed"] == 0 and c["rm_distributional"]["seed"] == 0  # shared: trained once
+        assert c["prompts"]["source"].startswith("gym:") and c["options"]["algorithm"] == "grpo"
+    for bad in ("1,1", "a,b", "", "-1"):
+        assert main(["seeds", "--seeds", bad, "--print-config"]) == 2
+        assert "--seeds" in capsys.readouterr().err
