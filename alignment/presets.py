@@ -143,7 +143,7 @@ SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinfor
 # sections, tracking, and the sections of stages outside the preset table (``align rm``'s own ``rm``, compare,
 # the rounds' samples and labels). A top-level key of such a file that is none of them is refused, with the
 # nearest of these names (alignment.config.read_config_file).
-FILE_SECTIONS = (*SECTIONS, "tracking", "rm", "compare", "samples", "labels")
+FILE_SECTIONS = (*SECTIONS, "tracking", "rm", "compare", "samples", "labels", "signal")
 
 
 def pipeline_preset(name: str = "demo") -> dict[str, dict[str, Any]]:

@@ -245,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the Prefect flow even when every stage is already complete (records a flow run)")
     _add_common(run, sorted(PRESETS))
 
+    sig = sub.add_parser(
+        "signal", help="where GRPO has a gradient: the base model's pass@1, pass@k and mixed groups per task",
+        description="Answer a data stage's training prompts (those with a gold answer; n_per_task per task) greedily "
+        "and k times at the sampling temperature, and print per task: greedy accuracy, pass@1 and the unbiased pass@k, "
+        "the share of prompts whose k samples are neither all right nor all wrong (the only prompts a GRPO step learns "
+        "from) and the share in the answer format. Training prompts only: the task mix is chosen without looking at "
+        "the held-out items a gain is measured on.",
+        epilog="examples:\n  align data --source gym:chain_sum:200,letter_counting:200 --out runs/data/gym\n"
+        "  align signal --data runs/data/gym n_per_task=40 k=8 --json signal.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sig.add_argument("--data", metavar="DIR", help="folder written by `align data` (prompts with gold answers)")
+    sig.add_argument("--model", help="the model to measure (default SmolLM2-135M-Instruct)")
+    sig.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
+    _add_common(sig)
+
     seeds = sub.add_parser(
         "seeds", help="run one pipeline recipe on several seeds; each seed's interval and the spread",
         description="Run the pipeline (as `align run` would, preset demo-rlvr by default) once per seed, the seed set "
@@ -592,6 +607,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_signal(args: argparse.Namespace) -> int:
+    from alignment.evaluation.signal import SignalConfig, run_signal, signal_table
+    from alignment.ownership import file_problem, write_own_file
+
+    config = _stage_config(args, SignalConfig, "signal", {"data": args.data, "model": args.model})
+    if config is None:
+        return 0
+    if config.data is None:
+        raise ConfigError("give --data (a folder written by `align data` with gold answers)")
+    problem = args.json and file_problem(args.json, "--json")
+    if problem:
+        raise ConfigError(problem)
+    start = time.perf_counter()
+    rows = run_signal(config, progress=lambda done, total: log.info("signal: %d/%d prompts", done, total))
+    table = signal_table(rows)
+    print(f"base model {config.model}: {config.k} samples per prompt at temperature {config.temperature}, "
+          f"{config.max_new_tokens} new tokens, {'lenient' if config.lenient else 'strict'} gold check "
+          f"[{time.perf_counter() - start:.0f} s]")
+    print(table)
+    if args.json:
+        write_own_file(args.json, json.dumps({"config": config.model_dump(mode="json"),
+                                              "tasks": [r.as_dict() for r in rows]}, indent=2) + "\n", "--json")
+        print(f"written: {args.json}")
+    return 0
+
+
 def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -839,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     TRACKED.update(ALGORITHMS)
     handlers = {"data": _cmd_data, "rm": _cmd_rm, "rm-eval": _cmd_rm_eval, "dpo": _cmd_dpo, "sft": _cmd_sft,
                 "compare": _cmd_compare, **dict.fromkeys(ALGORITHMS, _cmd_reinforce),
-                "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "seeds": _cmd_seeds, "round": _cmd_rounds, "rounds": _cmd_rounds,
+                "score": _cmd_score, "judge": _cmd_judge, "run": _cmd_run, "seeds": _cmd_seeds, "signal": _cmd_signal, "round": _cmd_rounds, "rounds": _cmd_rounds,
                 "serve": _cmd_serve, "model": _cmd_model}
     with shutdown.stop_signals(install=args.command in STOPPABLE):
         try:

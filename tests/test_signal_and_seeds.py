@@ -90,3 +90,26 @@ def test_seeds_command_sets_each_seed_and_refuses_bad_seed_lists(capsys):
     for bad in ("1,1", "a,b", "", "-1"):
         assert main(["seeds", "--seeds", bad, "--print-config"]) == 2
         assert "--seeds" in capsys.readouterr().err
+
+
+def test_align_signal_measures_training_prompts_only_per_task(tmp_path, tiny_model, capsys):
+    """Through the CLI on a gym data folder with the tiny random model: one row per task, n_per_task training
+    prompts each (never the held-out ones), figures in range, and the --json file."""
+    from alignment.evaluation.signal import select_train_items
+
+    data = tmp_path / "d"
+    assert main(["data", "--source", "gym:chain_sum:12,letter_counting:12", "--out", str(data)]) == 0
+    items, tasks = select_train_items(data, 3, 0)
+    assert tasks == ["chain_sum"] * 3 + ["letter_counting"] * 3
+    assert {json.loads(i.gold_answer)["seed"] for i in items} == {0}  # the training seed, not the held-out one
+    out = tmp_path / "signal.json"
+    capsys.readouterr()
+    assert main(["signal", "--data", str(data), "--model", str(tiny_model), "--json", str(out), "n_per_task=3", "k=2",
+                 "max_new_tokens=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "| chain_sum | 3 |" in printed and "| letter_counting | 3 |" in printed
+    rows = json.loads(out.read_text())["tasks"]
+    assert [(r["task"], r["n"], r["k"]) for r in rows] == [("chain_sum", 3, 2), ("letter_counting", 3, 2)]
+    assert all(0 <= r[f] <= 1 for r in rows for f in ("greedy", "pass_at_1", "pass_at_k", "mixed", "format"))
+    assert main(["signal", "--data", str(tmp_path / "nothing"), "--model", str(tiny_model)]) == 2
+    assert "no train.parquet" in capsys.readouterr().err

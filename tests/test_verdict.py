@@ -191,3 +191,19 @@ def test_best_score_prefers_gold_then_the_first_independent_rm():
     assert best_score({"gold": 0.4, "independent": {"a": 5.0}}) == 0.4
     assert best_score({"gold": None, "independent": {"a": 5.0, "b": 1.0}}) == 5.0
     assert best_score({"gold": None, "independent": {}}) is None
+
+
+def test_the_lenient_gold_check_is_a_second_row_with_its_own_mcnemar():
+    """reasoning-gym items: the lenient check (a number stated in words) beside the strict one; a strict gain
+    without a lenient one would be a gain in the answer format alone, so both are read."""
+    scores = _scores([0.1, 0.4], [0.0, 0.2], [0.02, 0.3])
+    tuned = scores["models"]["tuned"]
+    tuned["gold"]["mcnemar"] = {"n": 20, "gained": 3, "lost": 0, "p_value": 0.25}
+    tuned["gold_lenient"] = {"n": 20, "correct": 9, "accuracy": 0.45, "ci95": [0.2, 0.6], "paired_diff": 0.0,
+                             "paired_diff_ci95": [-0.1, 0.1], "mcnemar": {"n": 20, "gained": 2, "lost": 2, "p_value": 1.0}}
+    v = verdict(scores)
+    rows = [c for c in v["checks"] if c["kind"] == "gold"]
+    assert [c["name"] for c in rows] == ["gold accuracy", "gold accuracy, lenient"]
+    assert [c["direction"] for c in rows] == ["up", "flat"]
+    assert v["reading"].endswith("(gold accuracy: 3 gained, 0 lost, McNemar exact p = 0.25 (not significant); "
+                                 "gold accuracy, lenient: 2 gained, 2 lost, McNemar exact p = 1 (not significant))")

@@ -12,7 +12,8 @@ the model that will be trained:
 - ``format``: the share of samples with one well-formed ``<answer>`` tag (for reasoning-gym tasks, whose
   scorers read the tag).
 
-``align signal`` runs :func:`measure_signal` on a data stage's prompts and prints :func:`signal_table`.
+``align signal`` runs :func:`run_signal` on a data stage's *training* prompts (so the choice of tasks
+never looks at the held-out items the gain is measured on) and prints :func:`signal_table`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import Field
+
+from alignment.config import ConfigModel, Seed
 from alignment.evaluation.stats import mean_pass_at_k
 
 
@@ -110,3 +114,66 @@ def measure_signal(model, tokenizer, items: Sequence[Any], tasks: Sequence[str],
     shaped = [states_final_answer(t, item.gold_checker) for t, item in zip(sampled, repeated)]
     formatted = [sum(shaped[j * k:(j + 1) * k]) for j in range(len(items))]
     return signal_by_task(tasks, counts, k, greedy, formatted)
+
+
+class SignalConfig(ConfigModel):
+    """`align signal`: the base model's pass@1 / pass@k / mixed-group share per task on a data stage's
+    training prompts (those with a gold answer)."""
+
+    section: str = "signal"
+    data: str | None = Field(None, description="Folder written by `align data` (a prompts source with gold answers).")
+    model: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", description="The model to measure (hub id, folder, .gguf).")
+    n_per_task: int = Field(40, ge=1, description="Training prompts per task (a seeded subset when there are more).")
+    k: int = Field(8, ge=2, description="Samples per prompt.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (GRPO's rollouts sample at 1.0).")
+    max_new_tokens: int = Field(48, ge=1)
+    max_prompt_length: int = Field(256, ge=8)
+    batch_size: int = Field(32, ge=1, description="Sequences per generation batch.")
+    lenient: bool = Field(True, description="The gold check's lenient form (reasoning-gym numbers stated in words).")
+    seed: Seed = 0
+
+
+def select_train_items(data_dir, n_per_task: int, seed: int) -> tuple[list[Any], list[str]]:
+    """Up to ``n_per_task`` seeded training prompts with a gold answer per task, and their task names."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from alignment.data import PairData
+    from alignment.evaluation.evaluate import EvaluationError, item_task
+
+    path = Path(data_dir) / "train.parquet"
+    if not path.is_file():
+        raise EvaluationError(f"{data_dir} is not a data stage output (no train.parquet)")
+    items = [i for i in PairData.load(path, prompts_ok=True).prompt_items() if i.gold_answer is not None]
+    if not items:
+        raise EvaluationError(f"{path} holds no prompt with a gold answer: nothing to measure")
+    by_task: dict[str, list[Any]] = defaultdict(list)
+    for item in items:
+        by_task[item_task(item)].append(item)
+    rng = np.random.default_rng(seed)
+    chosen: list[Any] = []
+    for group in by_task.values():
+        keep = sorted(rng.choice(len(group), min(n_per_task, len(group)), replace=False))
+        chosen += [group[i] for i in keep]
+    return chosen, [item_task(i) for i in chosen]
+
+
+def run_signal(config: SignalConfig, progress=None) -> list[TaskSignal]:
+    """Load the model and measure (:func:`measure_signal`) on :func:`select_train_items`."""
+    import torch
+
+    from alignment.hardware import bf16_enabled
+    from alignment.models import bf16_frozen_linears, load_causal_lm
+
+    items, tasks = select_train_items(config.data, config.n_per_task, config.seed)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_causal_lm(config.model, padding_side="left")
+    model.eval()
+    bf16 = bf16_enabled(None, torch.device("cpu"))
+    if bf16:
+        bf16_frozen_linears(model)
+    with torch.no_grad():
+        return measure_signal(model, tokenizer, items, tasks, k=config.k, temperature=config.temperature,
+                              max_new_tokens=config.max_new_tokens, max_prompt_length=config.max_prompt_length,
+                              batch_size=config.batch_size, bf16=bf16, lenient=config.lenient, progress=progress)

@@ -113,14 +113,15 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
                        "value": r["paired_diff"], "ci95": list(r["paired_diff_ci95"]),
                        "direction": direction(r["paired_diff_ci95"]), "unit": "reward"})
     checks.sort(key=lambda c: c["kind"] != "proxy")
-    gold = m.get("gold")
     gold_trained = "gold" in m.get("trained_against", [])
-    if gold and "paired_diff" in gold:  # trained against: the gain on prompts it never saw, not an independent check
-        checks.append({"kind": "trained" if gold_trained else "gold",
-                       "name": "gold accuracy (trained against, held-out prompts)" if gold_trained else "gold accuracy",
-                       "value": gold["paired_diff"], "ci95": list(gold["paired_diff_ci95"]),
-                       "direction": direction(gold["paired_diff_ci95"]), "unit": f"accuracy, {gold['n']} prompts",
-                       "accuracy": gold["accuracy"], **({"mcnemar": gold["mcnemar"]} if "mcnemar" in gold else {})})
+    for key, label in (("gold", "gold accuracy"), ("gold_lenient", "gold accuracy, lenient")):
+        gold = m.get(key)
+        if gold and "paired_diff" in gold:  # trained against: the gain on prompts it never saw, not independent
+            checks.append({"kind": "trained" if gold_trained else "gold",
+                           "name": f"{label} (trained against, held-out prompts)" if gold_trained else label,
+                           "value": gold["paired_diff"], "ci95": list(gold["paired_diff_ci95"]),
+                           "direction": direction(gold["paired_diff_ci95"]), "unit": f"accuracy, {gold['n']} prompts",
+                           "accuracy": gold["accuracy"], **({"mcnemar": gold["mcnemar"]} if "mcnemar" in gold else {})})
     rouge = m.get("rouge_gain", {}).get("rougeL")
     if rouge:  # the truth of a summarisation task: overlap with the human summaries, paired over posts
         checks.append({"kind": "reference", "name": "ROUGE-L vs references", "value": rouge["mean"],
@@ -131,9 +132,9 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
         checks.append({"kind": "judge", "name": f"{judge['backend']} judge", "value": judge["win_rate"],
                        "ci95": list(ci), "direction": direction(ci, 0.5), "unit": f"win rate, {judge['n']} pairs"})
     text = reading(checks)
-    test = next((c["mcnemar"] for c in checks if "mcnemar" in c), None)
-    if test is not None:  # the gold change in counts, and whether it is more than noise
-        text += f" (gold accuracy: {mcnemar_note(test)})"
+    tests = [c for c in checks if "mcnemar" in c]
+    if tests:  # the gold change in counts, and whether it is more than noise
+        text += " (" + "; ".join(f"{c['name'].split(' (')[0]}: {mcnemar_note(c['mcnemar'])}" for c in tests) + ")"
     return {"model": tuned, "reference": reference, "checks": checks, "reading": text}
 
 
