@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from alignment import tasks_gym
 from alignment.config import Seed, StageConfig
 from alignment.console import StageProgress
 from alignment.data import Message, PairData, PromptItem, read_summaries
@@ -42,7 +43,6 @@ from alignment.evaluation.stats import (
     wilson_interval,
 )
 from alignment.evaluation.verdict import trained_against
-from alignment import tasks_gym
 from alignment.footprint import records_footprint
 from alignment.generation import (
     Rollout,

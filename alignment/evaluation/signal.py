@@ -111,7 +111,7 @@ def measure_signal(model, tokenizer, items: Sequence[Any], tasks: Sequence[str],
     repeated = [item for item in items for _ in range(k)]
     hits = gold_results(repeated, sampled, lenient)
     counts = [sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(items))]
-    shaped = [states_final_answer(t, item.gold_checker) for t, item in zip(sampled, repeated)]
+    shaped = [states_final_answer(t, item.gold_checker) for t, item in zip(sampled, repeated, strict=True)]
     formatted = [sum(shaped[j * k:(j + 1) * k]) for j in range(len(items))]
     return signal_by_task(tasks, counts, k, greedy, formatted)
 
