@@ -137,6 +137,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# What a preset's run shows, in one sentence: `align run` prints it last (the demo is too small for RL to
+# move a held-out check beyond noise, so its last line says so and names the preset that does).
+PRESET_NOTES: dict[str, str] = {
+    "demo": "The demo runs every stage at toy size (8 RL steps, 16 scored prompts): it shows the pipeline working "
+            "end to end, not the RL making the model better; for that, `align seeds --preset demo-rlvr` (GRPO on "
+            "reasoning-gym tasks, ~340 held-out prompts a seed, three seeds; docs/rlvr.md).",
+}
+
 SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge",
             "options", "rounds")
 # Every section name a config file may hold (a file for one stage may carry a section per stage): the preset

@@ -604,6 +604,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         version = f"; policy registered as alignment-policy v{tracked['model_version']}" \
             if tracked.get("model_version") else ""
         print(f"MLflow run: {tracked.get('where') or tracked['url']}{version}")
+    from alignment.presets import PRESET_NOTES
+
+    if preset in PRESET_NOTES:
+        print(PRESET_NOTES[preset])
     return 0
 
 

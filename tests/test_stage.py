@@ -77,7 +77,7 @@ def test_stages_default_to_the_folder_their_plan_names(tmp_path, tiny_stack):
 
 
 def test_one_preset_table():
-    assert set(PRESETS) == {"demo", "demo-verifiable", "demo-rounds", "helpsteer2", "tldr"}
+    assert set(PRESETS) == {"demo", "demo-verifiable", "demo-rounds", "demo-rlvr", "helpsteer2", "tldr"}
     for name in PRESETS:
         row = pipeline_preset(name)
         assert set(row) <= set(SECTIONS)
