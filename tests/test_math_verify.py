@@ -34,6 +34,9 @@ HALVES = "What is \\frac12 + \\frac14?"
     ("\\boxed{\\frac{\\sqrt{3}}{2}}", "2", None, False),
     ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", None, True),
     ("The answer is \\boxed{\\$18}.", "18", None, True),
+    ("\\boxed{2^{1+1}}", "4", None, True),
+    ("\\boxed{\\pi}", "3.1415926", None, True),  # |pi - 3.1415926| = 5.4e-8 <= 1e-6
+    ("\\boxed{\\pi}", "3.14", None, False),
     # a percent sign is not part of the number: "50%" states 50 (the question asked for a percentage)
     ("The share is 50%.", "50", None, True),
     ("The share is 50%.", "0.5", None, False),
@@ -65,7 +68,12 @@ def test_latex_the_regexes_misread():
     assert extract_number("\\boxed{9^{9^{9}}}") is None
 
 
-@pytest.mark.parametrize("huge", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{100000!}", "\\boxed{10^{10^{10}}}"])
+@pytest.mark.parametrize("huge", [
+    "\\boxed{9^{9^{9^{9}}}}", "\\boxed{100000!}", "\\boxed{10^{10^{10}}}",
+    "\\boxed{((10^{1000})^{1000})^{1000}}",  # each exponent small, the value 10^(10^9)
+    "\\boxed{((10^{-1000})^{1000})^{1000}}",  # as small: exactly, 1 over a billion-digit number
+    "\\boxed{e^{e^{e^{100}}}}",
+])
 def test_a_huge_expression_is_no_answer_and_is_not_evaluated(huge):
     # evaluated, each would take hours or all memory; the bounds refuse them before SymPy computes a digit
     assert check_answer(huge, "9", "number") is False
@@ -76,7 +84,11 @@ def test_a_huge_expression_is_no_answer_and_is_not_evaluated(huge):
 
 def test_huge_or_overlong_text_reads_as_no_number():
     assert mathverify.parse("1" * (mathverify.MAX_CHARS + 1)) == []
-    assert mathverify.read_number("10^{1000}").doit() == sympy.Integer(10) ** 1000  # at the bound: still read
+    assert extract_number("It is " + "1" * 1500 + ".") is None  # beyond 10^1000
+    with pytest.raises(GoldCheckError, match="not a number"):
+        validate_reference("1e999999999", "number")  # an exponent of more than 3 digits is not plain
+    assert mathverify.read_number("1e999") == sympy.Integer(10) ** 999
+    assert mathverify.read_number("10^{999}") == sympy.Integer(10) ** 999  # within the bound: read, exactly
 
 
 def test_tolerance_semantics_kept_beside_math_verify():

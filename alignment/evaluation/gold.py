@@ -215,8 +215,8 @@ def _latex_numbers(text: str) -> str:
     ``\\boxed{X}`` (or ``\\fbox``): X, percent signs dropped, when math-verify reads it as one number
     ("\\boxed{\\frac{1}{2}}" -> "\\boxed{1/2}", "\\boxed{1{,}000}" -> "\\boxed{1000}"); a number too large to
     evaluate (:class:`mathverify.TooLarge`) states nothing (" § "). Then every ``\\frac``, ``\\dfrac``,
-    ``\\tfrac`` with braced or one-digit arguments ("\\frac12" -> "1/2"). Rationals become "p/q", other
-    values a 15-digit decimal; what math-verify does not read as a number stays as it was."""
+    ``\\tfrac`` with braced or one-digit arguments ("\\frac12" -> "1/2"), as :func:`mathverify.fraction` writes them;
+    what math-verify does not read as a number stays as it was."""
     out, at = [], 0
     for m in _BOXED.finditer(text):
         if m.start() < at:
@@ -226,7 +226,7 @@ def _latex_numbers(text: str) -> str:
             break
         content = text[m.end():end]
         try:
-            token = _token(mathverify.read_number(re.sub(r"\\?%", "", content)))
+            token = mathverify.fraction(mathverify.read_number(re.sub(r"\\?%", "", content)))
         except mathverify.TooLarge:
             out += [text[at:m.start()], " § "]
         else:
@@ -238,7 +238,7 @@ def _latex_numbers(text: str) -> str:
 
 def _frac_token(latex: str) -> str | None:
     try:
-        return _token(mathverify.read_number(latex))
+        return mathverify.fraction(mathverify.read_number(latex))
     except mathverify.TooLarge:
         return None
 
@@ -251,17 +251,6 @@ def _closing_brace(text: str, start: int) -> int | None:
         if depth == 0:
             return i
     return None
-
-
-def _token(value) -> str | None:
-    """A number token the regexes read: "p" or "p/q" for a rational, else a 15-digit decimal (None when
-    that needs an exponent, or for None)."""
-    if value is None:
-        return None
-    if value.is_Rational:
-        return str(value.p) if value.q == 1 else f"{value.p}/{value.q}"
-    decimal = f"{float(value):.15g}"
-    return None if any(c.isalpha() for c in decimal) else decimal
 
 
 def _in_prompt(answer: str, prompt: str | None) -> bool:

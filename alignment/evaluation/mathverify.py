@@ -12,9 +12,10 @@ Bounds, so that no completion can stall training:
 * each parse and each comparison runs under math-verify's timeout of :data:`TIMEOUT_S` seconds. That
   timeout is a SIGALRM, which works only in the main thread (math-verify raises elsewhere), so off the
   main thread it runs without one and the other bounds hold alone;
-* a value holding a power whose exponent is not a plain number of at most :data:`MAX_EXPONENT` in size,
-  or a factorial of more than :data:`MAX_EXPONENT`, raises :class:`TooLarge` instead of being evaluated:
-  "9^{9^{9^9}}" would take longer than any alarm, which cannot interrupt one big-integer operation.
+* a value with a power whose exponent, or a factorial whose argument, is above :data:`MAX_EXPONENT`,
+  or with a part beyond 10^±:data:`MAX_DIGITS`, raises :class:`TooLarge` instead of being evaluated
+  exactly: "9^{9^{9^9}}" would take longer than any alarm, which cannot interrupt one big-integer
+  operation.
 
 Any other error math-verify or SymPy raises reads as "no value" or "not equal".
 """
@@ -27,8 +28,9 @@ import threading
 MAX_CHARS = 2000
 TIMEOUT_S = 2
 MAX_EXPONENT = 1000
+MAX_DIGITS = 1000  # a number beyond 10^1000 (or a non-zero one below 10^-1000) is no answer
 # A plain decimal number: SymPy reads it exactly (math-verify reads "1e3" as 1 and drops a leading "+").
-_PLAIN = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?")
+_PLAIN = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?(?:/\d+)?")
 
 
 class TooLarge(ValueError):
@@ -71,29 +73,56 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) or (isinstance(value, sympy.Basic) and bool(value.is_number))
 
 
+def _magnitude(node):
+    """``abs(node)`` to 15 digits (0 for a non-finite value): SymPy's floating evaluation, cheap once the
+    node's parts are within the bounds."""
+    approx = abs(node.evalf(15))
+    return approx if approx.is_finite else 0
+
+
+def _size(node):
+    """How far a number is from 1 either way: ``max(|x|, 1/|x|)``, 0 for zero or a non-finite value."""
+    approx = _magnitude(node)
+    return max(approx, 1 / approx) if approx else 0
+
+
 def _check_bounds(value) -> None:
+    """Raise :class:`TooLarge` unless every power's exponent and factorial's argument is at most
+    :data:`MAX_EXPONENT` in size and every part of ``value`` lies within 10^±:data:`MAX_DIGITS` (zero
+    aside). Parts are checked inner first, so no check evaluates a part that has not passed; after it,
+    evaluating ``value`` exactly handles at most some thousand digits."""
     import sympy
 
-    for node in sympy.preorder_traversal(value):
-        if isinstance(node, sympy.Pow) and not (node.exp.is_Rational and abs(node.exp) <= MAX_EXPONENT):
-            raise TooLarge(f"exponent {str(node.exp)[:40]} is not a number of at most {MAX_EXPONENT}")
-        if isinstance(node, sympy.factorial) and not (node.args[0].is_Integer and node.args[0] <= MAX_EXPONENT):
+    limit = sympy.Float(f"1e{MAX_DIGITS}")
+    for node in sympy.postorder_traversal(value):
+        if not node.is_number:
+            continue
+        if isinstance(node, sympy.Pow) and _magnitude(node.exp) > MAX_EXPONENT:
+            raise TooLarge(f"exponent {str(node.exp)[:40]} is above {MAX_EXPONENT} in size")
+        if isinstance(node, sympy.factorial) and _magnitude(node.args[0]) > MAX_EXPONENT:
             raise TooLarge(f"factorial of {str(node.args[0])[:40]} is above {MAX_EXPONENT}")
+        if _size(node) > limit:
+            raise TooLarge(f"{str(node)[:40]} is beyond 10^±{MAX_DIGITS}")
 
 
 def _finite_real(value):
-    """``value`` when it is one finite real number within the bounds, else None (:class:`TooLarge` raised)."""
+    """``value``, evaluated exactly, when it is one finite real number within the bounds, else None
+    (:class:`TooLarge` raised beyond them)."""
     if not is_number(value):
         return None
-    _check_bounds(value)
     try:
+        _check_bounds(value)
+        value = value.doit()
         return value if value.is_finite and value.is_extended_real else None
-    except Exception:  # SymPy's assumptions raise on odd values
+    except TooLarge:
+        raise
+    except Exception:  # SymPy's evaluation and assumptions raise on odd values
         return None
 
 
 def is_plain(text: str) -> bool:
-    """Whether ``text`` is a plain decimal number, which :func:`read_number` reads exactly by SymPy."""
+    """Whether ``text`` is a plain decimal number (an exponent of at most 3 digits), which
+    :func:`read_number` reads exactly by SymPy."""
     return bool(_PLAIN.fullmatch(text.strip()))
 
 
@@ -101,19 +130,34 @@ def read_number(text: str | None):
     """The one finite real number a short answer text states, as an exact SymPy value, or None.
 
     A plain number ("1,200", "-3.5", "3/4", ".5", "1e3") is read exactly by SymPy; anything else is read by
-    math-verify as LaTeX ("\\frac12", "\\frac{\\sqrt{3}}{2}", "1{,}000", "\\$18"), inside ``$...$``.
-    None when it is not one finite real number (a set, an equation, a division by zero, no number).
-    Raises :class:`TooLarge` for a number beyond the bounds (see the module docstring)."""
+    math-verify as LaTeX ("\\frac12", "\\frac{\\sqrt{3}}{2}", "1{,}000", "\\$18"), inside ``$...$``, and
+    evaluated exactly ("10^{3}" is 1000). None when it is not one finite real number (a set, an equation,
+    a division by zero, no number). Raises :class:`TooLarge` for a number beyond the bounds (see the
+    module docstring)."""
     import sympy
 
     text = (text or "").strip()
     if is_plain(text):
         try:
-            return sympy.Rational(text.replace(",", ""))
+            value = sympy.Rational(text.replace(",", ""))
         except (ZeroDivisionError, TypeError, ValueError):
             return None
+        _check_bounds(value)
+        return value
     values = parse(text if "$" in text else f"${text}$")
     return _finite_real(values[0]) if values else None
+
+
+def fraction(value) -> str | None:
+    """A number as plain text "p" or "p/q" (what the gold checker's regexes read): a rational exactly,
+    another value (sqrt(3)/2) as the exact fraction of its 17-digit approximation; None for None."""
+    if value is None:
+        return None
+    if not value.is_Rational:
+        import sympy
+
+        value = sympy.Rational(value.evalf(17))
+    return str(value.p) if value.q == 1 else f"{value.p}/{value.q}"
 
 
 def same_number(expected, got, tolerance: float) -> bool:
