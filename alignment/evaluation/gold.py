@@ -174,7 +174,8 @@ def extract_number(text: str, prompt: str | None = None) -> float | None:
 
 
 def _read(token: str | None):
-    """The exact value of a final-answer token (:func:`mathverify.read_number`), or None."""
+    """The exact value of a number token or LaTeX number (:func:`mathverify.read_number`), or None (also
+    for one too large to evaluate)."""
     try:
         return mathverify.read_number(token) if token else None
     except mathverify.TooLarge:
@@ -233,14 +234,7 @@ def _latex_numbers(text: str) -> str:
             out += [text[at:m.end()], token if token is not None else content, "}"]
         at = end + 1
     text = "".join(out) + text[at:]
-    return _FRAC.sub(lambda m: _frac_token(m.group()) or m.group(), text)
-
-
-def _frac_token(latex: str) -> str | None:
-    try:
-        return mathverify.fraction(mathverify.read_number(latex))
-    except mathverify.TooLarge:
-        return None
+    return _FRAC.sub(lambda m: mathverify.fraction(_read(m.group())) or m.group(), text)
 
 
 def _closing_brace(text: str, start: int) -> int | None:
