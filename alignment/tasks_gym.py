@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from alignment.evaluation import mathverify
+
 log = logging.getLogger(__name__)
 
 PREFIX = "gym:"
@@ -210,23 +212,12 @@ def format_reward(text: str) -> float:
 
 def lenient_match(answer: str | None, gold: str) -> bool:
     """Whether ``answer`` states the number ``gold`` by math-verify (``"The sum is 1,000."`` states 1000; its
-    last number, or the right side of a final ``a + b = c``, is what math-verify reads). False when
-    ``gold`` is not a number math-verify parses (words, lists): those tasks are scored strictly only."""
-    if not answer:
-        return False
-    from math_verify import parse, verify
-
-    try:
-        expected = parse(gold)
-        return bool(expected) and _is_number(expected[0]) and verify(expected, parse(answer))
-    except Exception:  # math-verify raises on odd input, and times out on huge expressions
-        return False
-
-
-def _is_number(value) -> bool:
-    import sympy
-
-    return isinstance(value, (int, float)) or (isinstance(value, sympy.Basic) and value.is_number)
+    last number, or the right side of a final ``a + b = c``, is what math-verify reads), through the bounded
+    wrapper :mod:`alignment.evaluation.mathverify`. False when ``gold`` is not a number math-verify parses
+    (words, lists): those tasks are scored strictly only."""
+    expected = mathverify.parse(gold)
+    return bool(expected) and mathverify.is_number(expected[0]) and mathverify.verify(expected,
+                                                                                      mathverify.parse(answer))
 
 
 def score(completion: str, reference: str | dict, *, lenient: bool = False) -> float:

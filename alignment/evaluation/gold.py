@@ -3,10 +3,17 @@
 A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS`:
 
 ``number``
-    The reference is a number ("26", "-3.5", "1,200", "0.25", "3/4"). The completion is right when its
-    final stated number (:func:`extract_number`) equals it within
-    ``abs(got - ref) <= max(tolerance, 1e-9 * max(abs(got), abs(ref)))`` -- an absolute tolerance
-    (default 1e-6) or a relative one of 1e-9, whichever is looser (``math.isclose``).
+    The reference is a number ("26", "-3.5", "1,200", "0.25", "3/4", "1e3") or LaTeX that math-verify
+    reads as one ("\\frac{1}{2}", "\\sqrt{2}"); one with words ("26 apples"), a percent sign or no finite
+    value is refused. Both are read as exact values (a plain decimal as a SymPy rational, LaTeX by
+    math-verify). The completion's final stated number (:func:`extract_number`) is right when
+    math-verify's ``verify`` finds it equal (symbolically: ``2\\sqrt{3}`` is ``\\sqrt{12}``, "0.50" is
+    "1/2"), or when ``abs(got - ref) <= max(tolerance, 1e-9 * max(abs(got), abs(ref)))`` -- an absolute
+    tolerance (default 1e-6) or a relative one of 1e-9, whichever is looser, computed exactly. Chosen
+    so the documented tolerance keeps deciding for decimals: math-verify compares exact values exactly
+    and rounds floats to 6 decimals, either of which differs from it ("10000000000.5" is 10000000000
+    within 1e-9, "2.0000006" is 2 within 1e-6; with ``tolerance=0`` "0.333333" is not 1/3). math-verify
+    runs bounded (:mod:`alignment.evaluation.mathverify`: a length cap, a timeout, no power towers).
 ``exact``
     The completion's final short answer (:func:`extract_answer`) equals the reference after
     :func:`normalise`.
@@ -26,20 +33,23 @@ A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS
 With ``prompt`` given, text in the completion that restates the question is ignored: a verbatim copy
 of the prompt, and copies of its arithmetic expressions or assignments (``13 + 13``, ``x = 5``).
 
-Decisions: simple fractions ``a/b`` without spaces (and LaTeX ``\\frac{a}{b}``) are read as their value,
-so "3/4" gives 0.75. Not supported: numbers in words ("twenty-six"), scientific notation in
-completions, thousands separated by spaces.
+Decisions: simple fractions ``a/b`` without spaces are read as their value, so "3/4" gives 0.75; the
+final answer is found by the rules of :func:`extract_number`, and LaTeX in it is read by math-verify
+(``\\boxed{...}`` content, ``\\frac{1}{2}``, ``\\frac12``, ``1{,}000``). A percent sign is not part of
+the number: "50%" and ``\\boxed{50\\%}`` state 50 (a question asking for a percentage has the gold
+answer 50). Not supported: numbers in words ("twenty-six"), scientific notation in completions,
+thousands separated by spaces.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import unicodedata
 
 from alignment import tasks_gym
+from alignment.evaluation import mathverify
 
 CHECKERS = ("number", "exact", "contains", "constraints", tasks_gym.CHECKER)
 
@@ -82,6 +92,9 @@ _LATEX = (
     (r"\\div|÷", "/"),
     ("[−–]", "-"),
 )
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_FRAC_ARG = r"(?:\{(?:[^{}]|\{[^{}]*\})*\}|\d)"  # "{...}" (one level of braces inside) or one digit
+_FRAC = re.compile(rf"\\[dt]?frac\s*{_FRAC_ARG}\s*{_FRAC_ARG}")
 _QUOTED = re.compile(r"\"([^\"\n]+)\"|“([^”\n]+)”|‘([^’\n]+)’|`([^`\n]+)`|(?<!\w)'([^'\n]+)'(?!\w)")
 _STATED = re.compile(r"\b(?:answer|result)\s*(?:is|:|=)\s*:?\s*([^.,;!?\n]+)", re.I)
 _SENTENCE_END = re.compile(r".*(?:\bis|\bare|:|=)\s*(.+?)[.!\s]*$", re.I)
@@ -150,12 +163,29 @@ def extract_number(text: str, prompt: str | None = None) -> float | None:
        number of the prompt (an operand of the question).
 
     Numbers: "1,200" is 1200, "26." is 26 (a sentence-final period), "-7" is -7, "3/4" is 0.75, units
-    may follow ("26 cm"), a number glued to a word ("COVID19") is not one.
+    may follow ("26 cm"), a number glued to a word ("COVID19") is not one. LaTeX is read by math-verify
+    (:func:`_latex_numbers`): ``\\boxed{...}`` content, ``\\frac{1}{2}`` and ``\\frac12``.
 
     Justifications -- parentheses and "because / since ..." clauses -- are read only when the rest
     states no number: "There are 3100 cm in 31 m, because 1 m is 100 cm" gives 3100.
     """
-    text = _mask_question(_clean(text or ""), prompt)
+    value = _read(_final_answer(text, prompt))
+    return None if value is None else float(value)
+
+
+def _read(token: str | None):
+    """The exact value of a number token or LaTeX number (:func:`mathverify.read_number`), or None (also
+    for one too large to evaluate)."""
+    try:
+        return mathverify.read_number(token) if token else None
+    except mathverify.TooLarge:
+        return None
+
+
+def _final_answer(text: str, prompt: str | None) -> str | None:
+    """The number token :func:`extract_number` picks (e.g. "1,200", "-3/4"), or None."""
+    prompt = _latex_numbers(prompt) if prompt else prompt
+    text = _mask_question(_clean(_latex_numbers(text or "")), prompt)
     stated = _JUSTIFICATION.sub(" ", text)
     if stated != text:
         found = _final_number(stated, prompt)
@@ -164,19 +194,56 @@ def extract_number(text: str, prompt: str | None = None) -> float | None:
     return _final_number(text, prompt)
 
 
-def _final_number(text: str, prompt: str | None) -> float | None:
-    """Rules 1-3 of :func:`extract_number` on masked, cleaned text."""
+def _final_number(text: str, prompt: str | None) -> str | None:
+    """Rules 1-3 of :func:`extract_number` on masked, cleaned text: the chosen number token."""
     strong = [m for m in _STRONG.finditer(text) if not _negated(text, m.start())]
     if strong:
-        return _value(next(g for g in strong[-1].groups() if g))
+        return next(g for g in strong[-1].groups() if g)
     for m in reversed(list(_WEAK.finditer(text))):
         if not _negated(text, m.start()) and not _OPERATOR_NEXT.match(text, m.end()):
-            return _value(m.group(1))
+            return m.group(1)
     operands = {_value(m.group()) for m in _NUM_RE.finditer(_clean(prompt or ""))}
     for m in reversed(list(_NUM_RE.finditer(text))):
         value = _value(m.group())
         if value is not None and value not in operands and not _negated(text, m.start()):
-            return value
+            return m.group()
+    return None
+
+
+def _latex_numbers(text: str) -> str:
+    """``text`` with the LaTeX numbers math-verify reads written as plain number tokens.
+
+    ``\\boxed{X}`` (or ``\\fbox``): X, percent signs dropped, when math-verify reads it as one number
+    ("\\boxed{\\frac{1}{2}}" -> "\\boxed{1/2}", "\\boxed{1{,}000}" -> "\\boxed{1000}"); a number too large to
+    evaluate (:class:`mathverify.TooLarge`) states nothing (" § "). Then every ``\\frac``, ``\\dfrac``,
+    ``\\tfrac`` with braced or one-digit arguments ("\\frac12" -> "1/2"), as :func:`mathverify.fraction` writes them;
+    what math-verify does not read as a number stays as it was."""
+    out, at = [], 0
+    for m in _BOXED.finditer(text):
+        if m.start() < at:
+            continue
+        end = _closing_brace(text, m.end())
+        if end is None:
+            break
+        content = text[m.end():end]
+        try:
+            token = mathverify.fraction(mathverify.read_number(re.sub(r"\\?%", "", content)))
+        except mathverify.TooLarge:
+            out += [text[at:m.start()], " § "]
+        else:
+            out += [text[at:m.end()], token if token is not None else content, "}"]
+        at = end + 1
+    text = "".join(out) + text[at:]
+    return _FRAC.sub(lambda m: mathverify.fraction(_read(m.group())) or m.group(), text)
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """The index of the "}" that closes the "{" just before ``start``, or None."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
     return None
 
 
@@ -226,14 +293,20 @@ def _contains(completion: str, reference: str, prompt: str | None) -> bool:
     return not (before and before[-1] in _NEGATIONS)
 
 
-def _parse_reference(reference: str) -> float:
+def _parse_reference(reference: str):
+    """The exact value of a ``number`` reference: a plain number ("26", "-3.5", "1,200", "3/4", "1e3") or
+    LaTeX that math-verify reads as one finite number ("\\frac{1}{2}", "$\\sqrt{2}$"). Refused (one line):
+    anything with words ("26 apples", "twenty-six", "nan"), a percent sign (50 or 0.5? write which),
+    no finite number ("1/0"), or a number too large to evaluate."""
     text = reference.strip()
+    words = re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", text)) and not mathverify.is_plain(text)
     try:
-        value = _value(text) if re.fullmatch(rf"[-+]?{_BODY}", text) else float(text)
-    except ValueError:
+        value = None if words or "%" in text else mathverify.read_number(text)
+    except mathverify.TooLarge:
         value = None
-    if value is None or not math.isfinite(value):
-        raise GoldCheckError(f"gold reference {reference!r} is not a number (checker 'number')")
+    if value is None:
+        hint = ": a percent sign is ambiguous, write 50 or 0.5" if "%" in text else ""
+        raise GoldCheckError(f"gold reference {reference!r} is not a number (checker 'number'){hint}")
     return value
 
 
@@ -241,7 +314,8 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
                  tolerance: float = 1e-6, lenient: bool = False) -> bool:
     """True when the completion's final answer matches the reference under the checker kind.
 
-    ``number``: :func:`extract_number` within ``math.isclose(got, ref, rel_tol=1e-9, abs_tol=tolerance)``;
+    ``number``: the final answer :func:`extract_number` finds equals the reference by math-verify or within
+    ``tolerance`` (absolute) or 1e-9 (relative) (:func:`mathverify.same_number`);
     ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
     reference appears as whole words and its last occurrence is not negated; ``constraints``: every
     constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused);
@@ -259,8 +333,8 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
         return _gym_call(functools.partial(tasks_gym.score, lenient=lenient), completion, reference) >= 1.0
     if checker == "number":
         expected = _parse_reference(reference)
-        got = extract_number(completion, prompt)
-        return got is not None and math.isclose(got, expected, rel_tol=1e-9, abs_tol=tolerance)
+        got = _read(_final_answer(completion, prompt))
+        return got is not None and mathverify.same_number(expected, got, tolerance)
     expected = normalise(reference)
     if not expected:
         raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
