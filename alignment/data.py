@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
-from alignment import __version__, tasks_gym
+from alignment import __version__, tasks_gym, tasks_ifeval
 from alignment.config import Seed, StageConfig, cut
 from alignment.evaluation.gold import CHECKERS, GoldCheckError, validate_reference
 from alignment.footprint import records_footprint
@@ -113,7 +113,8 @@ class DataConfig(StageConfig):
         "demo",
         description="'demo' (the embedded preference set), 'demo-verifiable' (embedded prompts with checkable "
         "constraints and answers, for the online stages), 'gym:NAME[:SIZE],...' (reasoning-gym tasks as prompts with "
-        "gold answers, e.g. gym:chain_sum,letter_counting:50; docs/data.md), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
+        "gold answers, e.g. gym:chain_sum,letter_counting:50; docs/data.md), 'ifeval:N' (N IFEval-style "
+        "instruction prompts graded by IFEval's checkers; docs/data.md), a local .jsonl/.json/.parquet/.csv file, or a Hugging Face "
         "dataset id such as esfrankel17/HelpSteer2_binarized or nvidia/HelpSteer2.",
     )
     format: Literal["auto", "raw", "pairs", "hh", "comparisons", "prompts"] = Field(
@@ -368,7 +369,7 @@ def _gold(rec: dict) -> tuple[str | None, str | None]:
         raise _Bad("gold_answer", "gold_checker is given but gold_answer is missing")
     if isinstance(answer, np.ndarray):
         answer = answer.tolist()
-    if checker == "constraints" and isinstance(answer, dict):  # a spec written as a JSON object, not as text
+    if checker in ("constraints", "ifeval") and isinstance(answer, dict):  # a JSON object, not as text
         answer = json.dumps(answer, ensure_ascii=False)
     answer = _text(str(answer) if isinstance(answer, (int, float)) else answer, "gold_answer")
     try:
@@ -493,7 +494,7 @@ class SourceData:
     """Records read from a source, with the 1-based row number of each."""
 
     name: str  # how errors refer to the source (a path or hub id)
-    kind: Literal["builtin", "file", "hub", "gym"]
+    kind: Literal["builtin", "file", "hub", "gym", "ifeval"]
     records: list[dict[str, Any]]
     rows: list[int]
     sha256: str
@@ -801,21 +802,37 @@ def _read_hub(repo_id: str, split: str | None, subset: str | None = None, hint: 
                       sha256_text(f"{what}:{split}:{ds._fingerprint}"), split=split)
 
 
-def _read_gym(config: DataConfig) -> SourceData:
-    """A ``gym:`` source: reasoning-gym items as prompt records, each naming its split (``alignment.tasks_gym``)."""
+def _read_generated(config: DataConfig, kind: Literal["gym", "ifeval"], build, error: type[Exception]) -> SourceData:
+    """A generated source's prompt records (``build()``), each naming its split; ``error`` (the generator's
+    refusal) becomes one :class:`DataError` line."""
     try:
-        records = tasks_gym.build_items(tasks_gym.parse_spec(config.source, config.gym_settings), config.seed,
-                                        config.validation_fraction)
-    except tasks_gym.GymError as exc:
+        records = build()
+    except error as exc:
         raise DataError(str(exc)) from None
     sha = sha256_text(json.dumps(records, sort_keys=True, ensure_ascii=False))
-    return SourceData(config.source, "gym", records, list(range(1, len(records) + 1)), sha)
+    return SourceData(config.source, kind, records, list(range(1, len(records) + 1)), sha)
+
+
+def _read_gym(config: DataConfig) -> SourceData:
+    """A ``gym:`` source: reasoning-gym items as prompt records (``alignment.tasks_gym``)."""
+    return _read_generated(config, "gym", lambda: tasks_gym.build_items(
+        tasks_gym.parse_spec(config.source, config.gym_settings), config.seed, config.validation_fraction),
+        tasks_gym.GymError)
+
+
+def _read_ifeval(config: DataConfig) -> SourceData:
+    """An ``ifeval:`` source: IFEval-style instruction prompts (``alignment.tasks_ifeval``)."""
+    return _read_generated(config, "ifeval", lambda: tasks_ifeval.build_items(
+        tasks_ifeval.parse_spec(config.source), config.seed, config.validation_fraction),
+        tasks_ifeval.IfevalSourceError)
 
 
 def read_source(config: DataConfig, offline_hint: str = OFFLINE_HINT) -> SourceData:
     spec = config.source
     if spec.startswith(tasks_gym.PREFIX):
         return _read_gym(config)
+    if spec.startswith(tasks_ifeval.PREFIX):
+        return _read_ifeval(config)
     if spec in BUILTIN_SOURCES:
         data = _read_file(_builtin_path(spec))
         data.name, data.kind = f"builtin:{spec}", "builtin"
@@ -1294,11 +1311,12 @@ def split_by_prompt(pairs: list[PreferencePair], validation_fraction: float, see
 
 
 def _given_split(pairs: list[PreferencePair]) -> tuple[list[int], list[int]]:
-    """A gym source's split: its records say which (train and held-out were drawn from disjoint seeds)."""
+    """A gym or ifeval source's split: its records say which (train and held-out were drawn from disjoint seeds
+    or topics)."""
     train = [i for i, p in enumerate(pairs) if (p.extra or {}).get("split") == "train"]
     val = [i for i, p in enumerate(pairs) if (p.extra or {}).get("split") == "validation"]
     if not train or not val:
-        raise DataError(f"the gym items hold {len(train)} train and {len(val)} held-out prompts; both must be kept")
+        raise DataError(f"the generated items hold {len(train)} train and {len(val)} held-out prompts; both must be kept")
     return train, val
 
 
@@ -1580,7 +1598,7 @@ def run_data_stage(config: DataConfig, out_dir: str | Path | None = None, *, ove
         raise DataError(f"{source.name}: no usable pairs (rows read: {parsed.n_rows_read}, rejected: "
                         f"{len(parsed.issues)}, {_dropped_summary(parsed.stats)})")
     try:
-        train_idx, val_idx = (_given_split(pairs) if source.kind == "gym"
+        train_idx, val_idx = (_given_split(pairs) if source.kind in ("gym", "ifeval")
                               else split_by_prompt(pairs, config.validation_fraction, config.seed))
     except DataError as exc:
         raise DataError(f"{source.name}: {exc}") from None

@@ -120,7 +120,9 @@ def _dataset(name: str, settings: tuple[tuple[str, Any], ...], seed: int, size: 
         raise GymError(f"gym task {name!r}: settings {dict(settings)} are not accepted ({exc})") from None
 
 
-def _split_sizes(size: int, validation_fraction: float) -> dict[str, int]:
+def split_sizes(size: int, validation_fraction: float) -> dict[str, int]:
+    """Train and held-out sizes of ``size`` items: ``round(size * validation_fraction)`` held out, at least 1
+    each side."""
     n_val = min(max(1, round(size * validation_fraction)), size - 1)
     return {"train": size - n_val, "validation": n_val}
 
@@ -147,7 +149,7 @@ def build_items(tasks: list[GymTask], seed: int, validation_fraction: float) -> 
     """Prompt records of every task, train then held-out (``split`` names which); see the module text."""
     out: list[dict[str, Any]] = []
     for task in tasks:
-        sizes = _split_sizes(task.size, validation_fraction)
+        sizes = split_sizes(task.size, validation_fraction)
         held_out = _records(task, "validation", seed, sizes["validation"])
         questions = {r["question"] for r in held_out}
         train = [r for r in _records(task, "train", seed, sizes["train"]) if r["question"] not in questions]

@@ -24,6 +24,8 @@ GYM_REF = json.dumps({"task": "chain_sum", "settings": {}, "seed": 0, "size": 4,
                       "version": library_version()})
 
 # (completion, reference, checker, prompt, expected)
+IFEVAL_REF = json.dumps({"instruction_id_list": ["punctuation:no_comma", "length_constraints:number_words"],
+                         "kwargs": [{}, {"num_words": 8, "relation": "at least"}]})
 CASES = [
     # number: explicit statements win over later negated numbers
     ("The answer is 26, not 23.", "26", "number", ADD, True),
@@ -106,6 +108,9 @@ CASES = [
     # reasoning_gym: chain_sum item 0 of seed 0 is 1663 - 5242 - 9376 - 8961 + 7634 = -14282 (tests/test_gym_source.py)
     ("Adding up: <answer>-14282</answer>", GYM_REF, "reasoning_gym", None, True),
     ("Adding up: <answer>-14283</answer>", GYM_REF, "reasoning_gym", None, False),
+    # ifeval: an IFEval row, every instruction must hold (each kind used in tests/test_ifeval.py)
+    ("the sea is deep and blue and very cold", IFEVAL_REF, "ifeval", None, True),
+    ("the sea is deep, blue and very cold", IFEVAL_REF, "ifeval", None, False),
 ]
 
 

@@ -24,7 +24,12 @@ A prompt may carry a reference answer and a checker kind, one of :data:`CHECKERS
     The reference is a JSON object of verifiable instruction-following constraints (IFEval-style, as
     Tulu 3's RLVR rewards), e.g. ``{"max_words": 20, "lowercase": true, "must_include": ["blue"]}``; the
     completion is right when every constraint holds (:func:`check_constraints` gives the breakdown,
-    :data:`CONSTRAINTS` lists the kinds and what each means).
+    :data:`CONSTRAINTS` lists the kinds and what each means; those with an IFEval equivalent,
+    :data:`IFEVAL_EQUIVALENTS`, are graded by Google's IFEval checker).
+``ifeval``
+    The reference is an IFEval row's instructions, ``{"instruction_id_list": [...], "kwargs": [{...}, ...]}``;
+    the completion is right when it follows every instruction by lm-eval's IFEval checkers (strict
+    evaluation; :mod:`alignment.ifeval`).
 ``reasoning_gym``
     The reference is a JSON reference to a reasoning-gym item (``alignment.tasks_gym``); the completion
     is right when the dataset's own ``score_answer`` gives it full credit (1.0) on its ``<answer>`` tag
@@ -48,10 +53,10 @@ import json
 import re
 import unicodedata
 
-from alignment import tasks_gym
+from alignment import ifeval, tasks_gym
 from alignment.evaluation import mathverify
 
-CHECKERS = ("number", "exact", "contains", "constraints", tasks_gym.CHECKER)
+CHECKERS = ("number", "exact", "contains", "constraints", tasks_gym.CHECKER, ifeval.CHECKER)
 
 
 class GoldCheckError(ValueError):
@@ -319,10 +324,12 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     ``exact``: :func:`extract_answer` equals the normalised reference; ``contains``: the normalised
     reference appears as whole words and its last occurrence is not negated; ``constraints``: every
     constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused);
+    ``ifeval``: every instruction of the IFEval row holds (:func:`alignment.ifeval.check_reference`, given the
+    ``prompt``);
     ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`; ``lenient``:
     or a numeric gold answer is stated in words around it, by math-verify). Raises :class:`GoldCheckError`
-    for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec, or a
-    reference that normalises to nothing.
+    for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec or IFEval
+    row, or a reference that normalises to nothing.
     """
     if checker not in CHECKERS:
         raise GoldCheckError(f"unknown gold checker {checker!r}; known checkers: {', '.join(CHECKERS)}")
@@ -330,7 +337,9 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     if checker == "constraints":
         return all(check_constraints(completion, reference).values())
     if checker == tasks_gym.CHECKER:
-        return _gym_call(functools.partial(tasks_gym.score, lenient=lenient), completion, reference) >= 1.0
+        return _library_call(functools.partial(tasks_gym.score, lenient=lenient), completion, reference) >= 1.0
+    if checker == ifeval.CHECKER:
+        return all(_library_call(ifeval.check_reference, completion, reference, prompt).values())
     if checker == "number":
         expected = _parse_reference(reference)
         got = _read(_final_answer(completion, prompt))
@@ -353,16 +362,19 @@ def validate_reference(reference: str, checker: str) -> None:
     elif checker == "constraints":
         parse_constraints(reference)
     elif checker == tasks_gym.CHECKER:
-        _gym_call(tasks_gym.parse_reference, reference)
+        _library_call(tasks_gym.parse_reference, reference)
+    elif checker == ifeval.CHECKER:
+        _library_call(ifeval.parse_reference, reference)
     elif not normalise(str(reference)):
         raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
 
 
-def _gym_call(fn, *args):
-    """``fn(*args)`` of :mod:`alignment.tasks_gym`, its refusals raised as :class:`GoldCheckError`."""
+def _library_call(fn, *args):
+    """``fn(*args)`` of :mod:`alignment.tasks_gym` or :mod:`alignment.ifeval`, its refusals raised as
+    :class:`GoldCheckError`."""
     try:
         return fn(*args)
-    except tasks_gym.GymError as exc:
+    except (tasks_gym.GymError, ifeval.IfevalError) as exc:
         raise GoldCheckError(str(exc)) from None
 
 
@@ -370,25 +382,48 @@ def _gym_call(fn, *args):
 # constraints: verifiable instruction following (IFEval-style)
 # --------------------------------------------------------------------------------------------
 CONSTRAINTS = {
-    "min_words": "at least N words (N a positive integer)",
-    "max_words": "at most N words",
-    "max_sentences": "at most N sentences",
-    "lowercase": "true: no uppercase letter anywhere",
-    "uppercase": "true: no lowercase letter anywhere, and at least one letter",
-    "no_commas": "true: no comma (',' or the full-width '，')",
+    "min_words": "at least N words (N a positive integer); IFEval's words: runs of \\w",
+    "max_words": "at most N words; IFEval's words: runs of \\w",
+    "max_sentences": "at most N sentences (hand-written: IFEval's sentence count needs nltk's punkt data)",
+    "lowercase": "true: IFEval's english_lowercase, in English and all lowercase (at least one letter)",
+    "uppercase": "true: IFEval's english_capital, in English and all capitals (at least one letter)",
+    "no_commas": "true: IFEval's no_comma, no ',' (the full-width '，' is allowed)",
     "must_include": "a word or phrase, or a list of them: each occurs as whole words, case-insensitively",
     "must_exclude": "a word or phrase, or a list of them: none occurs as whole words, case-insensitively",
     "starts_with": "a phrase the answer begins with (case-insensitive)",
-    "ends_with": "a phrase the answer ends with (case-insensitive), nothing after it",
-    "json": "true: the answer is one JSON object (a ```json fenced block counts)",
-    "bullets": "exactly N bullet points: lines starting with '* ', '- ' or '• ' (N >= 1)",
+    "ends_with": "IFEval's end_checker: a phrase the answer ends with (case-insensitive), nothing after it but a '\"'",
+    "json": "true: IFEval's json_format, the answer is JSON (any value; ```json fences are dropped)",
+    "bullets": "IFEval's number_bullet_lists: exactly N lines starting with '*' (not '**') or '-' (N >= 1)",
 }
-"""The constraint kinds of the ``constraints`` checker. Every check runs on the completion with its
-surrounding whitespace stripped. Words are runs of letters or digits, joined by an inner apostrophe,
-hyphen or period ("don't", "well-known", "3.5" are one word each); sentences are the pieces between
-sentence-ending punctuation (. ! ? … and the CJK 。！？) followed by whitespace, and between lines, that
-hold a word (so an abbreviation such as "e.g. " ends a sentence). Phrases (must_include, must_exclude)
-are compared after :func:`normalise`, so case, accents and punctuation do not matter."""
+"""The constraint kinds of the ``constraints`` checker. Those in :data:`IFEVAL_EQUIVALENTS` are graded by
+Google's IFEval checker (lm-eval's, strict: on the completion as it is, and an empty completion meets none
+of them); the others run on the completion with its surrounding whitespace stripped. Sentences are the
+pieces between sentence-ending punctuation (. ! ? … and the CJK 。！？) followed by whitespace, and between
+lines, that hold a word (so an abbreviation such as "e.g. " ends a sentence). Phrases (must_include,
+must_exclude) are compared after :func:`normalise`, so case, accents and punctuation do not matter.
+
+Kept hand-written, with no IFEval equivalent of the same meaning: ``max_sentences`` (IFEval's
+number_sentences needs nltk's punkt data, :data:`alignment.ifeval.LEFT_OUT`), ``must_include`` (IFEval's
+keywords:existence matches a substring as a regular expression: "waves" is in "microwaves"),
+``must_exclude`` (keywords:forbidden_words reads each word as a regular expression, so "c++" raises and
+"a.b" matches "axb"), ``starts_with`` (IFEval has no start-phrase kind in its registry)."""
+
+IFEVAL_EQUIVALENTS = {
+    "min_words": ("length_constraints:number_words", lambda n: {"num_words": n, "relation": "at least"}),
+    # IFEval has "less than" only: at most N words is less than N + 1
+    "max_words": ("length_constraints:number_words", lambda n: {"num_words": n + 1, "relation": "less than"}),
+    "lowercase": ("change_case:english_lowercase", None),
+    "uppercase": ("change_case:english_capital", None),
+    "no_commas": ("punctuation:no_comma", None),
+    "ends_with": ("startend:end_checker", lambda phrase: {"end_phrase": phrase}),
+    "json": ("detectable_format:json_format", None),
+    "bullets": ("detectable_format:number_bullet_lists", lambda n: {"num_bullets": n}),
+}
+"""Constraint kind -> (IFEval instruction id, its kwargs from the constraint's value): the kinds graded by
+IFEval's checker. Where the meaning shifts: words are IFEval's runs of ``\\w`` ("don't" and "3.5" are two
+words each); lowercase and uppercase also require English by langdetect and at least one cased letter; the
+full-width comma passes no_commas; any JSON value (an array, a bare number) passes json; bullets count lines
+starting with '*' or '-' (a "-x" line and a "---" rule count, '•' does not)."""
 
 _COUNTS = ("min_words", "max_words", "max_sentences", "bullets")
 _FLAGS = ("lowercase", "uppercase", "no_commas", "json")
@@ -396,8 +431,6 @@ _WORD_LISTS = ("must_include", "must_exclude")
 _PHRASES = ("starts_with", "ends_with")
 _WORD = re.compile(r"[^\W_]+(?:['’.\-][^\W_]+)*")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?…。！？])\s+|\n+|(?<=[。！？])")
-_BULLET = re.compile(r"^[ \t]*(?:[*\-•])[ \t]+\S", re.M)
-_FENCE = re.compile(r"^```[A-Za-z]*[ \t]*\n(.*)\n```$", re.S)
 MAX_CONSTRAINT_COUNT = 100_000  # a bound far above any completion, so a typo (1e12) is an error
 
 
@@ -465,13 +498,8 @@ def cut_repr(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def count_words(text: str) -> int:
-    """Words as :data:`CONSTRAINTS` counts them."""
-    return len(_WORD.findall(text))
-
-
 def count_sentences(text: str) -> int:
-    """Sentences as :data:`CONSTRAINTS` counts them."""
+    """Sentences as :data:`CONSTRAINTS` counts them (``max_sentences``)."""
     return sum(1 for piece in _SENTENCE_SPLIT.split(text) if piece and _WORD.search(piece))
 
 
@@ -479,13 +507,10 @@ def _has_phrase(text: str, phrase: str) -> bool:
     return f" {normalise(phrase)} " in f" {normalise(text)} "
 
 
-def _json_object(text: str) -> bool:
-    fenced = _FENCE.match(text)
-    try:
-        value = json.loads(fenced.group(1) if fenced else text)
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        return False
-    return isinstance(value, dict)
+def _ifeval_holds(completion: str, name: str, value) -> bool:
+    """Whether the completion meets constraint ``name`` by its IFEval checker (:data:`IFEVAL_EQUIVALENTS`)."""
+    kind, kwargs = IFEVAL_EQUIVALENTS[name]
+    return ifeval.check_instructions(completion, [kind], [kwargs(value) if kwargs else {}])[kind]
 
 
 def check_constraints(completion: str, reference: str | dict) -> dict[str, bool]:
@@ -496,29 +521,15 @@ def check_constraints(completion: str, reference: str | dict) -> dict[str, bool]
     text = (completion or "").strip()
     result: dict[str, bool] = {}
     for name, value in spec.items():
-        if name == "min_words":
-            ok = count_words(text) >= value
-        elif name == "max_words":
-            ok = count_words(text) <= value
+        if name in IFEVAL_EQUIVALENTS:
+            ok = _ifeval_holds(completion or "", name, value)
         elif name == "max_sentences":
             ok = count_sentences(text) <= value
-        elif name == "lowercase":
-            ok = not any(c.isupper() for c in text)
-        elif name == "uppercase":
-            ok = any(c.isalpha() for c in text) and not any(c.islower() for c in text)
-        elif name == "no_commas":
-            ok = "," not in text and "，" not in text
         elif name == "must_include":
             ok = all(_has_phrase(text, w) for w in value)
         elif name == "must_exclude":
             ok = not any(_has_phrase(text, w) for w in value)
-        elif name == "starts_with":
+        else:  # starts_with
             ok = text.casefold().startswith(value.casefold())
-        elif name == "ends_with":
-            ok = text.casefold().endswith(value.casefold())
-        elif name == "json":
-            ok = _json_object(text)
-        else:  # bullets
-            ok = len(_BULLET.findall(text)) == value
         result[name] = ok
     return result

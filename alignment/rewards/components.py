@@ -416,7 +416,7 @@ def states_final_answer(completion: str, checker: str, prompt: str | None = None
     """
     if checker == tasks_gym.CHECKER:  # reasoning-gym asks for the answer inside <answer></answer>
         return tasks_gym.format_reward(completion) > 0
-    if checker == "constraints" or not _FINAL_ANSWER.search(completion or ""):  # constraints: no final answer
+    if checker in ("constraints", "ifeval") or not _FINAL_ANSWER.search(completion or ""):  # no final answer there
         return False
     if checker == "number":
         return extract_number(completion, prompt) is not None
