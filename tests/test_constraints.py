@@ -46,11 +46,11 @@ CASES = [
     ("the ocean is blue, and deep 42.", {"lowercase": True}, True),
     ("the ocean is Blue.", {"lowercase": True}, False),
     ("the ÉCOLE", {"lowercase": True}, False),  # an accented capital
-    ("straße café", {"lowercase": True}, False),  # IFEval: all lowercase, but langdetect reads no English
+    ("straße café", {"lowercase": True}, True),
     ("THE OCEAN IS BLUE 42!", {"uppercase": True}, True),
     ("THE OCEAN IS bLUE", {"uppercase": True}, False),
     ("42 !", {"uppercase": True}, False),  # no letter at all is not "in capital letters"
-    ("ÉCOLE", {"uppercase": True}, False),  # IFEval: all capitals, but langdetect reads no English
+    ("ÉCOLE", {"uppercase": True}, True),
     # no_commas
     ("The ocean is blue and deep.", {"no_commas": True}, True),
     ("The ocean is blue, and deep.", {"no_commas": True}, False),
@@ -128,7 +128,7 @@ def test_empty_and_missing_completions():
     # IFEval's strict evaluation: an empty completion follows no instruction; the hand-written kinds still read it
     assert check_constraints("", {"max_words": 3, "lowercase": True, "no_commas": True, "bullets": 1,
                                   "max_sentences": 1, "must_exclude": "sea"}) == {
-        "max_words": False, "lowercase": False, "no_commas": False, "bullets": False, "max_sentences": True,
+        "max_words": False, "lowercase": True, "no_commas": False, "bullets": False, "max_sentences": True,
         "must_exclude": True}
     assert check_constraints(None, {"min_words": 1}) == {"min_words": False}
 

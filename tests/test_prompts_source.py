@@ -64,9 +64,8 @@ def test_the_set_mixes_constraint_kinds_and_answer_first_questions():
 
 def test_each_prompt_states_its_constraints_and_a_compliant_answer_passes():
     """The spec is what the prompt asks in words: hand-made answers that follow the words pass the checker."""
-    # lowercase is IFEval's english_lowercase: langdetect must read English ("it is vast." reads as another language)
     answers = {
-        '{"max_words": 30}': "It is vast.", '{"lowercase": true}': "the farm is vast and green.", '{"no_commas": true}': "It is vast.",
+        '{"max_words": 30}': "It is vast.", '{"lowercase": true}': "it is vast.", '{"no_commas": true}': "It is vast.",
         '{"max_sentences": 2}': "It is vast.", '{"starts_with": "Sure"}': "Sure. It is vast.",
         '{"uppercase": true}': "IT IS VAST.", '{"bullets": 3}': "- a\n- b\n- c",
         '{"ends_with": "Is there anything else?"}': "It is vast. Is there anything else?",

@@ -385,8 +385,8 @@ CONSTRAINTS = {
     "min_words": "at least N words (N a positive integer); IFEval's words: runs of \\w",
     "max_words": "at most N words; IFEval's words: runs of \\w",
     "max_sentences": "at most N sentences (hand-written: IFEval's sentence count needs nltk's punkt data)",
-    "lowercase": "true: IFEval's english_lowercase, in English and all lowercase (at least one letter)",
-    "uppercase": "true: IFEval's english_capital, in English and all capitals (at least one letter)",
+    "lowercase": "true: no uppercase letter anywhere (hand-written: IFEval's english_lowercase also asks for English)",
+    "uppercase": "true: no lowercase letter anywhere, and at least one letter (hand-written, as lowercase)",
     "no_commas": "true: IFEval's no_comma, no ',' (the full-width '，' is allowed)",
     "must_include": "a word or phrase, or a list of them: each occurs as whole words, case-insensitively",
     "must_exclude": "a word or phrase, or a list of them: none occurs as whole words, case-insensitively",
@@ -406,14 +406,15 @@ Kept hand-written, with no IFEval equivalent of the same meaning: ``max_sentence
 number_sentences needs nltk's punkt data, :data:`alignment.ifeval.LEFT_OUT`), ``must_include`` (IFEval's
 keywords:existence matches a substring as a regular expression: "waves" is in "microwaves"),
 ``must_exclude`` (keywords:forbidden_words reads each word as a regular expression, so "c++" raises and
-"a.b" matches "axb"), ``starts_with`` (IFEval has no start-phrase kind in its registry)."""
+"a.b" matches "axb"), ``starts_with`` (IFEval has no start-phrase kind in its registry), ``lowercase`` and
+``uppercase`` (IFEval's english_lowercase / english_capital also require langdetect to read the text as
+English, which it often does not on a short answer: "it is vast and quiet and green." is refused; the
+``ifeval`` checker uses them, with IFEval's own instruction text that asks for English)."""
 
 IFEVAL_EQUIVALENTS = {
     "min_words": ("length_constraints:number_words", lambda n: {"num_words": n, "relation": "at least"}),
     # IFEval has "less than" only: at most N words is less than N + 1
     "max_words": ("length_constraints:number_words", lambda n: {"num_words": n + 1, "relation": "less than"}),
-    "lowercase": ("change_case:english_lowercase", None),
-    "uppercase": ("change_case:english_capital", None),
     "no_commas": ("punctuation:no_comma", None),
     "ends_with": ("startend:end_checker", lambda phrase: {"end_phrase": phrase}),
     "json": ("detectable_format:json_format", None),
@@ -421,8 +422,7 @@ IFEVAL_EQUIVALENTS = {
 }
 """Constraint kind -> (IFEval instruction id, its kwargs from the constraint's value): the kinds graded by
 IFEval's checker. Where the meaning shifts: words are IFEval's runs of ``\\w`` ("don't" and "3.5" are two
-words each); lowercase and uppercase also require English by langdetect and at least one cased letter; the
-full-width comma passes no_commas; any JSON value (an array, a bare number) passes json; bullets count lines
+words each); the full-width comma passes no_commas; any JSON value (an array, a bare number) passes json; bullets count lines
 starting with '*' or '-' (a "-x" line and a "---" rule count, '•' does not)."""
 
 _COUNTS = ("min_words", "max_words", "max_sentences", "bullets")
@@ -525,6 +525,10 @@ def check_constraints(completion: str, reference: str | dict) -> dict[str, bool]
             ok = _ifeval_holds(completion or "", name, value)
         elif name == "max_sentences":
             ok = count_sentences(text) <= value
+        elif name == "lowercase":
+            ok = not any(c.isupper() for c in text)
+        elif name == "uppercase":
+            ok = any(c.isalpha() for c in text) and not any(c.islower() for c in text)
         elif name == "must_include":
             ok = all(_has_phrase(text, w) for w in value)
         elif name == "must_exclude":
