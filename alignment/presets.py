@@ -71,9 +71,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # trained against, is the independent check. The scalar RM is not trained (nothing uses it).
     "demo-rlvr": {
         "data": {"source": "demo"},
-        "prompts": {"source": "gym:chain_sum:720,letter_counting:720", "validation_fraction": 0.25,
+        "prompts": {"source": "gym:chain_sum:720,basic_arithmetic:720", "validation_fraction": 0.25,
                     "gym_settings": {"chain_sum": {"min_terms": 2, "max_terms": 2, "max_digits": 2},
-                                     "letter_counting": {"min_words": 3, "max_words": 6}}},
+                                     "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "max_digits": 2,
+                                                          "operators": ["+", "-"], "allow_parentheses": False,
+                                                          "allow_negation": False}}},
         "rm_distributional": {"kind": "distributional", **_DEMO_RM},
         "grpo": {"steps": 60, "batch_size": 4, "samples_per_prompt": 8, "max_new_tokens": 48, "max_prompt_length": 256,
                  "lora": True, "lora_r": 16, "learning_rate": 2e-4, "kl_beta": 0.0, "guard_min_distinct2": 0.0,

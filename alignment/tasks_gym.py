@@ -30,8 +30,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from alignment.evaluation import mathverify
-
 log = logging.getLogger(__name__)
 
 PREFIX = "gym:"
@@ -88,6 +86,15 @@ def _check_name(name: str) -> None:
         raise GymError(f"unknown reasoning-gym task {name!r}{hint}")
 
 
+def frozen_settings(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Generator settings as sorted (key, value) pairs, lists as tuples: hashable, for the dataset cache
+    (``{"operators": ["+", "-"]}`` from YAML or a JSON reference is ``(("operators", ("+", "-")),)``)."""
+    def frozen(value):
+        return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    return tuple(sorted((k, frozen(v)) for k, v in settings.items()))
+
+
 def parse_spec(spec: str, settings: dict[str, dict[str, Any]] | None = None) -> list[GymTask]:
     """The tasks of a source spec ``gym:NAME[:SIZE],...`` with their settings from ``settings``."""
     settings = settings or {}
@@ -103,7 +110,7 @@ def parse_spec(spec: str, settings: dict[str, dict[str, Any]] | None = None) -> 
             raise GymError(f"gym source {spec!r}: task {name!r} needs a size of at least 2 (train and held-out)")
         if any(t.name == name for t in tasks):
             raise GymError(f"gym source {spec!r}: task {name!r} is named twice")
-        tasks.append(GymTask(name, size, tuple(sorted(settings.get(name, {}).items()))))
+        tasks.append(GymTask(name, size, frozen_settings(settings.get(name, {}))))
     unused = sorted(set(settings) - {t.name for t in tasks})
     if unused:
         raise GymError(f"gym_settings names task(s) {unused} that the source {spec!r} does not")
@@ -212,29 +219,21 @@ def format_reward(text: str) -> float:
     return 1.0 if match and match.group(1).strip() else 0.0
 
 
-def lenient_match(answer: str | None, gold: str) -> bool:
-    """Whether ``answer`` states the number ``gold`` by math-verify (``"The sum is 1,000."`` states 1000; its
-    last number, or the right side of a final ``a + b = c``, is what math-verify reads), through the bounded
-    wrapper :mod:`alignment.evaluation.mathverify`. False when ``gold`` is not a number math-verify parses
-    (words, lists): those tasks are scored strictly only."""
-    expected = mathverify.parse(gold)
-    return bool(expected) and mathverify.is_number(expected[0]) and mathverify.verify(expected,
-                                                                                      mathverify.parse(answer))
+def reference_answer(reference: str | dict) -> str:
+    """The gold answer text of the referenced item (what its dataset stores as ``answer``)."""
+    ref = parse_reference(reference)
+    dataset = _dataset(ref["task"], frozen_settings(ref["settings"]), ref["seed"], ref["size"])
+    return str(dataset[ref["index"]]["answer"])
 
 
-def score(completion: str, reference: str | dict, *, lenient: bool = False) -> float:
+def score(completion: str, reference: str | dict) -> float:
     """The dataset's own ``score_answer`` of the completion's answer, in [0, 1]. A scorer that raises, or
     returns something other than a number in [0, 1], scores 0 and is counted in :data:`scorer_errors`.
-
-    ``lenient``: also 1.0 when the gold answer is a number and the answer (the ``<answer>`` tag, else the
-    last non-empty line) states it in words around it (:func:`lenient_match`): "The sum is 17." is right
-    leniently and wrong strictly (reasoning-gym's own check wants the bare answer)."""
+    (The lenient form, a number stated in words, is the gold check's: ``gold.check_answer(lenient=True)``.)"""
     ref = parse_reference(reference)
-    dataset = _dataset(ref["task"], tuple(sorted(ref["settings"].items())), ref["seed"], ref["size"])
+    dataset = _dataset(ref["task"], frozen_settings(ref["settings"]), ref["seed"], ref["size"])
     entry = dataset[ref["index"]]
     answer = extract_answer(completion)
-    if lenient and lenient_match(answer, str(entry["answer"])):
-        return 1.0
     try:
         value = float(dataset.score_answer(answer, entry))
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -3,6 +3,7 @@ deny-list, the scorer wrapper, answer extraction, and the gold checker the data 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pyarrow.parquet as pq
@@ -134,21 +135,25 @@ def test_chain_sum_gold_scores_one_and_a_wrong_answer_zero():
     assert check_answer(f"<answer>{int(gold) + 1}</answer>", ref, "reasoning_gym") is False
 
 
-def test_lenient_scoring_reads_a_number_stated_in_words_by_math_verify():
+def test_lenient_check_reads_a_stated_number_but_not_a_copy_of_the_question():
     entry = reasoning_gym.create_dataset("chain_sum", size=4, seed=0)[2]
     ref, gold = _ref("chain_sum", index=2), entry["answer"]
+    expression = entry["question"].rsplit(":", 1)[1].strip()  # e.g. "4 - 1 - 7 =", the question's own sum
+    prompt = entry["question"] + tasks_gym.ANSWER_INSTRUCTION
+    assert tasks_gym.reference_answer(ref) == gold
+    lenient = functools.partial(check_answer, reference=ref, checker="reasoning_gym", prompt=prompt, lenient=True)
     worded = f"The sum is {gold}."
-    assert tasks_gym.score(worded, ref) < 1.0  # strict: reasoning-gym's own check wants the bare answer
-    assert tasks_gym.score(worded, ref, lenient=True) == 1.0
-    assert tasks_gym.score(f"<answer>{gold}</answer>", ref, lenient=True) == 1.0
-    assert tasks_gym.score(f"The sum is {int(gold) + 1}.", ref, lenient=True) == 0.0
-    assert tasks_gym.score(f"{gold} was my guess\nthen I stopped", ref, lenient=True) == 0.0  # the last line only
-    assert check_answer(worded, ref, "reasoning_gym") is False
-    assert check_answer(worded, ref, "reasoning_gym", lenient=True) is True
-    # math-verify's equivalences: thousands separators; words are not numbers, so no lenient match
-    assert tasks_gym.lenient_match("It is 1,000.", "1000") and not tasks_gym.lenient_match("It is 1,001.", "1000")
-    assert not tasks_gym.lenient_match("the word is ainomma", "ainomma")
-    assert not tasks_gym.lenient_match(None, "3") and not tasks_gym.lenient_match("", "3")
+    assert tasks_gym.score(worded, ref) < 1.0 and not check_answer(worded, ref, "reasoning_gym", prompt=prompt)
+    assert lenient(worded) and lenient(f"<answer>{gold}</answer>") and lenient(f"{expression} {gold}")
+    assert not lenient(f"The sum is {int(gold) + 1}.")
+    assert not lenient(f"{gold} was my guess\nthen I stopped")  # the last line only
+    # the reward hack a GRPO run found: echo the question's expression, which math-verify would evaluate to
+    # the gold answer; the prompt's expressions are masked, so it states nothing
+    assert not lenient(expression) and not lenient(f"<answer>{expression}</answer>")
+    # a non-numeric gold answer (spell_backward) is checked strictly only
+    word = reasoning_gym.create_dataset("spell_backward", size=2, seed=0)[0]["answer"]
+    assert not check_answer(f"It is {word}", _ref("spell_backward", size=2), "reasoning_gym", lenient=True)
+    assert check_answer(word, _ref("spell_backward", size=2), "reasoning_gym", lenient=True)
 
 
 def test_a_scorer_that_raises_scores_zero_and_is_counted():
@@ -191,3 +196,15 @@ def test_data_stage_builds_gym_prompts_that_the_gold_component_checks(tmp_path):
     assert GoldComponent({"kind": "gold"}).score(items[:3], texts).values == [1.0, 0.0, 0.0]
     # format_credit: a wrong answer inside a well-formed tag earns it; a bare wrong line does not
     assert GoldComponent({"kind": "gold", "format_credit": 0.1}).score(items[:3], texts).values == [1.0, 0.1, 0.0]
+
+
+def test_list_settings_are_hashable_and_round_trip_through_the_reference():
+    """A generator setting given as a list (YAML: operators: [+, -]) builds, and its JSON reference (a list
+    again) rebuilds the same item."""
+    tasks = tasks_gym.parse_spec("gym:basic_arithmetic:8", {"basic_arithmetic": {"operators": ["+", "-"]}})
+    assert tasks[0].settings == (("operators", ("+", "-")),)
+    record = tasks_gym.build_items(tasks, 0, 0.25)[0]
+    assert json.loads(record["gold_answer"])["settings"] == {"operators": ["+", "-"]}
+    expected = reasoning_gym.create_dataset("basic_arithmetic", size=6, seed=0, operators=("+", "-"))[0]["answer"]
+    assert tasks_gym.reference_answer(record["gold_answer"]) == expected
+    assert tasks_gym.score(f"<answer>{expected}</answer>", record["gold_answer"]) == 1.0

@@ -8,7 +8,6 @@ import threading
 import pytest
 import sympy
 
-from alignment import tasks_gym
 from alignment.evaluation import mathverify
 from alignment.evaluation.gold import GoldCheckError, check_answer, extract_number, validate_reference
 
@@ -134,18 +133,15 @@ def test_off_the_main_thread_math_verify_runs_without_its_alarm():
     def work():
         results.append(check_answer("\\boxed{\\frac{1}{2}}", "\\frac12", "number"))
         results.append(check_answer("\\boxed{9^{9^{9^{9}}}}", "9", "number"))
-        results.append(tasks_gym.lenient_match("It is 1,000.", "1000"))
-        # no alarm here: only the bounds keep math-verify from evaluating the tower
-        results.append(tasks_gym.lenient_match("The sum is $9^{9^{9^{9}}}$", "9"))
+        results.append(check_answer("It is 1,000.", "1000", "number"))
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
-    assert results == [True, False, True, False]
+    assert results == [True, False, True]
 
 
-def test_lenient_gym_match_drops_values_beyond_the_bounds():
-    # the shared wrapper bounds tasks_gym's lenient check too: a tower is not compared (math-verify's own
-    # 2 s alarm would otherwise be all that stops it, and only in the main thread)
-    assert not tasks_gym.lenient_match("The sum is $((10^{1000})^{1000})^{1000}$", "9")
-    assert tasks_gym.lenient_match("The sum is $10^{3}$.", "1000")
+def test_number_check_drops_values_beyond_the_bounds():
+    # the shared wrapper bounds the number check (and so the lenient gym check): a tower is not compared
+    # (math-verify's own 2 s alarm would otherwise be all that stops it, and only in the main thread)
+    assert not check_answer("The sum is $((10^{1000})^{1000})^{1000}$", "9", "number")

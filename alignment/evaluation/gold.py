@@ -48,7 +48,6 @@ thousands separated by spaces.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import unicodedata
@@ -326,8 +325,10 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     constraint of the JSON spec holds (:func:`check_constraints`; ``prompt`` and ``tolerance`` unused);
     ``ifeval``: every instruction of the IFEval row holds (:func:`alignment.ifeval.check_reference`, given the
     ``prompt``);
-    ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`; ``lenient``:
-    or a numeric gold answer is stated in words around it, by math-verify). Raises :class:`GoldCheckError`
+    ``reasoning_gym``: the dataset's scorer gives full credit (:func:`alignment.tasks_gym.score`); ``lenient``:
+    or, for a numeric gold answer, the answer (the ``<answer>`` tag, else the last line) states it as the
+    ``number`` checker reads it, the prompt's own expressions masked ("The sum is 6." and "8 - 2 = 6" state 6;
+    a copy of the question's "8 - 2 =" states nothing, though math-verify would evaluate it to 6). Raises :class:`GoldCheckError`
     for an unknown checker, a ``number`` reference that does not parse, a bad constraints spec or IFEval
     row, or a reference that normalises to nothing.
     """
@@ -337,7 +338,9 @@ def check_answer(completion: str, reference: str, checker: str, *, prompt: str |
     if checker == "constraints":
         return all(check_constraints(completion, reference).values())
     if checker == tasks_gym.CHECKER:
-        return _library_call(functools.partial(tasks_gym.score, lenient=lenient), completion, reference) >= 1.0
+        if _library_call(tasks_gym.score, completion, reference) >= 1.0:
+            return True
+        return lenient and _lenient_gym(completion, reference, prompt, tolerance)
     if checker == ifeval.CHECKER:
         return all(_library_call(ifeval.check_reference, completion, reference, prompt).values())
     if checker == "number":
@@ -367,6 +370,16 @@ def validate_reference(reference: str, checker: str) -> None:
         _library_call(ifeval.parse_reference, reference)
     elif not normalise(str(reference)):
         raise GoldCheckError(f"gold reference {reference!r} is empty after normalising (checker {checker!r})")
+
+
+def _lenient_gym(completion: str, reference: str, prompt: str | None, tolerance: float) -> bool:
+    """A reasoning-gym item with a numeric gold answer whose answer states that number (``check_answer``'s
+    ``lenient``); False for a non-numeric gold answer (words, lists: scored strictly only)."""
+    gold = _library_call(tasks_gym.reference_answer, reference)
+    answer = tasks_gym.extract_answer(completion)
+    if answer is None or _read(gold) is None:
+        return False
+    return check_answer(answer, gold, "number", prompt=prompt, tolerance=tolerance)
 
 
 def _library_call(fn, *args):
