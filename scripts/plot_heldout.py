@@ -44,12 +44,13 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [(item.partition("=")[0], read_chain(item.partition("=")[2])) for item in args.runs]
     panels = [("gold", "gold accuracy (held-out)"), ("proxy", "proxy RM (held-out)"),
               ("independent", "independent RM (held-out)"), ("mean_length", "length (tokens)")]
+    if any(h.get("gold_lenient") is not None for _, history in runs for h in history):  # reasoning-gym items
+        panels.insert(1, ("gold_lenient", "gold accuracy, lenient (held-out)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for item in args.runs:
-        label, _, folder = item.partition("=")
-        history = read_chain(folder)
+    for label, history in runs:
         steps = [h["step"] for h in history]
         for ax, (key, title) in zip(axes, panels, strict=True):
             if key == "independent":

@@ -143,6 +143,7 @@ def test_score_stage_outputs(eval_stack):
     assert (g["mcnemar"]["n"], g["mcnemar"]["gained"], g["mcnemar"]["lost"]) == (g["n"], gained, lost)
     assert "mcnemar" not in base["gold"]
     assert list(g["by_task"]) == ["all"] and g["by_task"]["all"]["correct"] == g["correct"]  # the demo names no task
+    assert tuned["gold_lenient"] is None and summary["scorer_errors"] == {}  # no reasoning-gym item here
     # Degenerate answers: the counts per reason of the saved answers against their prompts.
     reasons = [degenerate_reason(row["completion"], row["prompt"][-1]["content"]) for row in rows]
     d = tuned["degenerate"]

@@ -113,3 +113,24 @@ def test_align_signal_measures_training_prompts_only_per_task(tmp_path, tiny_mod
     assert all(0 <= r[f] <= 1 for r in rows for f in ("greedy", "pass_at_1", "pass_at_k", "mixed", "format"))
     assert main(["signal", "--data", str(tmp_path / "nothing"), "--model", str(tiny_model)]) == 2
     assert "no train.parquet" in capsys.readouterr().err
+
+
+def test_score_stage_on_gym_items_reports_the_lenient_check_beside_the_strict_one(tmp_path, tiny_model):
+    """reasoning-gym prompts: scores.json holds gold (strict) and gold_lenient with their own McNemar tests,
+    the generations a per-answer gold_lenient, and the scorer errors counted during the stage."""
+    from tests.tiny import tiny_model_dir
+
+    data, out = tmp_path / "d", tmp_path / "s"
+    assert main(["data", "--source", "gym:chain_sum:16", "--out", str(data)]) == 0
+    other = tiny_model_dir(tmp_path / "other", seed=1)
+    assert main(["score", "--data", str(data), "--model", f"base={tiny_model}", "--model", f"tuned={other}",
+                 "--out", str(out), "n_prompts=4", "max_new_tokens=4", "kl=false"]) == 0
+    summary = json.loads((out / "scores.json").read_text())
+    assert summary["scorer_errors"] == {}
+    tuned = summary["models"]["tuned"]
+    rows = [json.loads(line) for line in (out / "generations" / "tuned.jsonl").read_text().splitlines()]
+    assert tuned["gold_lenient"]["n"] == tuned["gold"]["n"] == 4
+    assert tuned["gold_lenient"]["correct"] == sum(bool(r["gold_lenient"]) for r in rows)
+    assert tuned["gold_lenient"]["correct"] >= tuned["gold"]["correct"]  # lenient accepts all strict accepts
+    assert "mcnemar" in tuned["gold_lenient"] and "mcnemar" not in summary["models"]["base"]["gold_lenient"]
+    assert "Lenient check" in (out / "scores.md").read_text()

@@ -23,6 +23,7 @@ import logging
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from alignment import tracking
+from alignment import tasks_gym, tracking
 from alignment.algorithms.guard import CollapseGuard
 from alignment.algorithms.metrics import append_metrics, plot_curves, truncate_metrics
 from alignment.algorithms.sampler import PromptSampler
@@ -280,6 +281,7 @@ class OnlineRecipe:
 
     def setup(self) -> None:
         """Models, data, optimizer, algorithm state, guard; then resume from the newest checkpoint if any."""
+        self.scorer_errors_before = Counter(tasks_gym.scorer_errors)  # reasoning-gym scorers that raised
         cfg = self.config
         self.dist = dist = DataParallel(resolve_device(cfg.device))
         if cfg.batch_size % dist.world:
@@ -560,7 +562,8 @@ class OnlineRecipe:
         after = self.heldout_evaluation(self.config.steps) if self.eval_prompts else None
         summary = {"steps": self.config.steps, "processes": self.dist.world, "eval_before": before, "eval_after": after,
                    "reward_gain": (after["mean_reward"] - before["mean_reward"]) if after and before else None,
-                   "heldout": self.heldout, "alarms": self.alarms, "best": self.best}
+                   "heldout": self.heldout, "alarms": self.alarms, "best": self.best,
+                   "scorer_errors": dict(tasks_gym.scorer_errors - self.scorer_errors_before)}
         policy = self.plain_policy()  # a plain fp32 transformers model
         with atomic_directory(final) as tmp:
             policy.save_pretrained(tmp)

@@ -413,6 +413,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
 
     # 2. The fixed prompt set (with gold answers where the data has them).
     items = select_prompt_items(config.data, config.n_prompts, config.seed)
+    scorer_errors_before = Counter(tasks_gym.scorer_errors)
     prompts = [item.messages for item in items]
     device = resolve_device(config.device)
     bf16 = bf16_enabled(config.bf16, device)
@@ -476,6 +477,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                                "max_new_tokens": config.max_new_tokens, "proxy": config.proxy_reward_model,
                                "independent": [rm for rm in config.reward_models if rm != config.proxy_reward_model],
                                "n_gold_prompts": sum(g is not None for g in gold[reference]),
+                               "scorer_errors": dict(tasks_gym.scorer_errors - scorer_errors_before),
                                "gold_checkers": dict(sorted(Counter(str(item.gold_checker) for item in items
                                                                     if item.gold_answer is not None).items())),
                                "models": {}}
