@@ -51,6 +51,12 @@ def seed_row(seed: int, scores: Mapping[str, Any], model: str = "tuned") -> dict
         "mean_length": (ref["mean_length"], mine["mean_length"]),
         "degenerate": ((ref.get("degenerate") or {}).get("share"), (mine.get("degenerate") or {}).get("share")),
     }
+    row["by_task"] = {}
+    for key in ("gold", "gold_lenient"):
+        for task, t in ((mine.get(key) or {}).get("by_task") or {}).items():
+            before = ((ref.get(key) or {}).get("by_task") or {}).get(task, {})
+            row["by_task"].setdefault(task, {})[key] = {"n": t["n"], "before": before.get("accuracy"),
+                                                         "after": t["accuracy"], "ci95": t["ci95"]}
     for rm, r in mine.get("rewards", {}).items():
         if r.get("role") == "independent" and "paired_diff" in r:
             row["independent"][rm] = {"paired_diff": r["paired_diff"], "ci95": r["paired_diff_ci95"]}
@@ -112,6 +118,18 @@ def seeds_markdown(summary: Mapping[str, Any]) -> str:
             f"{_p(g)} | {_pair([r['gold_lenient_before'], gl and gl['accuracy']])} | {_diff(gl)} | {_p(gl)} | "
             + "".join(f"{_diff(r['independent'].get(rm))} | " for rm in rms)
             + f"{_pair(r['degenerate'])} | {_pair(r['eos'], '{:.2f}')} | {_pair(r['mean_length'], '{:.1f}')} |")
+    if any(r.get("by_task") for r in rows):
+        lines += ["", "Per task (accuracy before -> after; after's 95% Wilson CI):", "",
+                  "| seed | task | prompts | gold (strict) | gold (lenient) |", "|---:|---|---:|---|---|"]
+        for r in rows:
+            for task, t in sorted(r.get("by_task", {}).items()):
+                cells = []
+                for key in ("gold", "gold_lenient"):
+                    c = t.get(key)
+                    cells.append("—" if c is None else f"{_pair([c['before'], c['after']])} "
+                                 f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]")
+                n = (t.get("gold") or t.get("gold_lenient"))["n"]
+                lines.append(f"| {r['seed']} | {task} | {n} | {cells[0]} | {cells[1]} |")
     lines += ["", "Across seeds (mean, sd, range of the paired differences):", ""]
     for label, s in [("gold (strict)", summary["gold"]), ("gold (lenient)", summary["gold_lenient"]),
                      *[(f"{rm} (independent RM)", summary["independent"][rm]) for rm in rms]]:

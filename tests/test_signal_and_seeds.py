@@ -37,7 +37,8 @@ def test_signal_by_task_groups_in_first_seen_order_and_tabulates():
 
 def _scores(gold_after, gold_before, p, rm_diff, lenient=None):
     def gold(acc, diff=None, p=None):
-        out = {"n": 300, "accuracy": acc, "correct": int(acc * 300), "ci95": [acc - .05, acc + .05]}
+        out = {"n": 300, "accuracy": acc, "correct": int(acc * 300), "ci95": [acc - .05, acc + .05],
+               "by_task": {"sums": {"n": 300, "correct": int(acc * 300), "accuracy": acc, "ci95": [acc - .05, acc + .05]}}}
         if diff is not None:
             out.update(paired_diff=diff, paired_diff_ci95=[diff - .04, diff + .04],
                        mcnemar={"n": 300, "gained": 40, "lost": 10, "p_value": p})
@@ -70,6 +71,10 @@ def test_seed_rows_and_the_spread_across_seeds():
     md = seeds_markdown(summary)
     assert "| 0 | 300 | 0.100 -> 0.300 | +0.200 [+0.160, +0.240] | 40/10, p=1e-06 |" in md
     assert "- seeds with a gold gain at McNemar p < 0.01: 2 of 3 (0, 2)" in md
+    assert rows[0]["by_task"]["sums"]["gold_lenient"] == {"n": 300, "before": 0.2, "after": 0.4,
+                                                          "ci95": [pytest.approx(0.35), 0.45]}
+    assert "| 0 | sums | 300 | 0.100 -> 0.300 [0.250, 0.350] | 0.200 -> 0.400 [0.350, 0.450] |" in md
+    assert "| 1 | sums | 300 | 0.100 -> 0.200 [0.150, 0.250] | — |" in md
     assert "- gold (strict): +0.200 ± 0.100 (range +0.100 to +0.300, 3 seeds)" in md
     with pytest.raises(ValueError, match="no model 'tuned'"):
         seed_row(0, {**_scores(.3, .1, .01, 0), "models": {"base": {}}})
