@@ -64,11 +64,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "judge": {"backend": "local", "max_pairs": 8},
         "options": {"algorithm": "grpo"},
     },
-    # RLVR on reasoning-gym tasks (`align seeds` runs it on seeds 0, 1, 2): GRPO with the gold check (lenient:
-    # a number stated in words counts) and a small format term (one <answer> tag) on tasks where the base
-    # model's samples disagree (docs/rewards-and-evaluation.md, where the signal is); ~360 held-out items drawn
-    # from seeds disjoint from the training items. The distributional RM, trained on the demo pairs and never
-    # trained against, is the independent check. The scalar RM is not trained (nothing uses it).
+    # RLVR on reasoning-gym tasks (`align seeds` runs it on seeds 0, 1, 2; docs/rlvr.md): GRPO with the gold
+    # check (lenient: a number stated in words counts, the question's expressions masked) and a small format
+    # term (one <answer> tag) on tasks where the base model's samples disagree (`align signal`); 328 held-out
+    # items from seeds disjoint from the training items. The distributional RM, trained on the demo pairs and
+    # never trained against, is the independent check. The scalar RM is not trained (nothing uses it).
+    # ~17 min a seed on a 2-core CPU.
     "demo-rlvr": {
         "data": {"source": "demo"},
         "prompts": {"source": "gym:chain_sum:720,basic_arithmetic:720", "validation_fraction": 0.25,
@@ -144,7 +145,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 PRESET_NOTES: dict[str, str] = {
     "demo": "The demo runs every stage at toy size (8 RL steps, 16 scored prompts): it shows the pipeline working "
             "end to end, not the RL making the model better; for that, `align seeds --preset demo-rlvr` (GRPO on "
-            "reasoning-gym tasks, ~340 held-out prompts a seed, three seeds; docs/rlvr.md).",
+            "reasoning-gym arithmetic, 328 held-out prompts, three seeds of ~17 min on a 2-core CPU: held-out "
+            "accuracy +0.11 to +0.24, McNemar p < 1e-4 in each; docs/rlvr.md).",
 }
 
 SECTIONS = ("data", "prompts", "sft", "rm_scalar", "rm_distributional", "reinforce", "ppo", "grpo", "dpo", "score", "judge",

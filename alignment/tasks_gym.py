@@ -7,7 +7,9 @@ items, ``round(size * validation_fraction)`` (at least 1) are held out, as the d
 source. The two splits come from disjoint seeds: train from ``seed``, held-out from ``seed +``
 :data:`HELD_OUT_SEED_OFFSET`; a training item whose question text is also a held-out question (a chance
 repeat: small question spaces such as spell_backward's word list repeat) is dropped and counted, and
-:func:`check_disjoint` then refuses any overlap left, naming the task and question.
+:func:`check_disjoint` then refuses any overlap left, naming the task and question. reasoning-gym seeds
+item *i* with ``seed + i``, so nearby seeds draw shifted copies of one another (seed 1's items are seed 0's
+from index 1 on); seeds further apart than the size draw disjoint items.
 
 Each item becomes a prompt record: the question followed by :data:`ANSWER_INSTRUCTION`, ``gold_checker``
 "reasoning_gym" and ``gold_answer`` a JSON reference ``{"task", "settings", "seed", "size", "index",

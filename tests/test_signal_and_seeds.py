@@ -66,11 +66,12 @@ def test_seed_rows_and_the_spread_across_seeds():
     assert summary["gold"]["mean"] == pytest.approx(0.2) and summary["gold"]["sd"] == pytest.approx(0.1)
     assert (summary["gold"]["min"], summary["gold"]["max"]) == (pytest.approx(0.1), pytest.approx(0.3))
     assert summary["independent"]["dist"]["mean"] == pytest.approx(0.1)
-    assert summary["significant_gain_seeds"] == [0, 2]
+    assert summary["significant_gain_seeds"] == {"gold": [0, 2], "gold_lenient": [0]}  # lenient p = p / 10
     assert summary["gold_lenient"]["n"] == 1
     md = seeds_markdown(summary)
     assert "| 0 | 300 | 0.100 -> 0.300 | +0.200 [+0.160, +0.240] | 40/10, p=1e-06 |" in md
-    assert "- seeds with a gold gain at McNemar p < 0.01: 2 of 3 (0, 2)" in md
+    assert "- seeds with a gold (strict) gain at McNemar p < 0.01: 2 of 3 (0, 2)" in md
+    assert "- seeds with a gold (lenient) gain at McNemar p < 0.01: 1 of 3 (0)" in md
     assert rows[0]["by_task"]["sums"]["gold_lenient"] == {"n": 300, "before": 0.2, "after": 0.4,
                                                           "ci95": [pytest.approx(0.35), 0.45]}
     assert "| 0 | sums | 300 | 0.100 -> 0.300 [0.250, 0.350] | 0.200 -> 0.400 [0.350, 0.450] |" in md
@@ -120,21 +121,19 @@ def test_align_signal_measures_training_prompts_only_per_task(tmp_path, tiny_mod
     assert "no train.parquet" in capsys.readouterr().err
 
 
-def test_score_stage_on_gym_items_reports_the_lenient_check_beside_the_strict_one(tmp_path, tiny_model):
+def test_score_stage_on_gym_items_reports_the_lenient_check_beside_the_strict_one(tmp_path, eval_stack):
     """reasoning-gym prompts: scores.json holds gold (strict) and gold_lenient with their own McNemar tests,
     the generations a per-answer gold_lenient, and the scorer errors counted during the stage."""
-    from tests.tiny import tiny_model_dir
-
     data, out = tmp_path / "d", tmp_path / "s"
     assert main(["data", "--source", "gym:chain_sum:16", "--out", str(data)]) == 0
-    other = tiny_model_dir(tmp_path / "other", seed=1)
-    assert main(["score", "--data", str(data), "--model", f"base={tiny_model}", "--model", f"tuned={other}",
-                 "--out", str(out), "n_prompts=4", "max_new_tokens=4", "kl=false"]) == 0
+    assert main(["score", "--data", str(data), "--model", f"base={eval_stack['base']}", "--model",
+                 f"tuned={eval_stack['tuned']}", "--rm", f"scalar={eval_stack['rm']}", "--out", str(out), "n_prompts=4",
+                 "max_new_tokens=4", "kl=false", "bootstrap=100"]) == 0
     summary = json.loads((out / "scores.json").read_text())
     assert summary["scorer_errors"] == {}
     tuned = summary["models"]["tuned"]
     rows = [json.loads(line) for line in (out / "generations" / "tuned.jsonl").read_text().splitlines()]
-    assert tuned["gold_lenient"]["n"] == tuned["gold"]["n"] == 4
+    assert tuned["gold_lenient"]["n"] == tuned["gold"]["n"] == len(rows) == 3  # 3 of 16 held out
     assert tuned["gold_lenient"]["correct"] == sum(bool(r["gold_lenient"]) for r in rows)
     assert tuned["gold_lenient"]["correct"] >= tuned["gold"]["correct"]  # lenient accepts all strict accepts
     assert "mcnemar" in tuned["gold_lenient"] and "mcnemar" not in summary["models"]["base"]["gold_lenient"]

@@ -617,9 +617,10 @@ def gold_markdown(summary: dict[str, Any]) -> list[str]:
     lines = ["", f"Gold checks: {summary['n_gold_prompts']} of the prompts have a checkable answer.", ""]
     lines += _gold_table(summary, "gold", "gold accuracy")
     if any(m.get("gold_lenient") for m in summary["models"].values()):
-        lines += ["", "Lenient check (reasoning-gym numbers also right when stated in words around them, by "
-                  "math-verify; the strict check above is reasoning-gym's own): a strict gain without a lenient "
-                  "one is a gain in the answer format alone.", ""]
+        lines += ["", "Lenient check (reasoning-gym numbers also right when the answer line states them in words "
+                  "around them, read as the number checker reads them, the question's own expressions masked; the "
+                  "strict check above is reasoning-gym's own): a strict gain without a lenient one is a gain in the "
+                  "answer format alone.", ""]
         lines += _gold_table(summary, "gold_lenient", "lenient accuracy")
     if any(m.get("pass_at_k") for m in summary["models"].values()):
         k = next(m["pass_at_k"]["k"] for m in summary["models"].values() if m.get("pass_at_k"))
@@ -631,11 +632,17 @@ def gold_markdown(summary: dict[str, Any]) -> list[str]:
                 lines.append(f"| {name} | {pk['pass_at_1']:.3f} | {pk['pass_at_k']:.3f} | {pk['n']} |")
     tasks = sorted({t for m in summary["models"].values() for t in (m["gold"] or {}).get("by_task", {})})
     if len(tasks) > 1:
-        lines += ["", "Gold accuracy per task (95% Wilson CI):", "", "| model | task | accuracy (95% CI) | correct |",
-                  "|---|---|---|---|"]
+        lenient = any(m.get("gold_lenient") for m in summary["models"].values())
+        lines += ["", "Gold accuracy per task (95% Wilson CI):", "",
+                  "| model | task | accuracy (95% CI) | correct |" + (" lenient (95% CI) | correct |" if lenient else ""),
+                  "|---|---|---|---|" + ("---|---|" if lenient else "")]
         for name, m in summary["models"].items():
             for task, t in m["gold"].get("by_task", {}).items():
-                lines.append(f"| {name} | {task} | {t['accuracy']:.3f} {_fmt_ci(t['ci95'])} | {t['correct']}/{t['n']} |")
+                row = f"| {name} | {task} | {t['accuracy']:.3f} {_fmt_ci(t['ci95'])} | {t['correct']}/{t['n']} |"
+                tl = ((m.get("gold_lenient") or {}).get("by_task") or {}).get(task)
+                if lenient:
+                    row += f" {tl['accuracy']:.3f} {_fmt_ci(tl['ci95'])} | {tl['correct']}/{tl['n']} |" if tl else " — | — |"
+                lines.append(row)
     return lines
 
 
