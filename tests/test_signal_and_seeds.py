@@ -128,7 +128,7 @@ def test_score_stage_on_gym_items_reports_the_lenient_check_beside_the_strict_on
     assert main(["data", "--source", "gym:chain_sum:16", "--out", str(data)]) == 0
     assert main(["score", "--data", str(data), "--model", f"base={eval_stack['base']}", "--model",
                  f"tuned={eval_stack['tuned']}", "--rm", f"scalar={eval_stack['rm']}", "--out", str(out), "n_prompts=4",
-                 "max_new_tokens=4", "kl=false", "bootstrap=100"]) == 0
+                 "max_new_tokens=4", "kl=false", "bootstrap=100", "samples_per_prompt=2"]) == 0
     summary = json.loads((out / "scores.json").read_text())
     assert summary["scorer_errors"] == {}
     tuned = summary["models"]["tuned"]
@@ -138,3 +138,7 @@ def test_score_stage_on_gym_items_reports_the_lenient_check_beside_the_strict_on
     assert tuned["gold_lenient"]["correct"] >= tuned["gold"]["correct"]  # lenient accepts all strict accepts
     assert "mcnemar" in tuned["gold_lenient"] and "mcnemar" not in summary["models"]["base"]["gold_lenient"]
     assert "Lenient check" in (out / "scores.md").read_text()
+    strict, lenient = tuned["pass_at_k"], tuned["pass_at_k_lenient"]  # pass@k by each check, from 2 samples
+    assert (strict["k"], strict["n"], lenient["n"]) == (2, 3, 3) and lenient["pass_at_k"] >= strict["pass_at_k"]
+    assert lenient["pass_at_1"] == pytest.approx(sum(r["samples_correct_lenient"] for r in rows) / 6)
+    assert "lenient pass@2" in (out / "scores.md").read_text()

@@ -281,18 +281,22 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[Message]], con
 
 
 def gold_sample_counts(model, tokenizer, items: Sequence[PromptItem], config: ScoreConfig, bf16: bool
-                       ) -> list[int | None]:
+                       ) -> tuple[list[int | None], list[int | None]]:
     """Per prompt: how many of ``config.samples_per_prompt`` answers, sampled at the config's temperature, state
-    its gold answer (None for a prompt without one). Sampled even when the scored answers are greedy: pass@k needs
-    k independent tries, and greedy decoding gives one answer k times."""
+    its gold answer (None for a prompt without one), by the gold check and by its lenient form. Sampled even when
+    the scored answers are greedy: pass@k needs k independent tries, and greedy decoding gives one answer k times."""
     k = config.samples_per_prompt
     graded = [item for item in items if item.gold_answer is not None]
     repeated = [item for item in graded for _ in range(k)]
     texts = generate_answers(model, tokenizer, [item.messages for item in repeated],
                              config.model_copy(update={"greedy": False}), bf16).texts
-    hits = gold_results(repeated, texts)
-    counts = iter([sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(graded))])
-    return [None if item.gold_answer is None else next(counts) for item in items]
+
+    def counts(lenient: bool) -> list[int | None]:
+        hits = gold_results(repeated, texts, lenient)
+        per_prompt = iter([sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(graded))])
+        return [None if item.gold_answer is None else next(per_prompt) for item in items]
+
+    return counts(False), counts(True)
 
 
 def answer_logprobs(model, tokenizer, prompts: Sequence[Sequence[Message]], tokens: Sequence[Sequence[int]],
@@ -424,6 +428,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     gens: dict[str, Generations] = {}
     kl: dict[str, list[float]] = {}
     sampled: dict[str, list[int | None]] = {}  # per prompt: correct answers of samples_per_prompt samples
+    sampled_lenient: dict[str, list[int | None]] = {}  # the same by the lenient gold check
     if config.samples_per_prompt > 1 and all(item.gold_answer is None for item in items):
         log.warning("score: samples_per_prompt=%d but no scored prompt has a gold answer: no pass@k",
                     config.samples_per_prompt)
@@ -440,7 +445,7 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
         gens[name] = generate_answers(model, tokenizer, prompts, config, bf16)
         if config.samples_per_prompt > 1 and any(item.gold_answer is not None for item in items):
             log.info("model %s: %d samples per gold prompt for pass@k", name, config.samples_per_prompt)
-            sampled[name] = gold_sample_counts(model, tokenizer, items, config, bf16)
+            sampled[name], sampled_lenient[name] = gold_sample_counts(model, tokenizer, items, config, bf16)
         if config.kl:
             if name == reference:
                 ref_model, ref_tok = model, tokenizer
@@ -508,6 +513,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
             r["role"] = "proxy" if rm_name == config.proxy_reward_model else "independent"
         if name in sampled:
             entry["pass_at_k"] = pass_at_k_summary(sampled[name], config.samples_per_prompt)
+            if lenient:
+                entry["pass_at_k_lenient"] = pass_at_k_summary(sampled_lenient[name], config.samples_per_prompt)
         if rouge is not None:
             entry["rouge"] = rouge_summary(rouge[name], config.seed)
             if name != reference:
@@ -528,6 +535,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
                            **({"gold_lenient": lenient[name][i]} if lenient else {}),
                            "gold_checker": items[i].gold_checker if items[i].gold_answer is not None else None,
                            **({"samples_correct": sampled[name][i]} if name in sampled else {}),
+                           **({"samples_correct_lenient": sampled_lenient[name][i]} if name in sampled and lenient
+                              else {}),
                            "rewards": {rm: {"mean": rewards[name][rm][0][i], "var": rewards[name][rm][1][i]}
                                        for rm in config.reward_models}}
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -624,12 +633,15 @@ def gold_markdown(summary: dict[str, Any]) -> list[str]:
         lines += _gold_table(summary, "gold_lenient", "lenient accuracy")
     if any(m.get("pass_at_k") for m in summary["models"].values()):
         k = next(m["pass_at_k"]["k"] for m in summary["models"].values() if m.get("pass_at_k"))
+        both = any(m.get("pass_at_k_lenient") for m in summary["models"].values())
         lines += ["", f"Sampled: {k} answers per gold prompt (unbiased pass@k, Chen et al. 2021):", "",
-                  f"| model | pass@1 | pass@{k} | prompts |", "|---|---|---|---|"]
+                  f"| model | pass@1 | pass@{k} | prompts |" + (f" lenient pass@1 | lenient pass@{k} |" if both else ""),
+                  "|---|---|---|---|" + ("---|---|" if both else "")]
         for name, m in summary["models"].items():
             if m.get("pass_at_k"):
-                pk = m["pass_at_k"]
-                lines.append(f"| {name} | {pk['pass_at_1']:.3f} | {pk['pass_at_k']:.3f} | {pk['n']} |")
+                pk, pl = m["pass_at_k"], m.get("pass_at_k_lenient")
+                lines.append(f"| {name} | {pk['pass_at_1']:.3f} | {pk['pass_at_k']:.3f} | {pk['n']} |"
+                             + (f" {pl['pass_at_1']:.3f} | {pl['pass_at_k']:.3f} |" if pl else " — | — |" if both else ""))
     tasks = sorted({t for m in summary["models"].values() for t in (m["gold"] or {}).get("by_task", {})})
     if len(tasks) > 1:
         lenient = any(m.get("gold_lenient") for m in summary["models"].values())
