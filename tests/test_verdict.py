@@ -207,3 +207,22 @@ def test_the_lenient_gold_check_is_a_second_row_with_its_own_mcnemar():
     assert [c["direction"] for c in rows] == ["up", "flat"]
     assert v["reading"].endswith("(gold accuracy: 3 gained, 0 lost, McNemar exact p = 0.25 (not significant); "
                                  "gold accuracy, lenient: 2 gained, 2 lost, McNemar exact p = 1 (not significant))")
+
+
+def test_the_verdict_warns_when_answers_degenerate_or_lose_their_eos():
+    """Degenerate share up by >= 0.05 or EOS down by >= 0.10 (absolute) is a warning in the reading; smaller
+    moves are listed, not flagged."""
+    scores = _scores([0.1, 0.4], [0.0, 0.2], [0.02, 0.3])
+    base, tuned = scores["models"]["base"], scores["models"]["tuned"]
+    base.update(eos_rate=0.96, degenerate={"share": 0.0})
+    tuned.update(eos_rate=0.90, degenerate={"share": 0.04})
+    v = verdict(scores)
+    assert v["health"] == {"degenerate_share": [0.0, 0.04], "eos_rate": [0.96, 0.90], "warnings": []}
+    assert "; but" not in v["reading"]
+    assert "Answers: degenerate share 0.000 -> 0.040, EOS rate 0.96 -> 0.90 (no warning)." in verdict_markdown(v)
+    tuned.update(eos_rate=0.80, degenerate={"share": 0.05})
+    v = verdict(scores)
+    assert v["reading"].endswith("; but degenerate answers rose (0.000 -> 0.050) and the EOS rate fell "
+                                 "(0.96 -> 0.80: answers cut off)")
+    del tuned["degenerate"], tuned["eos_rate"]  # an older summary: nothing to say
+    assert verdict(scores)["health"]["warnings"] == []

@@ -135,7 +135,29 @@ def verdict(scores: dict[str, Any], judge: dict[str, Any] | None = None, model: 
     tests = [c for c in checks if "mcnemar" in c]
     if tests:  # the gold change in counts, and whether it is more than noise
         text += " (" + "; ".join(f"{c['name'].split(' (')[0]}: {mcnemar_note(c['mcnemar'])}" for c in tests) + ")"
-    return {"model": tuned, "reference": reference, "checks": checks, "reading": text}
+    health = answer_health(scores["models"][reference], m)
+    if health["warnings"]:
+        text += "; but " + " and ".join(health["warnings"])
+    return {"model": tuned, "reference": reference, "checks": checks, "reading": text, "health": health}
+
+
+DEGENERATE_RISE = 0.05  # a rise in the degenerate-answer share the verdict warns about (absolute)
+EOS_FALL = 0.10  # a fall in the EOS rate the verdict warns about (absolute)
+
+
+def answer_health(reference: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The answers' health against the reference (from ``scores.json`` model entries): degenerate-answer share
+    (empty, repetition, echo) and EOS rate before and after, and a warning for a rise of the share by
+    :data:`DEGENERATE_RISE` or more or a fall of the EOS rate by :data:`EOS_FALL` or more: a gain on any check
+    means little when the answers stopped being answers."""
+    share = [(e.get("degenerate") or {}).get("share") for e in (reference, model)]
+    eos = [e.get("eos_rate") for e in (reference, model)]
+    warnings = []
+    if None not in share and share[1] - share[0] >= DEGENERATE_RISE:
+        warnings.append(f"degenerate answers rose ({share[0]:.3f} -> {share[1]:.3f})")
+    if None not in eos and eos[0] - eos[1] >= EOS_FALL:
+        warnings.append(f"the EOS rate fell ({eos[0]:.2f} -> {eos[1]:.2f}: answers cut off)")
+    return {"degenerate_share": share, "eos_rate": eos, "warnings": warnings}
 
 
 def mcnemar_note(test: dict[str, Any], alpha: float = 0.05) -> str:
@@ -154,5 +176,10 @@ def verdict_markdown(v: dict[str, Any]) -> str:
         note = f"; {mcnemar_note(c['mcnemar'])}" if "mcnemar" in c else ""
         lines.append(f"| {c['name']} | {value} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {c['unit']} "
                      f"| {ARROWS[c['direction']]}{note} |")
+    health = v.get("health")
+    if health and None not in health["degenerate_share"] and None not in health["eos_rate"]:
+        d, e = health["degenerate_share"], health["eos_rate"]
+        lines += ["", f"Answers: degenerate share {d[0]:.3f} -> {d[1]:.3f}, EOS rate {e[0]:.2f} -> {e[1]:.2f}"
+                  + ("" if health["warnings"] else " (no warning).")]
     lines += ["", f"**Reading:** {v['reading']}."]
     return "\n".join(lines) + "\n"
