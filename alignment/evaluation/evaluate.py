@@ -183,6 +183,16 @@ def gold_results(items: Sequence[PromptItem], completions: Sequence[str], lenien
             for item, text in zip(items, completions, strict=True)]
 
 
+def has_gym_items(items: Sequence[PromptItem]) -> bool:
+    """Whether any prompt is a reasoning-gym item with a gold answer (then the lenient gold check is reported too)."""
+    return any(item.gold_answer is not None and item.gold_checker == tasks_gym.CHECKER for item in items)
+
+
+def per_prompt_counts(hits: Sequence[bool | None], k: int) -> list[int]:
+    """Right answers per prompt from ``hits`` of k answers per prompt, prompt-major (prompt j: hits[j*k:(j+1)*k])."""
+    return [sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(hits) // k)]
+
+
 def item_task(item: PromptItem) -> str:
     """The task a prompt belongs to (its source's ``task`` column), or 'all' when it names none."""
     task = item.extra.get("task") if isinstance(item.extra, dict) else None
@@ -293,7 +303,7 @@ def gold_sample_counts(model, tokenizer, items: Sequence[PromptItem], config: Sc
 
     def counts(lenient: bool) -> list[int | None]:
         hits = gold_results(repeated, texts, lenient)
-        per_prompt = iter([sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(graded))])
+        per_prompt = iter(per_prompt_counts(hits, k))
         return [None if item.gold_answer is None else next(per_prompt) for item in items]
 
     return counts(False), counts(True)
@@ -366,8 +376,7 @@ def evaluate_policy(policy, tokenizer, scorer: RewardScorer, prompts: Sequence[S
         texts += ro.texts
     health = text_health(token_lists)
     gold = gold_summary(gold_results(items, texts))
-    lenient = gold_summary(gold_results(items, texts, lenient=True)) if any(
-        item.gold_answer is not None and item.gold_checker == tasks_gym.CHECKER for item in items) else None
+    lenient = gold_summary(gold_results(items, texts, lenient=True)) if has_gym_items(items) else None
     samples = [{"prompt": item.messages[-1]["content"], "completion": t} for item, t in zip(items, texts, strict=True)]
     return PolicyEval(float(np.mean(rewards)), float(np.std(rewards)), float(np.mean(eos)), float(np.mean(lengths)),
                       health["distinct2"], health["repetition"], len(rewards), samples[:8],
@@ -474,8 +483,8 @@ def run_score_stage(config: ScoreConfig, out_dir: str | Path | None = None, *, o
     gold = {name: gold_results(items, gens[name].texts) for name in names}
     # reasoning-gym items: also the lenient check (the number stated in words around it), so a gain in the
     # strict check can be told apart from a gain in the answer format alone.
-    has_gym = any(item.gold_answer is not None and item.gold_checker == tasks_gym.CHECKER for item in items)
-    lenient = {name: gold_results(items, gens[name].texts, lenient=True) for name in names} if has_gym else {}
+    lenient = {name: gold_results(items, gens[name].texts, lenient=True) for name in names} if has_gym_items(items) \
+        else {}
     tasks = [item_task(item) for item in items]
     rouge = rouge_against_references(config, prompts, {name: gens[name].texts for name in names})
     summary: dict[str, Any] = {"n_prompts": len(prompts), "reference": reference, "greedy": config.greedy,

@@ -88,7 +88,7 @@ def measure_signal(model, tokenizer, items: Sequence[Any], tasks: Sequence[str],
     """Answer each prompt item (``PromptItem`` with a gold answer) greedily and ``k`` times at ``temperature``;
     the per-task figures (:func:`signal_by_task`). ``tasks``: each item's task name; ``lenient``: the gold
     check's lenient form (:func:`alignment.evaluation.gold.check_answer`)."""
-    from alignment.evaluation.evaluate import gold_results
+    from alignment.evaluation.evaluate import gold_results, per_prompt_counts
     from alignment.generation import SamplingConfig, rollout
     from alignment.rewards.components import states_final_answer
 
@@ -110,9 +110,9 @@ def measure_signal(model, tokenizer, items: Sequence[Any], tasks: Sequence[str],
                                                top_p=1.0), k)
     repeated = [item for item in items for _ in range(k)]
     hits = gold_results(repeated, sampled, lenient)
-    counts = [sum(bool(h) for h in hits[j * k:(j + 1) * k]) for j in range(len(items))]
+    counts = per_prompt_counts(hits, k)
     shaped = [states_final_answer(t, item.gold_checker) for t, item in zip(sampled, repeated, strict=True)]
-    formatted = [sum(shaped[j * k:(j + 1) * k]) for j in range(len(items))]
+    formatted = per_prompt_counts(shaped, k)
     return signal_by_task(tasks, counts, k, greedy, formatted)
 
 
