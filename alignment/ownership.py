@@ -78,15 +78,17 @@ def write_atomic(path: str | Path, text: str | bytes) -> None:
     the new one, and a failed write removes the temporary it made (the one writer: ``alignment.io`` sits above)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
+    created = False
     try:
-        if isinstance(text, bytes):
-            tmp.write_bytes(text)
-        else:
-            tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "xb") as fh:  # exclusive: fails rather than reuse a file that already has this name
+            created = True
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # the temporary this call created (its name is fresh), nothing else
+        if created:  # only the temporary this call created, never a file it found there
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
 
 

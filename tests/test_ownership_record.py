@@ -271,3 +271,33 @@ def test_the_rounds_report_writes_only_files_it_recorded(tmp_path):
     with pytest.raises(NotOurs, match="did not write it"):
         write_rounds_report([], theirs)
     assert tree_digest(theirs) == before
+
+
+def test_write_atomic_removes_only_the_temporary_it_created(tmp_path, monkeypatch):
+    """A failed rename removes the call's own temporary; a file already holding the temporary's name is never
+    written over nor removed (the temporary is created exclusively), and the write fails instead."""
+    import os
+    import uuid
+
+    from alignment import ownership
+
+    target = tmp_path / "out.json"
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=0xABCDEF12 << 96))
+    tmp = tmp_path / ".out.json.tmp-abcdef12"
+
+    def fail(src, dst):
+        raise OSError("rename failed")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="rename failed"):
+        ownership.write_atomic(target, "new")
+    assert not tmp.exists() and not target.exists()  # its own temporary, removed
+    monkeypatch.undo()
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=0xABCDEF12 << 96))
+    tmp.write_text("someone else's")
+    with pytest.raises(FileExistsError):
+        ownership.write_atomic(target, "new")
+    assert tmp.read_text() == "someone else's" and not target.exists()
+    monkeypatch.undo()
+    ownership.write_atomic(target, b"bytes")
+    assert target.read_bytes() == b"bytes"
