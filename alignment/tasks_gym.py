@@ -223,18 +223,22 @@ def format_reward(text: str) -> float:
 
 def reference_answer(reference: str | dict) -> str:
     """The gold answer text of the referenced item (what its dataset stores as ``answer``)."""
+    _, _, entry = _referenced(reference)
+    return str(entry["answer"])
+
+
+def _referenced(reference: str | dict) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(the checked reference, its dataset, the item): the item rebuilt from the reference (datasets cached)."""
     ref = parse_reference(reference)
     dataset = _dataset(ref["task"], frozen_settings(ref["settings"]), ref["seed"], ref["size"])
-    return str(dataset[ref["index"]]["answer"])
+    return ref, dataset, dataset[ref["index"]]
 
 
 def score(completion: str, reference: str | dict) -> float:
     """The dataset's own ``score_answer`` of the completion's answer, in [0, 1]. A scorer that raises, or
     returns something other than a number in [0, 1], scores 0 and is counted in :data:`scorer_errors`.
     (The lenient form, a number stated in words, is the gold check's: ``gold.check_answer(lenient=True)``.)"""
-    ref = parse_reference(reference)
-    dataset = _dataset(ref["task"], frozen_settings(ref["settings"]), ref["seed"], ref["size"])
-    entry = dataset[ref["index"]]
+    ref, dataset, entry = _referenced(reference)
     answer = extract_answer(completion)
     try:
         value = float(dataset.score_answer(answer, entry))
